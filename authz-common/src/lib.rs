@@ -1,0 +1,135 @@
+//! Types shared by the eBPF programs and the agent: map keys and values, counter slots.
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree byte for byte.
+#![no_std]
+
+/// Addresses are kept in IPv6 form (IPv4 as `::ffff:a.b.c.d`), each word in network byte order,
+/// so one key type serves both families and v4-mapped sockets look like their IPv4 peers.
+pub type Addr = [u32; 4];
+
+/// `ENROLLED_PODS` value; the key is the pod's cgroup v2 id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub pod_id: u32,
+    /// Agent listener port inside the pod's network namespace, host byte order.
+    pub agent_port: u16,
+    pub _pad: u16,
+}
+
+/// Where a pod's connection was going before the redirect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    /// AF_INET or AF_INET6, as the application asked.
+    pub family: u16,
+    pub pod_id: u32,
+}
+
+/// One end of a TCP connection inside one network namespace. Including the netns cookie keeps
+/// equal 127.0.0.1:port pairs of different pods apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local: Addr,
+    pub remote: Addr,
+    /// Host byte order.
+    pub local_port: u32,
+    /// Host byte order.
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The same connection seen from the other end.
+    #[inline(always)]
+    pub fn reversed(&self) -> SockKey {
+        SockKey {
+            netns: self.netns,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// `IpKey` value flags for `ENFORCED_IPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enforced {
+    pub workload_id: u32,
+    pub _pad: u32,
+}
+
+/// Heartbeat and fail mode, written by the agent (slot 0 of `AGENT_STATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentState {
+    /// `bpf_ktime_get_boot_ns()` of the last heartbeat; 0 = never.
+    pub heartbeat_ns: u64,
+    /// How old a heartbeat may be before the agent counts as gone.
+    pub stale_after_ns: u64,
+    /// `FAIL_CLOSED` or `FAIL_OPEN`.
+    pub fail_mode: u32,
+    pub _pad: u32,
+}
+
+pub const FAIL_CLOSED: u32 = 0;
+pub const FAIL_OPEN: u32 = 1;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Slots of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// connect() calls rewritten to the agent.
+    pub const CONNECT_REDIRECTED: u32 = 0;
+    /// Established app<->agent sockets put in the sockhash.
+    pub const SOCKS_MAPPED: u32 = 1;
+    /// sk_msg calls redirected to the peer socket.
+    pub const SKMSG_REDIRECTED: u32 = 2;
+    /// sk_msg calls that found no peer and went through the TCP stack.
+    pub const SKMSG_MISSED: u32 = 3;
+    /// Bytes redirected by sk_msg.
+    pub const SKMSG_BYTES: u32 = 4;
+    /// connect() refused because the agent was gone (fail closed).
+    pub const CONNECT_REFUSED: u32 = 5;
+    /// connect() let through directly because the agent was gone (fail open).
+    pub const CONNECT_BYPASSED: u32 = 6;
+    pub const COUNT: u32 = 7;
+}
+
+/// Map names, shared so the agent never spells them differently.
+pub mod maps {
+    pub const ENROLLED_PODS: &str = "ENROLLED_PODS";
+    pub const ENFORCED_IPS: &str = "ENFORCED_IPS";
+    pub const ORIG_DST: &str = "ORIG_DST";
+    pub const CONN_ORIG: &str = "CONN_ORIG";
+    pub const NO_REDIRECT: &str = "NO_REDIRECT";
+    pub const SOCK_HASH: &str = "SOCK_HASH";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const AGENT_STATE: &str = "AGENT_STATE";
+}
+
+/// Deepest cgroup level connect4/6 walk up to find an enrolled ancestor (kubelet puts
+/// containers two or three levels below the pod's cgroup).
+pub const MAX_CGROUP_DEPTH: i32 = 12;
+
+/// IPv4 address (network-order word) in the shared IPv6 form.
+#[inline(always)]
+pub fn v4_mapped(ip4_be: u32) -> Addr {
+    [0, 0, u32::from_be(0x0000_ffff), ip4_be]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for PodInfo {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for Enforced {}
+    unsafe impl aya::Pod for AgentState {}
+}

@@ -1,0 +1,24 @@
+//! The kernel half of the authorizer. One program per file; every map lives in `maps.rs`.
+//!
+//! connect4/connect6 -> steer an enrolled pod's connect() to the agent and remember where it went;
+//! sock_ops -> pair the app socket and the agent's accepted socket in the sockhash;
+//! sk_msg -> move bytes between the pair without the loopback TCP stack.
+#![no_std]
+#![no_main]
+
+mod connect4;
+mod connect6;
+mod helpers;
+mod maps;
+mod skmsg;
+mod sockops;
+
+#[cfg(all(not(test), target_arch = "bpf"))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

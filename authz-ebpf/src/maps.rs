@@ -1,0 +1,42 @@
+//! Every map of the programs, in one place. The agent fills ENROLLED_PODS, ENFORCED_IPS and
+//! AGENT_STATE; the programs fill the rest.
+use authz_common::{AgentState, Enforced, OrigDst, PodInfo, SockKey};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+};
+
+/// cgroup v2 id -> enrolled pod.
+#[map]
+pub static ENROLLED_PODS: HashMap<u64, PodInfo> = HashMap::with_max_entries(16_384, 0);
+
+/// Workload address (IPv6 form) whose traffic the agent enforces.
+#[map]
+pub static ENFORCED_IPS: HashMap<[u32; 4], Enforced> = HashMap::with_max_entries(65_536, 0);
+
+/// Socket cookie of a redirected app socket -> its original destination (connect time).
+#[map]
+pub static ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Agent-side view of an established redirected connection -> original destination.
+/// The agent reads and deletes the entry after accept().
+#[map]
+pub static CONN_ORIG: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Senders whose first message found no peer: they stay on the TCP path for good, so bytes
+/// cannot overtake bytes already queued in the peer's TCP receive queue.
+#[map]
+pub static NO_REDIRECT: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Both ends of every app<->agent connection, keyed by their own 4-tuple + netns.
+#[map]
+pub static SOCK_HASH: SockHash<SockKey> = SockHash::with_max_entries(131_072, 0);
+
+/// Per-CPU event counters, slots in `authz_common::counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(authz_common::counter::COUNT, 0);
+
+/// Slot 0: agent heartbeat and fail mode.
+#[map]
+pub static AGENT_STATE: Array<AgentState> = Array::with_max_entries(1, 0);

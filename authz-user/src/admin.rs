@@ -1,0 +1,69 @@
+//! Admin endpoint in the agent's own namespace: /healthz, /metrics, /config_dump.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{atomic::{AtomicBool, Ordering}, Arc},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::{kernel::Kernel, metrics::Metrics};
+
+pub struct Admin {
+    pub ready: AtomicBool,
+    pub metrics: Arc<Metrics>,
+    pub kernel: Option<Arc<Kernel>>,
+    /// Rendered on /config_dump (the effective config and enrolled pods).
+    pub dump: std::sync::RwLock<String>,
+}
+
+pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    TcpListener::bind(addr).await.with_context(|| format!("admin listener on {addr}"))
+}
+
+fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" | "/ready" => {
+            if admin.ready.load(Ordering::Acquire) {
+                reply(StatusCode::OK, "ok\n".into())
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
+            }
+        }
+        "/metrics" => {
+            let k = admin.kernel.as_ref().map(|k| k.counters());
+            reply(StatusCode::OK, admin.metrics.render(k))
+        }
+        "/config_dump" => reply(StatusCode::OK, admin.dump.read().unwrap().clone()),
+        _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}

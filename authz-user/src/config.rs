@@ -1,0 +1,289 @@
+//! The agent config file (YAML). Unknown fields are errors, so a typo never silently
+//! changes what is enforced.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSettings,
+    #[serde(default)]
+    pub pods: Vec<PodSpec>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// Files or folders of Istio YAML, relative to the config file.
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Closed,
+    Open,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalization {
+    None,
+    #[default]
+    #[serde(alias = "DEFAULT")]
+    Base,
+    MergeSlashes,
+    DecodeAndMergeSlashes,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AgentSettings {
+    /// Listener port inside each pod netns (127.0.0.1 and ::1).
+    pub port: u16,
+    /// Metrics and health, in the agent's own netns.
+    pub admin: SocketAddr,
+    /// cgroup v2 directory the programs attach to; default: the cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
+    /// Namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+    pub trust_domain: String,
+    pub fail_mode: FailMode,
+    pub path_normalization: PathNormalization,
+    /// Extra CA bundle (PEM) trusted for HTTPS jwksUri, beside the system roots.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often remote JWKS are refreshed.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_interval: Duration,
+    /// Verified-token cache size (entries); 0 turns it off.
+    pub token_cache_size: usize,
+    /// How long to wait for a client's first bytes before treating the connection as TCP.
+    #[serde(with = "humantime_serde")]
+    pub sniff_timeout: Duration,
+    /// Worker threads of the data path; 0 = one per CPU.
+    pub worker_threads: usize,
+    /// Allow jwksUri hosts on link-local and cloud-metadata addresses.
+    pub allow_link_local_jwks: bool,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            port: 15001,
+            admin: "127.0.0.1:15020".parse().unwrap(),
+            cgroup_root: None,
+            root_namespace: "istio-system".into(),
+            trust_domain: "cluster.local".into(),
+            fail_mode: FailMode::Closed,
+            path_normalization: PathNormalization::Base,
+            jwks_ca_file: None,
+            jwks_refresh_interval: Duration::from_secs(20 * 60),
+            token_cache_size: 10_000,
+            sniff_timeout: Duration::from_millis(300),
+            worker_threads: 0,
+            allow_link_local_jwks: false,
+        }
+    }
+}
+
+/// An enrolled pod: its outbound connections to enforced workloads are intercepted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    /// A netns file (`ip netns` or /proc/PID/ns/net).
+    pub netns: PathBuf,
+    /// A cgroup v2 directory.
+    pub cgroup: PathBuf,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+}
+
+/// A destination that policies can select; traffic to its IPs is enforced.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// A service name, so `jwksUri` and `hosts` resolve as they would in a cluster.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    /// Where the port goes on the workload; default: the same port.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+fn default_sa() -> String {
+    "default".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse { path: String, line: usize, column: usize, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut cfg = Config::parse(&text, &path.display().to_string())?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in &mut cfg.policies {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+            ConfigError::Parse { path: origin.into(), line, column, message: e.to_string() }
+        })?;
+        cfg.check().map_err(|message| ConfigError::Invalid { path: origin.into(), message })?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.agent.port == 0 {
+            return Err("agent.port: must not be 0".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.pods.iter().enumerate() {
+            if p.name.is_empty() || p.namespace.is_empty() {
+                return Err(format!("pods[{i}]: name and namespace are required"));
+            }
+            if !seen.insert(("pod", &p.namespace, &p.name)) {
+                return Err(format!("pods[{i}]: duplicate pod {}/{}", p.namespace, p.name));
+            }
+        }
+        let mut ips = std::collections::HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if w.name.is_empty() || w.namespace.is_empty() {
+                return Err(format!("workloads[{i}]: name and namespace are required"));
+            }
+            if w.ips.is_empty() {
+                return Err(format!("workloads[{i}] ({}/{}): ips: at least one address is required", w.namespace, w.name));
+            }
+            for ip in &w.ips {
+                if let Some(other) = ips.insert(*ip, format!("{}/{}", w.namespace, w.name)) {
+                    return Err(format!(
+                        "workloads[{i}] ({}/{}): ip {ip} is already used by {other}",
+                        w.namespace, w.name
+                    ));
+                }
+                if ip.is_loopback() || ip.is_unspecified() {
+                    return Err(format!("workloads[{i}]: ip {ip} cannot be enforced"));
+                }
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            if s.name.is_empty() || s.namespace.is_empty() || s.ips.is_empty() {
+                return Err(format!("services[{i}]: name, namespace and ips are required"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_example_parses() {
+        let cfg = Config::parse(
+            r#"
+agent:
+  port: 15001
+  admin: 127.0.0.1:15020
+pods:
+  - name: sleep
+    namespace: foo
+    labels: {app: sleep}
+    serviceAccount: sleep
+    netns: /var/run/netns/sleep
+    cgroup: /sys/fs/cgroup/unified/demo/sleep
+    ips: [10.77.0.2]
+workloads:
+  - name: httpbin
+    namespace: foo
+    labels: {app: httpbin}
+    serviceAccount: httpbin
+    ips: [10.77.0.3]
+policies: []
+"#,
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(cfg.pods[0].service_account, "sleep");
+        assert_eq!(cfg.agent.root_namespace, "istio-system");
+        assert_eq!(cfg.agent.fail_mode, FailMode::Closed);
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_line() {
+        let err = Config::parse("agent:\n  port: 15001\n  prot: 1\n", "a.yaml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("a.yaml:3:"), "{msg}");
+        assert!(msg.contains("prot"), "{msg}");
+    }
+
+    #[test]
+    fn bad_ip_is_an_error_with_line() {
+        let err = Config::parse(
+            "workloads:\n  - name: a\n    namespace: b\n    ips: [10.0.0.300]\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("c.yaml:4:"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_workload_ip_rejected() {
+        let err = Config::parse(
+            "workloads:\n  - {name: a, namespace: n, ips: [10.0.0.1]}\n  - {name: b, namespace: n, ips: [10.0.0.1]}\n",
+            "d.yaml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("already used by n/a"), "{err}");
+    }
+}

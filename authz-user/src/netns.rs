@@ -1,0 +1,93 @@
+//! Working inside a pod's network namespace from the agent: listeners and outbound sockets are
+//! created there (setns on the calling thread, then back), and then used from anywhere.
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, FromRawFd, OwnedFd},
+    path::Path,
+    sync::OnceLock,
+};
+
+use nix::sched::{setns, CloneFlags};
+
+/// The agent's own network namespace, captured before any thread moves.
+static HOME: OnceLock<File> = OnceLock::new();
+
+/// Call once at start-up, from the main thread.
+pub fn init() -> io::Result<()> {
+    if HOME.get().is_none() {
+        let _ = HOME.set(File::open("/proc/self/ns/net")?);
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+pub struct NetNs {
+    file: File,
+}
+
+impl NetNs {
+    pub fn open(path: &Path) -> io::Result<NetNs> {
+        Ok(NetNs { file: File::open(path)? })
+    }
+
+    /// Runs `f` with the calling thread in this namespace. `f` must not block on anything that
+    /// could run other tasks on this thread.
+    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let home = HOME.get().ok_or_else(|| io::Error::other("netns::init was not called"))?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        let out = f();
+        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A worker thread stuck in a pod's namespace would send other pods' traffic from it.
+            eprintln!("fatal: cannot return to the agent's network namespace: {e}");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+
+    /// A non-blocking TCP socket created in this namespace.
+    pub fn tcp_socket(&self, for_addr: &SocketAddr) -> io::Result<OwnedFd> {
+        let domain = if for_addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        self.enter(|| {
+            let fd = unsafe {
+                libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+            };
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            }
+        })?
+    }
+
+    /// A listening socket bound in this namespace.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        self.enter(|| {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?
+    }
+}
+
+/// The netns cookie of a socket (SO_NETNS_COOKIE), as the eBPF programs see it.
+pub fn netns_cookie(fd: &impl AsFd) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}

@@ -1,0 +1,130 @@
+//! The data path: accept a redirected connection in a pod's namespace, recover where it was
+//! going, sniff the protocol, then decide and forward (HTTP) or relay (TCP).
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
+
+use authz_common::SockKey;
+use bytes::BytesMut;
+use tokio::{io::AsyncReadExt, net::{TcpListener, TcpStream}};
+
+use crate::{
+    config::AgentSettings,
+    kernel::{addr_key, key_addr, Kernel},
+    metrics::Metrics,
+    netns::NetNs,
+    registry::Pod,
+};
+
+pub mod http;
+pub mod io;
+pub mod tcp;
+pub mod upstream;
+
+/// What every connection handler shares.
+pub struct Proxy {
+    pub kernel: Arc<Kernel>,
+    pub metrics: Arc<Metrics>,
+    pub settings: AgentSettings,
+}
+
+/// One redirected connection.
+pub struct ConnCtx {
+    pub pod: Arc<Pod>,
+    pub netns: Arc<NetNs>,
+    /// The pod's address, as the destination will see it.
+    pub src_ip: Option<IpAddr>,
+    /// Where the pod was connecting to.
+    pub dst: SocketAddr,
+}
+
+/// The agent's listeners inside one pod's namespace.
+pub struct PodListeners {
+    pub pod: Arc<Pod>,
+    pub netns: Arc<NetNs>,
+    pub netns_cookie: u64,
+    pub listeners: Vec<TcpListener>,
+}
+
+impl PodListeners {
+    /// Binds 127.0.0.1:port (and [::1]:port where the pod has IPv6) inside the pod's netns.
+    pub fn open(pod: Arc<Pod>, port: u16) -> anyhow::Result<PodListeners> {
+        use anyhow::Context;
+        let netns = Arc::new(NetNs::open(&pod.netns).with_context(|| format!("pod {}/{}: netns {}", pod.workload.namespace, pod.workload.name, pod.netns.display()))?);
+        let v4 = netns
+            .listen(SocketAddr::from(([127, 0, 0, 1], port)))
+            .with_context(|| format!("pod {}/{}: listening on 127.0.0.1:{port} in its netns", pod.workload.namespace, pod.workload.name))?;
+        let netns_cookie = crate::netns::netns_cookie(&v4).context("SO_NETNS_COOKIE")?;
+        let mut listeners = vec![TcpListener::from_std(v4)?];
+        match netns.listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))) {
+            Ok(v6) => listeners.push(TcpListener::from_std(v6)?),
+            Err(e) => tracing::debug!(pod = %pod.workload.name, "no IPv6 listener: {e}"),
+        }
+        Ok(PodListeners { pod, netns, netns_cookie, listeners })
+    }
+}
+
+pub async fn serve(px: Arc<Proxy>, pl: PodListeners) {
+    let pl = Arc::new(pl);
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in 0..pl.listeners.len() {
+        let (px, pl) = (px.clone(), pl.clone());
+        tasks.spawn(async move {
+            loop {
+                match pl.listeners[l].accept().await {
+                    Ok((stream, peer)) => {
+                        let (px, pl) = (px.clone(), pl.clone());
+                        tokio::spawn(async move { handle(px, pl, stream, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %pl.pod.workload.name, "accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, peer: SocketAddr) {
+    let Ok(local) = stream.local_addr() else { return };
+    let key = SockKey {
+        netns: pl.netns_cookie,
+        local: addr_key(local.ip()),
+        remote: addr_key(peer.ip()),
+        local_port: u32::from(local.port()),
+        remote_port: u32::from(peer.port()),
+    };
+    let Some(orig) = px.kernel.take_orig_dst(&key) else {
+        // Not steered here by the kernel (e.g. a pod dialling the agent port itself): nothing to
+        // enforce against, so nothing is forwarded.
+        px.metrics.connections_unknown_origin.fetch_add(1, Relaxed);
+        return;
+    };
+    px.metrics.connections_redirected.fetch_add(1, Relaxed);
+    px.metrics.connections_active.fetch_add(1, Relaxed);
+    let _ = stream.set_nodelay(true);
+    let dst = SocketAddr::new(key_addr(orig.addr), orig.port);
+    let src_ip = pl.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(pl.pod.ips.first().copied());
+    let conn = Arc::new(ConnCtx { pod: pl.pod.clone(), netns: pl.netns.clone(), src_ip, dst });
+
+    let mut first = BytesMut::with_capacity(4096);
+    let sniffed = match tokio::time::timeout(px.settings.sniff_timeout, stream.read_buf(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {
+            px.metrics.connections_active.fetch_sub(1, Relaxed);
+            return;
+        }
+        Ok(Ok(_)) => io::sniff(&first),
+        // Server-speaks-first protocols.
+        Err(_) => io::Sniffed::Tcp,
+    };
+    let stream = io::Prefixed::new(first.freeze(), stream);
+    match sniffed {
+        io::Sniffed::Http1 | io::Sniffed::Http2 => http::serve(px.clone(), conn, stream).await,
+        io::Sniffed::Tcp => tcp::relay(&px, &conn, stream).await,
+    }
+    px.metrics.connections_active.fetch_sub(1, Relaxed);
+}

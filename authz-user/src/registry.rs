@@ -1,0 +1,99 @@
+//! Pods and workloads: who is enrolled, and which destination address is which workload.
+use std::{collections::BTreeMap, collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
+
+use crate::config::{Config, ServiceSpec};
+
+/// A workload as policies see it: its namespace, labels and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+}
+
+/// An enrolled pod: a source of redirected traffic.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// Stable small id carried through the kernel maps (1-based).
+    pub id: u32,
+    pub workload: Arc<Workload>,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    pub pods: Vec<Arc<Pod>>,
+    /// Enforced destination address -> workload.
+    pub by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Every workload by `ns/name` (pods and workloads), for `check --to/--from`.
+    pub by_name: HashMap<String, Arc<Workload>>,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Registry {
+    pub fn from_config(cfg: &Config) -> Registry {
+        let mut reg = Registry { services: cfg.services.clone(), ..Default::default() };
+        for (i, p) in cfg.pods.iter().enumerate() {
+            let workload = Arc::new(Workload {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                labels: p.labels.clone(),
+                service_account: p.service_account.clone(),
+            });
+            reg.by_name.insert(format!("{}/{}", p.namespace, p.name), workload.clone());
+            reg.pods.push(Arc::new(Pod {
+                id: i as u32 + 1,
+                workload,
+                netns: p.netns.clone(),
+                cgroup: p.cgroup.clone(),
+                ips: p.ips.clone(),
+            }));
+        }
+        for w in &cfg.workloads {
+            let workload = Arc::new(Workload {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                labels: w.labels.clone(),
+                service_account: w.service_account.clone(),
+            });
+            reg.by_name.insert(format!("{}/{}", w.namespace, w.name), workload.clone());
+            for ip in &w.ips {
+                reg.by_ip.insert(normalize(*ip), workload.clone());
+            }
+        }
+        reg
+    }
+
+    pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&normalize(ip))
+    }
+
+    pub fn pod(&self, id: u32) -> Option<&Arc<Pod>> {
+        self.pods.get(id.checked_sub(1)? as usize)
+    }
+
+    /// Resolve a host name the way cluster DNS would for a client in `namespace`:
+    /// `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`.
+    pub fn resolve_service(&self, host: &str, namespace: &str) -> Option<&ServiceSpec> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let parts: Vec<&str> = host.split('.').collect();
+        let (name, ns) = match parts.as_slice() {
+            [name] => (*name, namespace),
+            [name, ns] | [name, ns, "svc"] => (*name, *ns),
+            [name, ns, "svc", "cluster", "local"] => (*name, *ns),
+            _ => return None,
+        };
+        self.services.iter().find(|s| s.name == name && s.namespace == ns)
+    }
+}
+
+/// v4-mapped IPv6 addresses are their IPv4 selves.
+pub fn normalize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
