@@ -1,0 +1,364 @@
+//! Test hosts for the end-to-end tests: network namespaces joined by a bridge (in a hub
+//! namespace of their own), cgroup v2 directories for pods, processes started inside them, and
+//! the agent as a child process. Everything is removed on drop, also when a test fails.
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Kernel tests need root. Outside CI they say so and skip; in CI (CI set) they fail instead.
+pub fn require_root() -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("kernel tests must run as root in CI");
+    }
+    eprintln!("skipped: needs root (run `cargo xtask test` as root)");
+    false
+}
+
+pub fn sh(cmd: &str, args: &[&str]) -> Result<Output> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .expect("cgroup2 mounted")
+}
+
+/// A test host: a network namespace with one address on the test bridge, and a cgroup.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub name: String,
+    pub netns: String,
+    pub ip: String,
+    pub cgroup: PathBuf,
+}
+
+impl Host {
+    pub fn netns_path(&self) -> String {
+        format!("/var/run/netns/{}", self.netns)
+    }
+}
+
+/// A set of hosts on one bridge. Addresses are 10.<tag>.0.<n>/24, private to this set's hub.
+pub struct Net {
+    tag: String,
+    hub: String,
+    cg_base: PathBuf,
+    pub hosts: Vec<Host>,
+    children: Vec<Child>,
+    n: u32,
+}
+
+impl Net {
+    pub fn new() -> Result<Net> {
+        let seq = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}{}", std::process::id() % 10000, seq);
+        let hub = format!("azt{tag}hub");
+        sh("ip", &["netns", "add", &hub])?;
+        let cg_base = cgroup2_root().join(format!("authz-test-{tag}"));
+        let net = Net { tag, hub: hub.clone(), cg_base: cg_base.clone(), hosts: vec![], children: vec![], n: 0 };
+        std::fs::create_dir_all(&cg_base)?;
+        sh("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        sh("ip", &["-n", &hub, "link", "set", "br0", "up"])?;
+        sh("ip", &["-n", &hub, "link", "set", "lo", "up"])?;
+        Ok(net)
+    }
+
+    /// Adds a host at 10.77.0.<last>.
+    pub fn host(&mut self, name: &str, last: u8) -> Result<Host> {
+        self.n += 1;
+        let netns = format!("azt{}{}", self.tag, name);
+        let ip = format!("10.77.0.{last}");
+        sh("ip", &["netns", "add", &netns])?;
+        let (a, b) = (format!("a{}x{}", self.tag, self.n), format!("b{}x{}", self.tag, self.n));
+        sh("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        sh("ip", &["link", "set", &a, "netns", &netns])?;
+        sh("ip", &["link", "set", &b, "netns", &self.hub])?;
+        sh("ip", &["-n", &self.hub, "link", "set", &b, "master", "br0", "up"])?;
+        sh("ip", &["-n", &netns, "link", "set", &a, "name", "eth0"])?;
+        sh("ip", &["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sh("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
+        sh("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
+        let cgroup = self.cg_base.join(name);
+        std::fs::create_dir_all(&cgroup)?;
+        let h = Host { name: name.into(), netns, ip, cgroup };
+        self.hosts.push(h.clone());
+        Ok(h)
+    }
+
+    /// A command that runs in `host`'s netns, and in its cgroup when `in_pod`.
+    pub fn command(host: &Host, in_pod: bool, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &host.netns, program]).args(args);
+        if in_pod {
+            let procs = host.cgroup.join("cgroup.procs");
+            unsafe {
+                c.pre_exec(move || {
+                    // "0" moves the writing process; children inherit the cgroup.
+                    std::fs::write(&procs, "0")
+                });
+            }
+        }
+        c
+    }
+
+    pub fn run(host: &Host, in_pod: bool, program: &str, args: &[&str]) -> Result<Output> {
+        Net::command(host, in_pod, program, args).output().with_context(|| format!("{program} in {}", host.name))
+    }
+
+    /// Starts a long-running process in `host` (outside its pod cgroup), killed on drop.
+    pub fn spawn(&mut self, host: &Host, program: &str, args: &[&str]) -> Result<()> {
+        let child = Net::command(host, false, program, args).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn()?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Starts the test server (`authz-testsrv MODE ip:port`) and waits until it accepts.
+    pub fn serve(&mut self, host: &Host, mode: &str, port: u16) -> Result<()> {
+        let addr = format!("{}:{port}", host.ip);
+        self.spawn(host, &testsrv(), &[mode, &addr])?;
+        wait_listening(host, port)
+    }
+}
+
+pub fn wait_listening(host: &Host, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = Net::run(host, false, "ss", &["-Hltn", &format!("sport = :{port}")])?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listening on {}:{port}", host.name)
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for h in &self.hosts {
+            let _ = std::fs::write(h.cgroup.join("cgroup.kill"), "1");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        for h in &self.hosts {
+            let _ = std::fs::remove_dir(&h.cgroup);
+            let _ = Command::new("ip").args(["netns", "del", &h.netns]).output();
+        }
+        let _ = std::fs::remove_dir(&self.cg_base);
+        let _ = Command::new("ip").args(["netns", "del", &self.hub]).output();
+    }
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// The agent binary: `AUTHZ_AGENT_BIN`, else target/release, else target/debug.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AUTHZ_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    for profile in ["release", "debug"] {
+        let p = target_dir().join(profile).join("authz-agent");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("authz-agent not built: run `cargo build --release -p authz-user` (cargo xtask test does)")
+}
+
+/// The test server binary, built beside the agent (`cargo build --release -p authz-tests`).
+pub fn testsrv() -> String {
+    if let Some(p) = std::env::var_os("AUTHZ_TESTSRV_BIN") {
+        return p.to_string_lossy().into_owned();
+    }
+    for profile in ["release", "debug"] {
+        let p = target_dir().join(profile).join("authz-testsrv");
+        if p.exists() {
+            return p.to_string_lossy().into_owned();
+        }
+    }
+    panic!("authz-testsrv not built: run `cargo build --release -p authz-tests --bins`")
+}
+
+/// A free TCP port on the loopback of the test process's namespace.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running agent (a child process), stopped with SIGTERM on drop.
+pub struct Agent {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Writes `config` (which must use `{ADMIN}` for the admin address) and starts the agent.
+    pub fn start(config: &str) -> Result<Agent> {
+        Agent::start_with_files(config, &[])
+    }
+
+    /// As `start`, with extra files written beside the config (e.g. policies).
+    pub fn start_with_files(config: &str, files: &[(&str, &str)]) -> Result<Agent> {
+        let port = free_port();
+        let admin: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let dir = std::env::temp_dir().join(format!("authz-agent-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst)));
+        std::fs::create_dir_all(&dir)?;
+        for (name, text) in files {
+            let p = dir.join(name);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(p, text)?;
+        }
+        let cfg = dir.join("agent.yaml");
+        std::fs::write(&cfg, config.replace("{ADMIN}", &admin.to_string()))?;
+        let log = dir.join("agent.log");
+        let child = Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("AUTHZ_LOG", std::env::var("AUTHZ_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut agent = Agent { child, admin, dir, log };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok((200, _)) = http_get(agent.admin, "/healthz") {
+                return Ok(agent);
+            }
+            if let Some(st) = agent.child.try_wait()? {
+                bail!("agent exited with {st}: {}", agent.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not healthy in time: {}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Prometheus samples: `name{labels}` -> value.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let (_, body) = http_get(self.admin, "/metrics").expect("metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics().get(name).copied().unwrap_or(0.0)
+    }
+
+    /// SIGTERM, then wait (at most 10 s) for a clean exit.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("agent did not exit on SIGTERM: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A minimal HTTP/1.0 GET for the admin port (test process namespace).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// curl inside a pod (in its cgroup): returns (status, body).
+pub fn curl(host: &Host, in_pod: bool, args: &[&str]) -> Result<(u16, String)> {
+    let mut a = vec!["-sS", "-m", "20", "-w", "\n%{http_code}"];
+    a.extend_from_slice(args);
+    let out = Net::run(host, in_pod, "curl", &a)?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    if code == "000" || !out.status.success() {
+        bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// Names of loaded BPF programs (bpftool), to prove nothing is left behind.
+pub fn loaded_bpf_programs() -> Result<Vec<String>> {
+    let out = sh("bpftool", &["-j", "prog", "show"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(String::from)).collect())
+        .unwrap_or_default())
+}
+
+/// Pod YAML entry for the agent config.
+pub fn pod_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
+    format!(
+        "  - {{name: {}, namespace: {ns}, labels: {labels}, serviceAccount: {sa}, netns: {}, cgroup: {}, ips: [{}]}}\n",
+        h.name,
+        h.netns_path(),
+        h.cgroup.display(),
+        h.ip
+    )
+}
+
+pub fn workload_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
+    format!("  - {{name: {}, namespace: {ns}, labels: {labels}, serviceAccount: {sa}, ips: [{}]}}\n", h.name, h.ip)
+}

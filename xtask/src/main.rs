@@ -1,1 +1,116 @@
-fn main(){}
+//! `cargo xtask ...`: everything that is not a plain `cargo build`.
+//!   setup  install the eBPF toolchain and test tools when missing
+//!   build  setup + release build of the agent (eBPF object embedded)
+//!   test   setup + build + unit tests + privileged end-to-end tests
+//!   demo   setup + build + the skip-path scenario on demo pods, as a table
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod setup;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need, skipping what is already there.
+    Setup,
+    /// Build the agent in release mode.
+    Build,
+    /// Run every test: unit tests, then the privileged end-to-end tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the skip-path scenario on demo pods and print what happened.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup::run().map(|_| ()),
+        Cmd::Build => setup::run().and_then(|env| build(&env)),
+        Cmd::Test { args } => setup::run().and_then(|env| test(&env, &args)),
+        Cmd::Demo => setup::run().and_then(|env| build(&env).and_then(|_| demo::run(&root()))),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Environment for cargo commands that build the eBPF part.
+pub struct BuildEnv {
+    pub path: String,
+    pub ebpf_toolchain: String,
+}
+
+fn cargo(env: &BuildEnv) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root()).env("PATH", &env.path).env("AUTHZ_EBPF_TOOLCHAIN", &env.ebpf_toolchain);
+    c
+}
+
+fn run(mut c: Command) -> Result<()> {
+    eprintln!("xtask: running {c:?}");
+    let st = c.status().with_context(|| format!("starting {c:?}"))?;
+    if !st.success() {
+        bail!("{c:?} failed with {st}");
+    }
+    Ok(())
+}
+
+fn build(env: &BuildEnv) -> Result<()> {
+    let mut c = cargo(env);
+    c.args(["build", "--release", "-p", "authz-user", "-p", "authz-tests", "--bins"]);
+    run(c)
+}
+
+fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
+    let started = std::time::Instant::now();
+    build(env)?;
+    // Unit and pure tests of every crate.
+    let mut c = cargo(env);
+    c.args(["test", "--release", "--workspace", "--exclude", "authz-tests"]).args(extra);
+    run(c)?;
+    // End-to-end tests through the kernel path: root, real namespaces and cgroups.
+    if unsafe_geteuid() != 0 {
+        bail!("the end-to-end tests need root (they create network namespaces and load eBPF programs)");
+    }
+    let mut c = cargo(env);
+    c.args(["test", "--release", "-p", "authz-tests"])
+        .args(extra)
+        .env("AUTHZ_AGENT_BIN", root().join("target/release/authz-agent"))
+        .args(["--", "--test-threads=2"]);
+    run(c)?;
+    eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn unsafe_geteuid() -> u32 {
+    // Read from /proc to avoid a libc dependency in xtask.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(String::from))
+        .and_then(|l| l.split_whitespace().nth(2).and_then(|u| u.parse().ok()))
+        .unwrap_or(u32::MAX)
+}

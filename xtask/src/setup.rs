@@ -1,0 +1,115 @@
+//! Toolchain bootstrap: each step checks first and only installs what is missing.
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::BuildEnv;
+
+const LLVM: &str = "/usr/lib/llvm-22";
+/// Debian packages: LLVM 22 for bpf-linker, and the tools the tests drive pods with.
+const APT: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "curl", "netcat-openbsd"];
+/// A nightly known to be on LLVM 22, used when the machine has no `nightly` toolchain.
+const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
+
+pub fn run() -> Result<BuildEnv> {
+    apt_packages()?;
+    let toolchain = nightly_rust_src()?;
+    let path = format!(
+        "{}:{}/bin:{}",
+        cargo_bin_dir(),
+        LLVM,
+        std::env::var("PATH").unwrap_or_default()
+    );
+    bpf_linker(&path)?;
+    Ok(BuildEnv { path, ebpf_toolchain: toolchain })
+}
+
+fn ok(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn step(msg: &str) {
+    eprintln!("xtask setup: {msg}");
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step("apt packages present");
+        return Ok(());
+    }
+    step(&format!("installing {} with apt-get", missing.join(" ")));
+    if !ok("apt-get", &["update", "-qq"]) {
+        bail!("apt-get update failed (are you root, and is the Debian mirror reachable?)");
+    }
+    let st = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !st.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// The eBPF crate builds with nightly's `-Z build-std=core`, which needs rust-src.
+fn nightly_rust_src() -> Result<String> {
+    let toolchain = if ok("rustup", &["run", "nightly", "rustc", "--version"]) {
+        "nightly".to_string()
+    } else {
+        step(&format!("no nightly toolchain: installing {PINNED_NIGHTLY}"));
+        let st = Command::new("rustup")
+            .args(["toolchain", "install", PINNED_NIGHTLY, "--profile", "minimal", "--component", "rust-src"])
+            .status()
+            .context("running rustup")?;
+        if !st.success() {
+            bail!("rustup toolchain install {PINNED_NIGHTLY} failed");
+        }
+        PINNED_NIGHTLY.to_string()
+    };
+    let sysroot = Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]).output()?;
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
+    if std::path::Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists() {
+        step(&format!("rust-src present for {toolchain}"));
+    } else {
+        step(&format!("installing rust-src for {toolchain}"));
+        let st = Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]).status()?;
+        if !st.success() {
+            bail!("rustup component add rust-src --toolchain {toolchain} failed");
+        }
+    }
+    Ok(toolchain)
+}
+
+fn cargo_bin_dir() -> String {
+    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_else(|_| "/root".into())));
+    format!("{home}/bin")
+}
+
+fn bpf_linker(path: &str) -> Result<()> {
+    let bin = format!("{}/bpf-linker", cargo_bin_dir());
+    if ok(&bin, &["--version"]) {
+        step("bpf-linker present");
+        return Ok(());
+    }
+    step("installing bpf-linker 0.13.0 against LLVM 22 (about a minute)");
+    let st = Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", LLVM)
+        .env("PATH", path)
+        .status()
+        .context("running cargo install")?;
+    if !st.success() {
+        bail!("cargo install bpf-linker failed (is llvm-22-dev installed?)");
+    }
+    Ok(())
+}
