@@ -11,6 +11,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     admin::{self, Admin},
+    engine,
+    jwt::cache::TokenCache,
     config::Config,
     kernel::Kernel,
     metrics::Metrics,
@@ -35,6 +37,21 @@ pub fn run(config_path: &Path) -> Result<()> {
 
 async fn run_async(cfg: Config) -> Result<()> {
     let registry = Arc::new(Registry::from_config(&cfg));
+    let shared_registry = Arc::new(std::sync::RwLock::new(registry.clone()));
+    let store = engine::jwks_store(&cfg, &shared_registry)?;
+    let cache = Arc::new(TokenCache::new(cfg.agent.token_cache_size));
+    let (eng, set) = engine::build(&cfg, Some(&store), cache.clone());
+    for p in &set.problems {
+        if p.warning {
+            tracing::warn!("{p}");
+        } else {
+            tracing::error!("{p}");
+        }
+    }
+    if !set.is_valid() {
+        return Err(crate::config::ConfigError::Invalid { path: "policies".into(), message: "invalid policies (see above)".into() }.into());
+    }
+    tracing::info!(request_authentications = eng.index().request_authentications, authorization_policies = eng.index().authorization_policies, "policies loaded");
     let metrics = Arc::new(Metrics::default());
     let kernel = Arc::new(Kernel::load(cfg.agent.cgroup_root.as_deref())?);
     tracing::info!(cgroup = %kernel.cgroup_root.display(), "eBPF programs attached");
@@ -50,7 +67,13 @@ async fn run_async(cfg: Config) -> Result<()> {
     let admin_listener = admin::bind(cfg.agent.admin).await?;
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
 
-    let px = Arc::new(Proxy { kernel: kernel.clone(), metrics: metrics.clone(), settings: cfg.agent.clone() });
+    let px = Arc::new(Proxy {
+        kernel: kernel.clone(),
+        metrics: metrics.clone(),
+        settings: cfg.agent.clone(),
+        engine: std::sync::RwLock::new(Arc::new(eng)),
+        registry: shared_registry.clone(),
+    });
 
     // Listeners first, then enrollment: a pod is never redirected to a port nobody listens on.
     let mut enrolled = Vec::new();

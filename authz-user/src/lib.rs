@@ -8,3 +8,8 @@ pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod registry;
+pub mod authz;
+pub mod engine;
+pub mod jwt;
+pub mod normalize;
+pub mod policy;

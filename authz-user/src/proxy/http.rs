@@ -33,14 +33,68 @@ where
 }
 
 async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> Response<Body> {
+    let conn = &upstream.conn;
+    if let Some(dest) = &conn.destination {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let engine = px.engine();
+        let d = engine
+            .decide_http(
+                &conn.engine_conn(dest),
+                &crate::engine::Request { method: req.method().as_str(), target: &target, host: &host, headers: req.headers(), http2: req.version() == Version::HTTP_2 },
+            )
+            .await;
+        px.metrics.request(if d.allowed { "allow" } else { "deny" }, &d.reason);
+        if !d.allowed {
+            tracing::info!(
+                target: "authz::deny",
+                workload = %format!("{}/{}", dest.namespace, dest.name),
+                source = %format!("{}/{}", conn.pod.workload.namespace, conn.pod.workload.name),
+                method = %req.method(),
+                path = %target.split('?').next().unwrap_or(""),
+                status = d.status,
+                policy = d.policy.as_deref().unwrap_or("-"),
+                reason = %d.reason,
+                "request denied"
+            );
+            let mut r = local_reply(StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN), d.body);
+            for (k, v) in d.reply_headers {
+                r.headers_mut().insert(k, v);
+            }
+            return r;
+        }
+        let h = req.headers_mut();
+        for k in &d.remove_headers {
+            h.remove(k);
+        }
+        for (k, v) in d.set_headers {
+            h.insert(k, v);
+        }
+        if let Some(t) = d.forward_target {
+            if t != target {
+                let mut parts = req.uri().clone().into_parts();
+                parts.path_and_query = t.parse().ok();
+                if let Ok(u) = http::Uri::from_parts(parts) {
+                    *req.uri_mut() = u;
+                }
+            }
+        }
+    } else {
+        px.metrics.request("allow", "not an enforced workload");
+    }
     let upgrade = req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    px.metrics.request("allow", "allowed");
     let mut resp = match upstream.send(req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(dst = %upstream.conn.dst, "upstream request failed: {e}");
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers");
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers".into());
         }
     };
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
@@ -54,8 +108,8 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
     resp.map(|b| b.boxed())
 }
 
-pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|n: Infallible| match n {}).boxed());
+pub fn local_reply(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n: Infallible| match n {}).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
     r

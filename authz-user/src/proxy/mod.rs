@@ -10,8 +10,12 @@ use authz_common::SockKey;
 use bytes::BytesMut;
 use tokio::{io::AsyncReadExt, net::{TcpListener, TcpStream}};
 
+use std::sync::RwLock;
+
 use crate::{
     config::AgentSettings,
+    engine::Engine,
+    registry::Registry,
     kernel::{addr_key, key_addr, Kernel},
     metrics::Metrics,
     netns::NetNs,
@@ -23,16 +27,30 @@ pub mod io;
 pub mod tcp;
 pub mod upstream;
 
-/// What every connection handler shares.
+/// What every connection handler shares. Engine and registry are swapped whole on reload;
+/// a request keeps the ones it started with.
 pub struct Proxy {
     pub kernel: Arc<Kernel>,
     pub metrics: Arc<Metrics>,
     pub settings: AgentSettings,
+    pub engine: RwLock<Arc<Engine>>,
+    pub registry: Arc<RwLock<Arc<Registry>>>,
+}
+
+impl Proxy {
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.read().unwrap().clone()
+    }
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.read().unwrap().clone()
+    }
 }
 
 /// One redirected connection.
 pub struct ConnCtx {
     pub pod: Arc<Pod>,
+    /// The destination workload, if the original destination is one.
+    pub destination: Option<Arc<crate::registry::Workload>>,
     pub netns: Arc<NetNs>,
     /// The pod's address, as the destination will see it.
     pub src_ip: Option<IpAddr>,
@@ -109,7 +127,8 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
     let _ = stream.set_nodelay(true);
     let dst = SocketAddr::new(key_addr(orig.addr), orig.port);
     let src_ip = pl.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(pl.pod.ips.first().copied());
-    let conn = Arc::new(ConnCtx { pod: pl.pod.clone(), netns: pl.netns.clone(), src_ip, dst });
+    let destination = px.registry().workload_at(dst.ip()).cloned();
+    let conn = Arc::new(ConnCtx { pod: pl.pod.clone(), destination, netns: pl.netns.clone(), src_ip, dst });
 
     let mut first = BytesMut::with_capacity(4096);
     let sniffed = match tokio::time::timeout(px.settings.sniff_timeout, stream.read_buf(&mut first)).await {
@@ -127,4 +146,16 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
         io::Sniffed::Tcp => tcp::relay(&px, &conn, stream).await,
     }
     px.metrics.connections_active.fetch_sub(1, Relaxed);
+}
+
+impl ConnCtx {
+    pub fn engine_conn<'a>(&'a self, dest: &'a crate::registry::Workload) -> crate::engine::Conn<'a> {
+        crate::engine::Conn {
+            destination: dest,
+            source: Some(&self.pod.workload),
+            source_ip: self.src_ip,
+            dest_ip: Some(self.dst.ip()),
+            dest_port: self.dst.port(),
+        }
+    }
 }

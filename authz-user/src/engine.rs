@@ -1,0 +1,322 @@
+//! One decision: (request, destination workload, source) -> RequestAuthentication, then
+//! AuthorizationPolicy -> allow (with header changes) or deny (status, body, policy, reason).
+//! The proxy and `authz-agent check` both come through here, so they always agree.
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use base64::Engine as _;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::{
+    authz::{self, Attrs, HttpAttrs, Identity, Peer},
+    config::PathNormalization,
+    jwt::{self, cache::TokenCache, extract::{self, Location}, remote::JwksStore, Claims, JwtError},
+    normalize::{self, PathError},
+    policy::{Keys, PolicyIndex, Provider, WorkloadPolicies},
+    registry::Workload,
+};
+
+pub const RBAC_DENIED: &str = "RBAC: access denied";
+
+pub struct Engine {
+    index: PolicyIndex,
+    cache: Arc<TokenCache>,
+    store: Option<Arc<JwksStore>>,
+    normalization: PathNormalization,
+    trust_domain: String,
+    per_workload: RwLock<HashMap<(String, String), Arc<WorkloadPolicies>>>,
+}
+
+/// The request as the engine sees it.
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Path and query as received (origin form).
+    pub target: &'a str,
+    /// Host header / :authority.
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+    /// HTTP/2 lets lowercase methods reach the policy; HTTP/1 answers 400.
+    pub http2: bool,
+}
+
+/// Who is talking to whom.
+pub struct Conn<'a> {
+    pub destination: &'a Workload,
+    pub source: Option<&'a Workload>,
+    pub source_ip: Option<IpAddr>,
+    pub dest_ip: Option<IpAddr>,
+    pub dest_port: u16,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub status: u16,
+    /// Reply body when denied; "allowed" otherwise.
+    pub body: String,
+    /// Why, for logs and `check`.
+    pub reason: String,
+    pub policy: Option<String>,
+    /// `iss/sub` of the verified token, if any.
+    pub principal: Option<String>,
+    /// Headers removed from the upstream request.
+    pub remove_headers: Vec<HeaderName>,
+    /// Headers set on the upstream request (after removal).
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The path+query forwarded upstream (normalized; a verified query token removed).
+    pub forward_target: Option<String>,
+    /// Extra reply headers on a deny (`www-authenticate`).
+    pub reply_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Decision {
+    fn deny(status: u16, body: &str, reason: &str, policy: Option<String>) -> Decision {
+        Decision { allowed: false, status, body: body.into(), reason: reason.into(), policy, ..Default::default() }
+    }
+}
+
+impl Engine {
+    pub fn new(index: PolicyIndex, cache: Arc<TokenCache>, store: Option<Arc<JwksStore>>, normalization: PathNormalization, trust_domain: &str) -> Engine {
+        Engine { index, cache, store, normalization, trust_domain: trust_domain.into(), per_workload: RwLock::new(HashMap::new()) }
+    }
+
+    pub fn index(&self) -> &PolicyIndex {
+        &self.index
+    }
+
+    pub fn policies_for(&self, w: &Workload) -> Arc<WorkloadPolicies> {
+        let key = (w.namespace.clone(), w.name.clone());
+        if let Some(p) = self.per_workload.read().unwrap().get(&key) {
+            return p.clone();
+        }
+        let p = Arc::new(self.index.for_workload(w));
+        self.per_workload.write().unwrap().insert(key, p.clone());
+        p
+    }
+
+    fn peer(&self, w: Option<&Workload>) -> Option<Peer> {
+        w.map(|w| Peer { trust_domain: self.trust_domain.clone(), namespace: w.namespace.clone(), service_account: w.service_account.clone() })
+    }
+
+    /// A non-HTTP connection: only the L4 parts of the policies (HTTP-only fields drop ALLOW
+    /// rules and are ignored in DENY rules, as Istio compiles them for TCP).
+    pub fn decide_tcp(&self, c: &Conn) -> Decision {
+        let pol = self.policies_for(c.destination);
+        let peer = self.peer(c.source);
+        let a = Attrs { http: None, peer: peer.as_ref(), source_ip: c.source_ip, remote_ip: c.source_ip, dest_ip: c.dest_ip, dest_port: c.dest_port, sni: None };
+        let v = authz::evaluate(&pol.authz, &a);
+        if v.allowed {
+            Decision { allowed: true, status: 200, body: "allowed".into(), reason: v.reason, policy: v.policy, ..Default::default() }
+        } else {
+            Decision::deny(403, "connection closed due to policy rejection", &v.reason, v.policy)
+        }
+    }
+
+    pub async fn decide_http(&self, c: &Conn<'_>, r: &Request<'_>) -> Decision {
+        if !r.http2 && r.method.bytes().any(|b| b.is_ascii_lowercase()) {
+            return Decision::deny(400, "Bad Request", "lowercase method", None);
+        }
+        let (path, mut query) = match normalize::normalize(r.target, self.normalization) {
+            Ok(p) => p,
+            Err(PathError::Nul) => return Decision::deny(400, "Bad Request", "NUL in path", None),
+            Err(PathError::Invalid) => return Decision::deny(400, "Bad Request", "path is not in origin form", None),
+        };
+        let pol = self.policies_for(c.destination);
+        let mut d = Decision { remove_headers: pol.sanitize.clone(), ..Default::default() };
+
+        // RequestAuthentication.
+        let cors_preflight = r.method == "OPTIONS" && r.headers.contains_key(http::header::ORIGIN) && r.headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+        let mut identity: Option<(Identity, bool)> = None;
+        if !cors_preflight && !pol.providers.is_empty() {
+            let now = jwt::now_secs();
+            for loc in &pol.locations {
+                for token in extract::extract(loc, r.headers, &query) {
+                    let mut best: Option<JwtError> = None;
+                    let mut ok: Option<(Claims, Arc<Provider>)> = None;
+                    for p in pol.providers.iter().filter(|p| p.locations.contains(loc)) {
+                        match self.verify(&token, p, now).await {
+                            Ok(claims) => {
+                                ok = Some((claims, p.clone()));
+                                break;
+                            }
+                            Err(e) => {
+                                if best.is_none_or(|b| e.weight() > b.weight()) {
+                                    best = Some(e);
+                                }
+                            }
+                        }
+                    }
+                    let Some((claims, p)) = ok else {
+                        let e = best.unwrap_or(JwtError::UnknownIssuer);
+                        let mut deny = Decision::deny(e.status(), e.message(), e.message(), None);
+                        deny.reply_headers.push((http::header::WWW_AUTHENTICATE, www_authenticate(r, &path)));
+                        return deny;
+                    };
+                    apply_outputs(&mut d, loc, &claims, &p, &mut query);
+                    let from_header = matches!(loc, Location::Header { .. });
+                    if identity.as_ref().is_none_or(|(_, h)| !h && from_header) {
+                        identity = Some((Identity { issuer: claims.iss.clone(), subject: claims.sub.clone(), payload: claims.payload.clone(), space_delimited: p.space_delimited.clone() }, from_header));
+                    }
+                }
+            }
+        }
+        let identity = identity.map(|(i, _)| i);
+        d.principal = identity.as_ref().map(Identity::principal);
+
+        // AuthorizationPolicy.
+        let peer = self.peer(c.source);
+        let a = Attrs {
+            http: Some(HttpAttrs { method: r.method, path: &path, host: r.host, headers: r.headers, identity: identity.as_ref() }),
+            peer: peer.as_ref(),
+            source_ip: c.source_ip,
+            remote_ip: c.source_ip,
+            dest_ip: c.dest_ip,
+            dest_port: c.dest_port,
+            sni: None,
+        };
+        let v = authz::evaluate(&pol.authz, &a);
+        if !v.allowed {
+            let mut deny = Decision::deny(403, RBAC_DENIED, &v.reason, v.policy);
+            deny.principal = d.principal;
+            return deny;
+        }
+        d.allowed = true;
+        d.status = 200;
+        d.body = "allowed".into();
+        d.reason = v.reason;
+        d.policy = v.policy;
+        d.forward_target = Some(format!("{path}{query}"));
+        d
+    }
+
+    /// One token against one provider: issuer, time, audience, then the signature (cached).
+    async fn verify(&self, token: &str, p: &Provider, now: i64) -> Result<Claims, JwtError> {
+        let (jwks, generation, remote) = match &p.keys {
+            Keys::Inline(j) => (Some(j.clone()), 0, None),
+            Keys::Remote(r) => match r.current() {
+                Some((j, g)) => (Some(j), g, Some(r)),
+                None => (None, 0, Some(r)),
+            },
+        };
+        if let Some(claims) = self.cache.get(token, p.uid, generation) {
+            if !p.issuer.is_empty() && claims.iss != p.issuer {
+                return Err(JwtError::UnknownIssuer);
+            }
+            jwt::check_time(&claims, now)?;
+            jwt::check_audience(&claims, &p.audiences)?;
+            return Ok(claims);
+        }
+        let (claims, signed, sig) = jwt::parse(token)?;
+        if !p.issuer.is_empty() && claims.iss != p.issuer {
+            return Err(JwtError::UnknownIssuer);
+        }
+        jwt::check_time(&claims, now)?;
+        jwt::check_audience(&claims, &p.audiences)?;
+        let store = self.store.as_ref();
+        let (jwks, generation) = match (jwks, remote, store) {
+            (Some(j), _, _) => (j, generation),
+            (None, Some(r), Some(s)) => {
+                // Never fetched (or every fetch failed): one rate-limited attempt, then fail.
+                r.refetch_if_allowed(&s.fetcher).await;
+                r.current().ok_or(JwtError::FetchFail)?
+            }
+            _ => return Err(JwtError::FetchFail),
+        };
+        match jwt::verify_signature(&claims, signed, sig, &jwks) {
+            Ok(()) => {
+                self.cache.put(token, p.uid, generation, &claims, now);
+                Ok(claims)
+            }
+            Err(JwtError::KidAlgMismatch) if remote.is_some() && store.is_some() => {
+                // Key rotation: fetch again (rate-limited) before answering 401.
+                let (r, s) = (remote.unwrap(), store.unwrap());
+                if r.refetch_if_allowed(&s.fetcher).await {
+                    if let Some((j, g)) = r.current() {
+                        jwt::verify_signature(&claims, signed, sig, &j)?;
+                        self.cache.put(token, p.uid, g, &claims, now);
+                        return Ok(claims);
+                    }
+                }
+                Err(JwtError::KidAlgMismatch)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// After a token verified: strip it unless forwarded, and set the output headers.
+fn apply_outputs(d: &mut Decision, loc: &Location, claims: &Claims, p: &Provider, query: &mut String) {
+    if !p.forward_original_token {
+        match loc {
+            Location::Header { name, .. } => {
+                if !d.remove_headers.contains(name) {
+                    d.remove_headers.push(name.clone());
+                }
+            }
+            Location::Param(name) => *query = extract::remove_param(query, name),
+            Location::Cookie(_) => {}
+        }
+    }
+    if let Some(h) = &p.output_payload_to_header {
+        if let Ok(v) = HeaderValue::from_str(&claims.payload_b64) {
+            d.set_headers.push((h.clone(), v));
+        }
+    }
+    for (h, path) in &p.claim_to_headers {
+        let mut v = claims.payload.as_ref();
+        let mut found = true;
+        for part in path {
+            match v.get(part) {
+                Some(x) => v = x,
+                None => {
+                    found = false;
+                    break;
+                }
+            }
+        }
+        if !found {
+            continue;
+        }
+        let text = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            // Lists go out as base64 of their JSON, as Envoy does.
+            serde_json::Value::Array(_) => base64::engine::general_purpose::STANDARD.encode(v.to_string()),
+            _ => continue,
+        };
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            d.set_headers.push((h.clone(), v));
+        }
+    }
+}
+
+/// `Bearer realm="<original URI, at most 256 chars>", error="invalid_token"`.
+fn www_authenticate(r: &Request, path: &str) -> HeaderValue {
+    let mut uri = format!("http://{}{}", r.host, path);
+    uri.truncate(256);
+    let uri: String = uri.chars().filter(|c| *c != '"' && !c.is_control()).collect();
+    HeaderValue::from_str(&format!("Bearer realm=\"{uri}\", error=\"invalid_token\"")).unwrap_or(HeaderValue::from_static("Bearer error=\"invalid_token\""))
+}
+
+/// Builds the JWKS store of a config: service names resolve as in a cluster.
+pub fn jwks_store(cfg: &crate::config::Config, registry: &Arc<std::sync::RwLock<Arc<crate::registry::Registry>>>) -> anyhow::Result<Arc<JwksStore>> {
+    let reg = registry.clone();
+    let resolve: jwt::remote::ServiceResolver = Arc::new(move |host, ns| {
+        let r = reg.read().unwrap().clone();
+        let s = r.resolve_service(host, ns)?;
+        Some((s.ips.clone(), None))
+    });
+    let fetcher = jwt::remote::Fetcher::new(cfg.agent.jwks_ca_file.as_deref(), resolve, cfg.agent.allow_link_local_jwks)?;
+    Ok(JwksStore::new(fetcher, cfg.agent.jwks_refresh_interval))
+}
+
+/// Loads the config's policies and compiles an engine. Problems come back with the set.
+pub fn build(cfg: &crate::config::Config, store: Option<&Arc<JwksStore>>, cache: Arc<TokenCache>) -> (Engine, crate::policy::PolicySet) {
+    let set = crate::policy::load_paths(&cfg.policies);
+    let index = PolicyIndex::build(&set, &cfg.agent.root_namespace, store);
+    (Engine::new(index, cache, store.cloned(), cfg.agent.path_normalization, &cfg.agent.trust_domain), set)
+}

@@ -1,0 +1,64 @@
+//! Verified-token cache: a token that passed the signature check with a given key set is not
+//! checked again; issuer, time and audience still are on every hit. Bounded; entries go when
+//! the token expires or the keys change.
+use std::{collections::HashMap, sync::Mutex};
+
+use super::Claims;
+
+pub struct TokenCache {
+    cap: usize,
+    map: Mutex<HashMap<Box<str>, Entry>>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    /// (provider uid, key-set generation) that verified the signature.
+    verified_by: (u64, u64),
+    claims: Claims,
+}
+
+impl TokenCache {
+    pub fn new(cap: usize) -> TokenCache {
+        TokenCache { cap, map: Mutex::new(HashMap::with_capacity(cap.min(4096))) }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cap > 0
+    }
+
+    /// Claims of a token already verified by `provider` with key-set `generation`.
+    pub fn get(&self, token: &str, provider: u64, generation: u64) -> Option<Claims> {
+        if self.cap == 0 {
+            return None;
+        }
+        let map = self.map.lock().unwrap();
+        map.get(token).filter(|e| e.verified_by == (provider, generation)).map(|e| e.claims.clone())
+    }
+
+    pub fn put(&self, token: &str, provider: u64, generation: u64, claims: &Claims, now: i64) {
+        if self.cap == 0 || token.len() > super::MAX_TOKEN_BYTES {
+            return;
+        }
+        let mut map = self.map.lock().unwrap();
+        if map.len() >= self.cap {
+            // Drop expired entries, then as many others as needed to get back under 90%.
+            map.retain(|_, e| e.claims.exp.is_none_or(|x| x + super::CLOCK_SKEW_SECS >= now));
+            let excess = map.len().saturating_sub(self.cap * 9 / 10);
+            if excess > 0 {
+                let victims: Vec<Box<str>> = map.keys().take(excess).cloned().collect();
+                for k in victims {
+                    map.remove(&k);
+                }
+            }
+        }
+        map.insert(token.into(), Entry { verified_by: (provider, generation), claims: claims.clone() });
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
