@@ -13,3 +13,4 @@ pub mod engine;
 pub mod jwt;
 pub mod normalize;
 pub mod policy;
+pub mod cli;

@@ -16,12 +16,68 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Decide one request against the policies (no privileges needed); prints JSON.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Destination workload or pod: NAMESPACE/NAME.
+        #[arg(long)]
+        to: String,
+        /// Source pod or workload: NAMESPACE/NAME.
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        /// 'Name: value', repeatable.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
+    /// Check config and policy files; every problem as file:line: message.
+    Validate {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        paths: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
     init_tracing();
-    let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Check { config, to, from, source_ip, method, path, host, port, headers } => {
+            let args = authz::cli::CheckArgs { config, to, from, source_ip, method, path, host, port, headers };
+            match authz::cli::check(&args) {
+                Ok((json, allowed)) => {
+                    println!("{json}");
+                    ExitCode::from(if allowed { 0 } else { 1 })
+                }
+                Err(e) => {
+                    eprintln!("authz-agent check: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Validate { config, paths } => {
+            let (lines, ok) = authz::cli::validate(config.as_ref(), &paths);
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::from(if ok { 0 } else { 2 })
+        }
         Cmd::Run { config } => match authz::agent::run(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
