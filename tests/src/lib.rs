@@ -66,6 +66,9 @@ impl Host {
 /// A set of hosts on one bridge. Addresses are 10.<tag>.0.<n>/24, private to this set's hub.
 pub struct Net {
     tag: String,
+    /// Third octet of this set's 10.77.<subnet>.0/24.
+    pub subnet: u32,
+    host_link: Option<String>,
     hub: String,
     cg_base: PathBuf,
     pub hosts: Vec<Host>,
@@ -80,7 +83,7 @@ impl Net {
         let hub = format!("azt{tag}hub");
         sh("ip", &["netns", "add", &hub])?;
         let cg_base = cgroup2_root().join(format!("authz-test-{tag}"));
-        let net = Net { tag, hub: hub.clone(), cg_base: cg_base.clone(), hosts: vec![], children: vec![], n: 0 };
+        let net = Net { tag, subnet: seq % 250, host_link: None, hub: hub.clone(), cg_base: cg_base.clone(), hosts: vec![], children: vec![], n: 0 };
         std::fs::create_dir_all(&cg_base)?;
         sh("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
         sh("ip", &["-n", &hub, "link", "set", "br0", "up"])?;
@@ -88,11 +91,24 @@ impl Net {
         Ok(net)
     }
 
-    /// Adds a host at 10.77.0.<last>.
+    /// Connects the test process's own namespace (where the agent runs) to the bridge as
+    /// 10.77.<subnet>.254, as a node reaches its pods.
+    pub fn attach_host(&mut self) -> Result<()> {
+        let (a, b) = (format!("h{}", self.tag), format!("g{}", self.tag));
+        sh("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        sh("ip", &["link", "set", &b, "netns", &self.hub])?;
+        sh("ip", &["-n", &self.hub, "link", "set", &b, "master", "br0", "up"])?;
+        sh("ip", &["addr", "add", &format!("10.77.{}.254/24", self.subnet), "dev", &a])?;
+        sh("ip", &["link", "set", &a, "up"])?;
+        self.host_link = Some(a);
+        Ok(())
+    }
+
+    /// Adds a host at 10.77.<subnet>.<last>.
     pub fn host(&mut self, name: &str, last: u8) -> Result<Host> {
         self.n += 1;
         let netns = format!("azt{}{}", self.tag, name);
-        let ip = format!("10.77.0.{last}");
+        let ip = format!("10.77.{}.{last}", self.subnet);
         sh("ip", &["netns", "add", &netns])?;
         let (a, b) = (format!("a{}x{}", self.tag, self.n), format!("b{}x{}", self.tag, self.n));
         sh("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
@@ -139,8 +155,15 @@ impl Net {
 
     /// Starts the test server (`authz-testsrv MODE ip:port`) and waits until it accepts.
     pub fn serve(&mut self, host: &Host, mode: &str, port: u16) -> Result<()> {
+        self.serve_args(host, port, &[mode])
+    }
+
+    /// As `serve`, with more arguments after the address (e.g. `file` mode's path and file).
+    pub fn serve_args(&mut self, host: &Host, port: u16, args: &[&str]) -> Result<()> {
         let addr = format!("{}:{port}", host.ip);
-        self.spawn(host, &testsrv(), &[mode, &addr])?;
+        let mut a = vec![args[0], addr.as_str()];
+        a.extend_from_slice(&args[1..]);
+        self.spawn(host, &testsrv(), &a)?;
         wait_listening(host, port)
     }
 }
@@ -172,6 +195,9 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", &h.netns]).output();
         }
         let _ = std::fs::remove_dir(&self.cg_base);
+        if let Some(l) = &self.host_link {
+            let _ = Command::new("ip").args(["link", "del", l]).output();
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.hub]).output();
     }
 }
@@ -361,4 +387,100 @@ pub fn pod_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
 
 pub fn workload_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
     format!("  - {{name: {}, namespace: {ns}, labels: {labels}, serviceAccount: {sa}, ips: [{}]}}\n", h.name, h.ip)
+}
+
+/// The repository's test data folder.
+pub fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
+}
+
+/// The Istio sample token (RS256, iss = sub = testing@secure.istio.io).
+pub fn demo_jwt() -> String {
+    std::fs::read_to_string(data_dir().join("istio-samples/demo.jwt")).unwrap().trim().to_string()
+}
+
+/// The same token with its signature altered.
+pub fn tampered(token: &str) -> String {
+    let mut t = token.to_string();
+    let last = t.pop().unwrap();
+    t.push(if last == 'A' { 'B' } else { 'A' });
+    t
+}
+
+/// An HTTPS server on 127.0.0.1 (the agent's namespace, outside every pod) serving one file,
+/// with a certificate for `localhost` from a test CA. Stops when dropped or `stop`ped.
+pub struct HttpsFile {
+    pub port: u16,
+    pub ca_file: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpsFile {
+    pub fn start(path: &str, body: Vec<u8>, dir: &Path) -> Result<HttpsFile> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key)?;
+        let leaf_key = KeyPair::generate()?;
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])?.signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))?;
+        std::fs::create_dir_all(dir)?;
+        let ca_file = dir.join("jwks-ca.pem");
+        std::fs::write(&ca_file, ca.pem())?;
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let path = path.to_string();
+        let body = bytes::Bytes::from(body);
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => return,
+                        Ok((s, _)) = listener.accept() => {
+                            let (acceptor, path, body) = (acceptor.clone(), path.clone(), body.clone());
+                            tokio::spawn(async move {
+                                let Ok(tls) = acceptor.accept(s).await else { return };
+                                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                                    let ok = req.uri().path() == path;
+                                    let body = if ok { body.clone() } else { bytes::Bytes::new() };
+                                    async move {
+                                        Ok::<_, std::convert::Infallible>(hyper::Response::builder().status(if ok { 200 } else { 404 }).body(http_body_util::Full::new(body)).unwrap())
+                                    }
+                                });
+                                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
+                            });
+                        }
+                    }
+                }
+            });
+        });
+        Ok(HttpsFile { port, ca_file, stop: Some(tx), thread: Some(thread) })
+    }
+
+    /// The server goes away (an outage).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for HttpsFile {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
