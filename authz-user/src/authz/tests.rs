@@ -201,5 +201,5 @@ fn validation_errors_name_file_and_line() {
     assert!(text.iter().any(|t| t.contains("only one of targetRefs or workloadSelector")), "{text:#?}");
     let mut set = PolicySet::default();
     load_str("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec:\n  rulez: []\n", "q.yaml", &mut set);
-    assert!(set.problems[0].to_string().starts_with("q.yaml:5: unknown field `rulez`"), "{:?}", set.problems);
+    assert!(set.problems[0].to_string().starts_with("q.yaml:5: spec: unknown field `rulez`"), "{:?}", set.problems);
 }
