@@ -141,3 +141,30 @@ fn skip_jwt_for_some_paths() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "403 200 403");
     assert_eq!(agent.metric("authz_connections_redirected_total"), 7.0, "the three requests shared one connection");
 }
+
+/// An `Upgrade` request is decided before the protocol switch.
+#[test]
+fn upgrades_are_decided_before_the_switch() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let sleep = net.host("sleep", 2).unwrap();
+    let web = net.host("web", 3).unwrap();
+    net.serve(&web, "http", 8000).unwrap();
+    let ap = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: foo}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]\n";
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
+        workload_yaml(&web, "foo", "{app: web}", "web"),
+    );
+    let agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", ap)]).unwrap();
+    let u = |p: &str| format!("http://{}:8000{p}", web.ip);
+    let _ = &agent;
+    let upgrade = |path: &str| {
+        let out = Net::run(&sleep, true, "curl", &["-sS", "-i", "-m", "2", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket", &u(path)]).unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string()
+    };
+    assert!(upgrade("/ws").contains("101"), "allowed upgrade switches protocols");
+    assert!(upgrade("/admin/ws").contains("403"), "denied upgrade never reaches the server");
+}
