@@ -142,9 +142,10 @@ fn skip_jwt_for_some_paths() {
     assert_eq!(agent.metric("authz_connections_redirected_total"), 7.0, "the three requests shared one connection");
 }
 
-/// An `Upgrade` request is decided before the protocol switch.
+/// HTTP/2 with prior knowledge (gRPC's usual case): each stream decided on its own; and an
+/// `Upgrade` request decided before the protocol switch.
 #[test]
-fn upgrades_are_decided_before_the_switch() {
+fn http2_streams_and_upgrades_are_decided_per_request() {
     if !require_root() {
         return;
     }
@@ -160,7 +161,17 @@ fn upgrades_are_decided_before_the_switch() {
     );
     let agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", ap)]).unwrap();
     let u = |p: &str| format!("http://{}:8000{p}", web.ip);
-    let _ = &agent;
+    // Three streams on one HTTP/2 connection, each decided on its own.
+    let addr = format!("{}:8000", web.ip);
+    let out = Net::run(&sleep, true, &testsrv(), &["h2get", &addr, "/ok", "/admin/x", "/ok2"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(lines[0].starts_with("200 ") && lines[0].contains("\"version\":\"HTTP/2.0\""), "upstream over HTTP/2: {text}");
+    assert_eq!(lines[1], "403 RBAC: access denied");
+    assert!(lines[2].starts_with("200 "), "{text}");
+    assert_eq!(agent.metric("authz_connections_redirected_total"), 1.0, "three streams on one connection");
+
     let upgrade = |path: &str| {
         let out = Net::run(&sleep, true, "curl", &["-sS", "-i", "-m", "2", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket", &u(path)]).unwrap();
         String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string()

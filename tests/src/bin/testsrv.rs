@@ -1,5 +1,7 @@
 //! A test destination: an httpbin-like HTTP server (h1 + h2c) and a TCP echo server.
 //! `authz-testsrv http ADDR` | `authz-testsrv echo ADDR` | `authz-testsrv file ADDR PATH FILE`
+//! `authz-testsrv h2get ADDR PATH...`: an HTTP/2 (prior knowledge) client sending every path on one
+//! connection, printing "STATUS BODY" per line.
 //! Every HTTP reply is JSON: {client, method, path, version, headers, body_len, body_sha256}.
 use std::{convert::Infallible, net::SocketAddr};
 
@@ -15,6 +17,9 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("http");
     let addr: SocketAddr = args.get(2).map(String::as_str).unwrap_or("0.0.0.0:8000").parse()?;
+    if mode == "h2get" {
+        return h2get(addr, &args[3..]).await;
+    }
     let listener = TcpListener::bind(addr).await?;
     let file = match mode {
         "file" => Some((args[3].clone(), Bytes::from(std::fs::read(&args[4])?))),
@@ -107,4 +112,18 @@ async fn reply(peer: SocketAddr, mut req: Request<Incoming>, file: Option<(Strin
         "body_sha256": format!("{:x}", sha.finalize()),
     });
     Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(out.to_string()))).unwrap()
+}
+
+async fn h2get(addr: SocketAddr, paths: &[String]) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    for p in paths {
+        let req = Request::get(format!("http://{addr}{p}")).body(http_body_util::Empty::<Bytes>::new())?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        println!("{status} {}", String::from_utf8_lossy(&body));
+    }
+    Ok(())
 }
