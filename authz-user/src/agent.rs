@@ -1,19 +1,24 @@
-//! `authz-agent run`: bring the kernel path up, enroll the pods, serve, and take it all down on
-//! SIGINT/SIGTERM.
+//! `authz-agent run`: bring the kernel path up, enroll the pods, serve, follow changes to the
+//! config and policy files, and take it all down on SIGINT/SIGTERM.
 use std::{
-    path::Path,
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc, RwLock},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    task::AbortHandle,
+};
 
 use crate::{
     admin::{self, Admin},
+    config::{Config, PodSpec},
     engine,
-    jwt::cache::TokenCache,
-    config::Config,
+    jwt::{cache::TokenCache, remote::JwksStore},
     kernel::Kernel,
     metrics::Metrics,
     netns,
@@ -24,6 +29,8 @@ use crate::{
 /// How often the agent proves it is alive to the programs, and when they stop trusting it.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
 const HEARTBEAT_STALE: Duration = Duration::from_secs(2);
+/// How often config and policy files are checked for changes.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
 
 pub fn run(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path)?;
@@ -32,15 +39,23 @@ pub fn run(config_path: &Path) -> Result<()> {
     if cfg.agent.worker_threads > 0 {
         rt.worker_threads(cfg.agent.worker_threads);
     }
-    rt.enable_all().build()?.block_on(run_async(cfg))
+    rt.enable_all().build()?.block_on(run_async(config_path.to_path_buf(), cfg))
 }
 
-async fn run_async(cfg: Config) -> Result<()> {
-    let registry = Arc::new(Registry::from_config(&cfg));
-    let shared_registry = Arc::new(std::sync::RwLock::new(registry.clone()));
-    let store = engine::jwks_store(&cfg, &shared_registry)?;
-    let cache = Arc::new(TokenCache::new(cfg.agent.token_cache_size));
-    let (eng, set) = engine::build(&cfg, Some(&store), cache.clone());
+/// An enrolled pod and the task serving its listeners.
+struct Enrolled {
+    spec: PodSpec,
+    cgroup_id: u64,
+    server: AbortHandle,
+}
+
+/// What the agent has put in the kernel and started, so a reload can change just the difference.
+struct State {
+    pods: HashMap<(String, String), Enrolled>,
+    enforced: HashSet<IpAddr>,
+}
+
+fn log_problems(set: &crate::policy::PolicySet) {
     for p in &set.problems {
         if p.warning {
             tracing::warn!("{p}");
@@ -48,6 +63,15 @@ async fn run_async(cfg: Config) -> Result<()> {
             tracing::error!("{p}");
         }
     }
+}
+
+async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
+    let registry = Arc::new(Registry::from_config(&cfg));
+    let shared_registry = Arc::new(RwLock::new(registry.clone()));
+    let store = engine::jwks_store(&cfg, &shared_registry)?;
+    let cache = Arc::new(TokenCache::new(cfg.agent.token_cache_size));
+    let (eng, set) = engine::build(&cfg, Some(&store), cache.clone());
+    log_problems(&set);
     if !set.is_valid() {
         return Err(crate::config::ConfigError::Invalid { path: "policies".into(), message: "invalid policies (see above)".into() }.into());
     }
@@ -62,7 +86,7 @@ async fn run_async(cfg: Config) -> Result<()> {
         ready: false.into(),
         metrics: metrics.clone(),
         kernel: Some(kernel.clone()),
-        dump: std::sync::RwLock::new(serde_yaml::to_string(&cfg).unwrap_or_default()),
+        dump: RwLock::new(serde_yaml::to_string(&cfg).unwrap_or_default()),
     });
     let admin_listener = admin::bind(cfg.agent.admin).await?;
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
@@ -71,28 +95,12 @@ async fn run_async(cfg: Config) -> Result<()> {
         kernel: kernel.clone(),
         metrics: metrics.clone(),
         settings: cfg.agent.clone(),
-        engine: std::sync::RwLock::new(Arc::new(eng)),
+        engine: RwLock::new(Arc::new(eng)),
         registry: shared_registry.clone(),
     });
-
-    // Listeners first, then enrollment: a pod is never redirected to a port nobody listens on.
-    let mut enrolled = Vec::new();
-    let mut servers = tokio::task::JoinSet::new();
-    for pod in &registry.pods {
-        let pl = PodListeners::open(pod.clone(), cfg.agent.port)?;
-        let id = kernel.enroll(&pod.cgroup, pod.id, cfg.agent.port).with_context(|| {
-            format!("pod {}/{}: enrolling cgroup {}", pod.workload.namespace, pod.workload.name, pod.cgroup.display())
-        })?;
-        tracing::info!(pod = %format!("{}/{}", pod.workload.namespace, pod.workload.name), cgroup_id = id, "pod enrolled");
-        enrolled.push(id);
-        servers.spawn(proxy::serve(px.clone(), pl));
-    }
-    let mut enforced = Vec::new();
-    for (ip, w) in &registry.by_ip {
-        kernel.enforce(*ip, 0)?;
-        tracing::info!(ip = %ip, workload = %format!("{}/{}", w.namespace, w.name), "destination enforced");
-        enforced.push(*ip);
-    }
+    let mut state = State { pods: HashMap::new(), enforced: HashSet::new() };
+    // At start every pod must enroll; on reload a pod that cannot is reported and skipped.
+    apply_registry(&px, &mut state, &cfg, &registry, true)?;
 
     let hb_kernel = kernel.clone();
     let fail_mode = cfg.agent.fail_mode;
@@ -109,26 +117,51 @@ async fn run_async(cfg: Config) -> Result<()> {
     });
 
     admin.ready.store(true, Ordering::Release);
-    tracing::info!(pods = registry.pods.len(), workloads = enforced.len(), admin = %cfg.agent.admin, "agent ready");
+    tracing::info!(pods = state.pods.len(), workloads = state.enforced.len(), admin = %cfg.agent.admin, "agent ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut watch = tokio::time::interval(WATCH_EVERY);
+    let mut seen = fingerprint(&config_path, &cfg);
+    let mut current = cfg;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = watch.tick() => {
+                let now = fingerprint(&config_path, &current);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match reload(&config_path, &current, &px, &mut state, &store, &cache) {
+                    Ok(cfg) => {
+                        metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                        *admin.dump.write().unwrap() = serde_yaml::to_string(&cfg).unwrap_or_default();
+                        seen = fingerprint(&config_path, &cfg);
+                        current = cfg;
+                    }
+                    Err(e) => {
+                        metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("reload rejected, the previous configuration and policies stay in force: {e:#}");
+                    }
+                }
+            }
+        }
     }
     admin.ready.store(false, Ordering::Release);
     // Stop steering first, then close the listeners, then detach the programs.
-    for id in enrolled {
-        let _ = kernel.release(id);
+    for (_, p) in state.pods.drain() {
+        let _ = kernel.release(p.cgroup_id);
+        p.server.abort();
     }
-    for ip in enforced {
+    for ip in state.enforced.drain() {
         let _ = kernel.unenforce(ip);
     }
-    servers.abort_all();
-    while servers.join_next().await.is_some() {}
     stop_heartbeat.store(true, Ordering::Relaxed);
     let _ = hb.join();
+    // Let aborted tasks drop their listeners.
+    tokio::time::sleep(Duration::from_millis(20)).await;
     drop(px);
     drop(admin);
     match Arc::try_unwrap(kernel) {
@@ -137,4 +170,98 @@ async fn run_async(cfg: Config) -> Result<()> {
     }
     tracing::info!("detached; bye");
     Ok(())
+}
+
+/// Re-reads everything; on any error nothing changes.
+fn reload(config_path: &Path, old: &Config, px: &Arc<Proxy>, state: &mut State, store: &Arc<JwksStore>, cache: &Arc<TokenCache>) -> Result<Config> {
+    let cfg = Config::load(config_path)?;
+    if cfg.agent != old.agent {
+        tracing::warn!("changes under `agent:` need a restart; applying pods, workloads, services and policies only");
+    }
+    let mut cfg = cfg;
+    cfg.agent = old.agent.clone();
+    let (eng, set) = engine::build(&cfg, Some(store), cache.clone());
+    log_problems(&set);
+    if !set.is_valid() {
+        anyhow::bail!("invalid policies (see above)");
+    }
+    let registry = Arc::new(Registry::from_config(&cfg));
+    *px.registry.write().unwrap() = registry.clone();
+    *px.engine.write().unwrap() = Arc::new(eng);
+    apply_registry(px, state, &cfg, &registry, false)?;
+    tracing::info!(pods = state.pods.len(), workloads = state.enforced.len(), request_authentications = px.engine().index().request_authentications, authorization_policies = px.engine().index().authorization_policies, "reloaded");
+    Ok(cfg)
+}
+
+/// Makes the kernel and the listeners match the registry: pods enrolled or released, workload
+/// addresses enforced or not. Listeners open before a pod is enrolled, so a pod is never steered
+/// to a port nobody listens on.
+fn apply_registry(px: &Arc<Proxy>, state: &mut State, cfg: &Config, registry: &Arc<Registry>, strict: bool) -> Result<()> {
+    let kernel = &px.kernel;
+    let wanted: HashMap<(String, String), &PodSpec> = cfg.pods.iter().map(|p| ((p.namespace.clone(), p.name.clone()), p)).collect();
+    let gone: Vec<(String, String)> = state.pods.iter().filter(|(k, e)| wanted.get(*k).is_none_or(|s| **s != e.spec)).map(|(k, _)| k.clone()).collect();
+    for k in gone {
+        if let Some(e) = state.pods.remove(&k) {
+            let _ = kernel.release(e.cgroup_id);
+            e.server.abort();
+            tracing::info!(pod = %format!("{}/{}", k.0, k.1), "pod released");
+        }
+    }
+    for pod in &registry.pods {
+        let key = (pod.workload.namespace.clone(), pod.workload.name.clone());
+        if state.pods.contains_key(&key) {
+            continue;
+        }
+        let name = format!("{}/{}", key.0, key.1);
+        let enrolled = PodListeners::open(pod.clone(), cfg.agent.port).and_then(|pl| {
+            let id = kernel.enroll(&pod.cgroup, pod.id, cfg.agent.port).with_context(|| format!("pod {name}: enrolling cgroup {}", pod.cgroup.display()))?;
+            Ok((pl, id))
+        });
+        match enrolled {
+            Ok((pl, id)) => {
+                let server = tokio::spawn(proxy::serve(px.clone(), pl)).abort_handle();
+                state.pods.insert(key, Enrolled { spec: (*wanted[&(pod.workload.namespace.clone(), pod.workload.name.clone())]).clone(), cgroup_id: id, server });
+                tracing::info!(pod = %name, cgroup_id = id, "pod enrolled");
+            }
+            Err(e) if strict => return Err(e),
+            Err(e) => tracing::error!(pod = %name, "pod not enrolled: {e:#}"),
+        }
+    }
+    let ips: HashSet<IpAddr> = registry.by_ip.keys().copied().collect();
+    for ip in state.enforced.difference(&ips).copied().collect::<Vec<_>>() {
+        let _ = kernel.unenforce(ip);
+        state.enforced.remove(&ip);
+    }
+    for ip in ips {
+        if state.enforced.insert(ip) {
+            kernel.enforce(ip, 0)?;
+            let w = &registry.by_ip[&ip];
+            tracing::info!(ip = %ip, workload = %format!("{}/{}", w.namespace, w.name), "destination enforced");
+        }
+    }
+    Ok(())
+}
+
+/// Modification times and sizes of the config file and every policy file.
+fn fingerprint(config_path: &Path, cfg: &Config) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+    let mut files = vec![config_path.to_path_buf()];
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                walk(&e.path(), out);
+            }
+        }
+        out.push(p.to_path_buf());
+    }
+    for p in &cfg.policies {
+        walk(p, &mut files);
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(&f).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+            (f, m)
+        })
+        .collect()
 }

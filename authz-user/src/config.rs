@@ -44,7 +44,7 @@ pub enum PathNormalization {
     DecodeAndMergeSlashes,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AgentSettings {
     /// Listener port inside each pod netns (127.0.0.1 and ::1).
@@ -95,7 +95,7 @@ impl Default for AgentSettings {
 }
 
 /// An enrolled pod: its outbound connections to enforced workloads are intercepted.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PodSpec {
     pub name: String,
@@ -113,7 +113,7 @@ pub struct PodSpec {
 }
 
 /// A destination that policies can select; traffic to its IPs is enforced.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     pub name: String,
@@ -126,7 +126,7 @@ pub struct WorkloadSpec {
 }
 
 /// A service name, so `jwksUri` and `hosts` resolve as they would in a cluster.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     pub name: String,
@@ -136,7 +136,7 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,

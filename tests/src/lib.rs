@@ -336,7 +336,9 @@ impl Drop for Agent {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.stop();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("AUTHZ_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
