@@ -320,3 +320,139 @@ pub fn build(cfg: &crate::config::Config, store: Option<&Arc<JwksStore>>, cache:
     let index = PolicyIndex::build(&set, &cfg.agent.root_namespace, store);
     (Engine::new(index, cache, store.cloned(), cfg.agent.path_normalization, &cfg.agent.trust_domain), set)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::{jwt::tests::TestKey, policy::{load_str, PolicySet}};
+
+    fn engine(yaml: &str, cache: usize) -> (Engine, Arc<TokenCache>) {
+        let mut set = PolicySet::default();
+        load_str(yaml, "t.yaml", &mut set);
+        assert!(set.is_valid(), "{:?}", set.problems);
+        let cache = Arc::new(TokenCache::new(cache));
+        (Engine::new(PolicyIndex::build(&set, "istio-system", None), cache.clone(), None, PathNormalization::Base, "cluster.local"), cache)
+    }
+
+    fn workload() -> Workload {
+        Workload { name: "httpbin".into(), namespace: "foo".into(), labels: BTreeMap::from([("app".into(), "httpbin".into())]), service_account: "httpbin".into() }
+    }
+
+    fn decide(e: &Engine, method: &str, target: &str, headers: &[(&str, &str)]) -> Decision {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        let w = workload();
+        let c = Conn { destination: &w, source: None, source_ip: None, dest_ip: None, dest_port: 8000 };
+        let r = Request { method, target, host: "httpbin.foo:8000", headers: &h, http2: false };
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(e.decide_http(&c, &r))
+    }
+
+    fn ra(rules: &str) -> String {
+        format!("apiVersion: security.istio.io/v1beta1\nkind: RequestAuthentication\nmetadata: {{name: ra, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  jwtRules:\n{rules}")
+    }
+
+    fn rule(issuer: &str, k: &TestKey, extra: &str) -> String {
+        format!("  - issuer: {issuer}\n    jwks: '{}'\n{extra}", TestKey::jwks(&[k]))
+    }
+
+    fn bearer(t: &str) -> String {
+        format!("Bearer {t}")
+    }
+
+    #[test]
+    fn missing_invalid_and_audience() {
+        let k = TestKey::new("ES256", "k");
+        let (e, _) = engine(&ra(&rule("iss", &k, "    audiences: [bar]\n")), 100);
+        assert!(decide(&e, "GET", "/", &[]).allowed, "no token: allowed, no identity");
+        let d = decide(&e, "GET", "/p?q=1", &[("authorization", "Bearer not-a-jwt")]);
+        assert_eq!((d.status, d.body.as_str()), (401, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"));
+        assert_eq!(d.reply_headers[0].1, "Bearer realm=\"http://httpbin.foo:8000/p\", error=\"invalid_token\"");
+        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&k.token(json!({"iss": "iss", "aud": "foo"}))))]);
+        assert_eq!((d.status, d.body.as_str()), (403, "Audiences in Jwt are not allowed"));
+        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&k.token(json!({"iss": "iss", "sub": "s", "aud": ["x", "bar"]}))))]);
+        assert!(d.allowed);
+        assert_eq!(d.principal.as_deref(), Some("iss/s"));
+        assert!(d.remove_headers.contains(&http::header::AUTHORIZATION), "token stripped");
+        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&k.token(json!({"iss": "other"}))))]);
+        assert_eq!((d.status, d.body.as_str()), (401, "Jwt issuer is not configured"));
+    }
+
+    #[test]
+    fn every_presented_token_must_verify() {
+        let k = TestKey::new("HS256", "k");
+        let (e, _) = engine(&ra(&rule("iss", &k, "")), 100);
+        let good = k.token(json!({"iss": "iss", "sub": "a"}));
+        let expired = k.token(json!({"iss": "iss", "exp": 1}));
+        let d = decide(&e, "GET", &format!("/?access_token={expired}"), &[("authorization", &bearer(&good))]);
+        assert_eq!((d.status, d.body.as_str()), (401, "Jwt is expired"));
+        let d = decide(&e, "GET", &format!("/x?a=1&access_token={good}"), &[]);
+        assert!(d.allowed);
+        assert_eq!(d.forward_target.as_deref(), Some("/x?a=1"), "a verified query token is not forwarded");
+        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&good)), ("authorization", &bearer(&good))]);
+        assert_eq!(d.status, 401, "repeated Authorization headers are joined, as Envoy does");
+    }
+
+    #[test]
+    fn same_issuer_rules_are_ored() {
+        let k = TestKey::new("HS384", "k");
+        let two = format!(
+            "{}---\n{}",
+            ra(&rule("iss", &k, "    audiences: [bar]\n")),
+            ra(&rule("iss", &k, "")).replace("name: ra,", "name: ra2,")
+        );
+        let (e, _) = engine(&two, 100);
+        assert!(decide(&e, "GET", "/", &[("authorization", &bearer(&k.token(json!({"iss": "iss"}))))]).allowed);
+    }
+
+    #[test]
+    fn locations_outputs_and_sanitizing() {
+        let k = TestKey::new("EdDSA", "k");
+        let extra = "    fromHeaders: [{name: x-token, prefix: 'Token '}]\n    outputPayloadToHeader: x-payload\n    outputClaimToHeaders: [{header: x-team, claim: org.team}, {header: x-groups, claim: groups}]\n";
+        let yaml = format!("{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: need-jwt, namespace: foo}}\nspec:\n  rules: [{{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]\n", ra(&rule("iss", &k, extra)));
+        let (e, _) = engine(&yaml, 100);
+        let t = k.token(json!({"iss": "iss", "sub": "s", "org": {"team": "blue"}, "groups": ["a", "b"]}));
+        // A token where no rule looks is ignored: no identity, so the ALLOW needs one -> 403.
+        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&t))]);
+        assert_eq!((d.status, d.body.as_str()), (403, RBAC_DENIED));
+        let d = decide(&e, "GET", "/", &[("x-token", &format!("Token {t}")), ("x-payload", "spoofed"), ("x-team", "red")]);
+        assert!(d.allowed, "{d:?}");
+        assert!(d.remove_headers.iter().any(|h| h == "x-payload") && d.remove_headers.iter().any(|h| h == "x-team"), "client values removed");
+        assert!(d.remove_headers.iter().any(|h| h == "x-token"));
+        let set: BTreeMap<String, String> = d.set_headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string())).collect();
+        assert_eq!(set["x-payload"], t.split('.').nth(1).unwrap());
+        assert_eq!(set["x-team"], "blue");
+        assert_eq!(set["x-groups"], base64::engine::general_purpose::STANDARD.encode(r#"["a","b"]"#));
+        // Output headers are removed even from requests without a token.
+        let d = decide(&e, "OPTIONS", "/", &[("origin", "https://a"), ("access-control-request-method", "GET"), ("x-token", "Token garbage"), ("x-team", "red")]);
+        assert_eq!(d.status, 403, "CORS preflight skips JWT (then authz needs an identity)");
+        assert!(d.reason.contains("ALLOW"));
+    }
+
+    #[test]
+    fn forward_original_token_and_cache() {
+        let k = TestKey::new("RS256", "k");
+        let (e, cache) = engine(&ra(&rule("iss", &k, "    forwardOriginalToken: true\n")), 100);
+        let t = k.token(json!({"iss": "iss", "sub": "s", "exp": jwt::now_secs() + 600}));
+        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&t))]);
+        assert!(d.allowed && !d.remove_headers.contains(&http::header::AUTHORIZATION));
+        assert_eq!(cache.len(), 1);
+        assert!(decide(&e, "GET", "/", &[("authorization", &bearer(&t))]).allowed, "cache hit");
+        let (off, cache) = engine(&ra(&rule("iss", &k, "")), 0);
+        assert!(decide(&off, "GET", "/", &[("authorization", &bearer(&t))]).allowed);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn malformed_requests_get_400_and_paths_are_normalized() {
+        let (e, _) = engine("", 0);
+        assert_eq!(decide(&e, "get", "/", &[]).status, 400);
+        assert_eq!(decide(&e, "GET", "/a%00", &[]).status, 400);
+        assert_eq!(decide(&e, "GET", "/a/../b/%2e/c#frag", &[]).forward_target.as_deref(), Some("/b/c"));
+    }
+}

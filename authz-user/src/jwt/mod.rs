@@ -256,4 +256,4 @@ pub fn verify_signature(c: &Claims, signed: &str, sig_b64: &str, jwks: &Jwks) ->
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
