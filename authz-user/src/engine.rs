@@ -328,7 +328,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{jwt::tests::TestKey, policy::{load_str, PolicySet}};
+    use crate::{jwt::testkeys::TestKey, policy::{load_str, PolicySet}};
 
     fn engine(yaml: &str, cache: usize) -> (Engine, Arc<TokenCache>) {
         let mut set = PolicySet::default();

@@ -256,4 +256,6 @@ pub fn verify_signature(c: &Claims, signed: &str, sig_b64: &str, jwks: &Jwks) ->
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;
+#[cfg(any(test, feature = "testkeys"))]
+pub mod testkeys;
