@@ -40,7 +40,7 @@ fn mesh(n: usize, with_ra: &TestKey) -> String {
     for i in 0..n {
         let (ns, app) = if i < 10 { ("foo".to_string(), "httpbin".to_string()) } else { (format!("ns{}", i % 100), format!("app{i}")) };
         y.push_str(&format!(
-            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  action: {}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"iss/*\"]}}}}]\n    to: [{{operation: {{methods: [GET], paths: [\"/api/{i}/*\"]}}}}]\n    when: [{{key: request.headers[x-tenant], values: [\"t{i}\"]}}]\n",
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  action: {}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"iss/*\"]}}}}]\n    to: [{{operation: {{methods: [GET], paths: [\"/api/{i}/*\"]}}}}]\n    when: [{{key: \"request.headers[x-tenant]\", values: [\"t{i}\"]}}]\n",
             if i % 2 == 0 { "ALLOW" } else { "DENY" }
         ));
     }
@@ -60,7 +60,7 @@ fn decide(c: &mut Criterion) {
     for n in [10usize, 1_000, 10_000] {
         let mut set = PolicySet::default();
         load_str(&mesh(n, &k), "bench.yaml", &mut set);
-        assert!(set.is_valid());
+        assert!(set.is_valid(), "{:?}", set.problems.first());
         let engine = Engine::new(PolicyIndex::build(&set, "istio-system", None), Arc::new(TokenCache::new(10_000)), None, PathNormalization::Base, "cluster.local");
         let conn = Conn { destination: &w, source: None, source_ip: None, dest_ip: None, dest_port: 8000 };
         let req = Request { method: "GET", target: "/api/0/items?x=1", host: "httpbin.foo", headers: &headers, http2: false };
