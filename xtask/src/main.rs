@@ -90,7 +90,7 @@ fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
     build(env)?;
     // Unit and pure tests of every crate.
     let mut c = cargo(env);
-    c.args(["test", "--release", "--workspace", "--exclude", "authz-tests", "--exclude", "authz-ebpf"]).args(extra);
+    c.args(["test", "--release", "--workspace", "--exclude", "authz-tests", "--exclude", "authz-ebpf", "--features", "authz-user/testkeys"]).args(extra);
     run(c)?;
     // End-to-end tests through the kernel path: root, real namespaces and cgroups.
     if unsafe_geteuid() != 0 {
