@@ -165,16 +165,24 @@ impl RemoteJwks {
     }
 
     /// A request-triggered fetch (unknown kid, or no keys yet), at most once per REFETCH_GAP.
+    /// When a fetch is already under way (the first one at start-up, say), waits for it instead.
+    /// Returns whether the keys changed.
     pub async fn refetch_if_allowed(&self, f: &Fetcher) -> bool {
-        {
+        let gen = self.generation.load(Ordering::Acquire);
+        let allowed = {
             let mut last = self.last_attempt.lock().unwrap();
             if last.is_some_and(|t| t.elapsed() < REFETCH_GAP) {
-                return false;
+                false
+            } else {
+                *last = Some(Instant::now());
+                true
             }
-            *last = Some(Instant::now());
+        };
+        if allowed {
+            let _ = self.refresh(f).await;
+        } else {
+            drop(self.fetching.lock().await);
         }
-        let gen = self.generation.load(Ordering::Acquire);
-        let _ = self.refresh(f).await;
         self.generation.load(Ordering::Acquire) != gen
     }
 }
