@@ -117,12 +117,15 @@ impl Engine {
 
     pub async fn decide_http(&self, c: &Conn<'_>, r: &Request<'_>) -> Decision {
         if !r.http2 && r.method.bytes().any(|b| b.is_ascii_lowercase()) {
-            return Decision::deny(400, "Bad Request", "lowercase method", None);
+            return bad_request("lowercase method");
+        }
+        if let Some(why) = framing_problem(r) {
+            return bad_request(why);
         }
         let (path, mut query) = match normalize::normalize(r.target, self.normalization) {
             Ok(p) => p,
-            Err(PathError::Nul) => return Decision::deny(400, "Bad Request", "NUL in path", None),
-            Err(PathError::Invalid) => return Decision::deny(400, "Bad Request", "path is not in origin form", None),
+            Err(PathError::Nul) => return bad_request("NUL in path"),
+            Err(PathError::Invalid) => return bad_request("path is not in origin form"),
         };
         let pol = self.policies_for(c.destination);
         let mut d = Decision { remove_headers: pol.sanitize.clone(), ..Default::default() };
@@ -245,6 +248,34 @@ impl Engine {
             Err(e) => Err(e),
         }
     }
+}
+
+/// 400, and the connection is closed after it so nothing after a bad request is read as a request.
+fn bad_request(why: &str) -> Decision {
+    let mut d = Decision::deny(400, "Bad Request", why, None);
+    d.reply_headers.push((http::header::CONNECTION, HeaderValue::from_static("close")));
+    d
+}
+
+/// Message framing a front end and an upstream could read differently (request smuggling):
+/// Content-Length with Transfer-Encoding, several Content-Length values, a Transfer-Encoding
+/// other than exactly `chunked`.
+fn framing_problem(r: &Request) -> Option<&'static str> {
+    if r.http2 {
+        return None;
+    }
+    let cl: Vec<_> = r.headers.get_all(http::header::CONTENT_LENGTH).iter().collect();
+    let te: Vec<_> = r.headers.get_all(http::header::TRANSFER_ENCODING).iter().collect();
+    if !cl.is_empty() && !te.is_empty() {
+        return Some("Content-Length with Transfer-Encoding");
+    }
+    if cl.len() > 1 || cl.first().is_some_and(|v| v.as_bytes().contains(&b',')) {
+        return Some("several Content-Length values");
+    }
+    if te.len() > 1 || te.first().is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked")) {
+        return Some("Transfer-Encoding other than chunked");
+    }
+    None
 }
 
 /// After a token verified: strip it unless forwarded, and set the output headers.

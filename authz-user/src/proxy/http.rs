@@ -13,6 +13,8 @@ use super::{ConnCtx, Proxy};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub async fn serve<S>(px: Arc<Proxy>, conn: Arc<ConnCtx>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -25,7 +27,15 @@ where
         async move { Ok::<_, Infallible>(handle(&px, &upstream, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(true).max_buf_size(64 * 1024);
+    // Clients may shut down their write side while they wait for the answer (half-close); a slow
+    // client gets HEADER_READ_TIMEOUT to send a request head.
+    builder
+        .http1()
+        .keep_alive(true)
+        .half_close(true)
+        .max_buf_size(64 * 1024)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().max_concurrent_streams(256);
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
         tracing::debug!(dst = %conn.dst, "http connection ended: {e}");
