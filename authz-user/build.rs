@@ -4,6 +4,10 @@ use aya_build::{Package, Toolchain};
 /// Builds the eBPF programs (authz-ebpf) with the nightly toolchain and bpf-linker and leaves the
 /// object in OUT_DIR, where `kernel` embeds it. `cargo xtask setup` installs what this needs.
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("CARGO_FEATURE_KERNEL").is_none() {
+        // The engine alone: nothing to embed.
+        return Ok(());
+    }
     let toolchain = std::env::var("AUTHZ_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     println!("cargo:rerun-if-env-changed=AUTHZ_EBPF_TOOLCHAIN");
     let meta = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../authz-ebpf");

@@ -1,11 +1,17 @@
 //! The node agent: steers enrolled pods' traffic through eBPF into itself and enforces Istio
 //! `RequestAuthentication` and `AuthorizationPolicy` on it.
+#[cfg(feature = "kernel")]
 pub mod admin;
+#[cfg(feature = "kernel")]
 pub mod agent;
 pub mod config;
+#[cfg(feature = "kernel")]
 pub mod kernel;
+#[cfg(feature = "kernel")]
 pub mod metrics;
+#[cfg(feature = "kernel")]
 pub mod netns;
+#[cfg(feature = "kernel")]
 pub mod proxy;
 pub mod registry;
 pub mod authz;

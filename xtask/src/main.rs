@@ -35,6 +35,12 @@ enum Cmd {
     },
     /// Run the skip-path scenario on demo pods and print what happened.
     Demo,
+    /// Run every fuzz target for a bounded time (cargo fuzz, nightly).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
         Cmd::Build => setup::run().and_then(|env| build(&env)),
         Cmd::Test { args } => setup::run().and_then(|env| test(&env, &args)),
         Cmd::Demo => setup::run().and_then(|env| build(&env).and_then(|_| demo::run(&root()))),
+        Cmd::Fuzz { secs } => setup::run().and_then(|env| fuzz(&env, secs)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,7 +109,32 @@ fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
         .env("AUTHZ_AGENT_BIN", root().join("target/release/authz-agent"))
         .args(["--", "--test-threads=2"]);
     run(c)?;
+    // Each fuzz target for a short while, so a regression in hostile-input handling fails CI.
+    let secs = std::env::var("AUTHZ_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    fuzz(env, secs)?;
     eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+const FUZZ_TARGETS: &[&str] = &["jwt", "jwks", "policy_yaml", "path", "request"];
+
+fn fuzz(env: &BuildEnv, secs: u64) -> Result<()> {
+    setup::cargo_fuzz(env)?;
+    for t in FUZZ_TARGETS {
+        // New inputs go to a scratch folder; the seed corpus in the repo is only read.
+        let scratch = std::env::temp_dir().join(format!("authz-fuzz-{t}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
+        let mut c = Command::new("rustup");
+        c.current_dir(root())
+            .env("PATH", &env.path)
+            .args(["run", &env.ebpf_toolchain, "cargo", "fuzz", "run", "--fuzz-dir", "fuzz", t])
+            .arg(&scratch)
+            .arg(root().join("fuzz/corpus").join(t))
+            .args(["--", &format!("-max_total_time={secs}"), "-print_final_stats=0"]);
+        let r = run(c);
+        let _ = std::fs::remove_dir_all(&scratch);
+        r.with_context(|| format!("fuzz target {t} found a failure (see fuzz/artifacts/{t}/)"))?;
+    }
     Ok(())
 }
 

@@ -113,3 +113,18 @@ fn bpf_linker(path: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// cargo-fuzz, for `cargo xtask fuzz` (and the fuzz step of `cargo xtask test`).
+pub fn cargo_fuzz(env: &BuildEnv) -> Result<()> {
+    let bin = format!("{}/cargo-fuzz", cargo_bin_dir());
+    if ok(&bin, &["--version"]) {
+        step("cargo-fuzz present");
+        return Ok(());
+    }
+    step("installing cargo-fuzz");
+    let st = Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]).env("PATH", &env.path).status().context("running cargo install")?;
+    if !st.success() {
+        bail!("cargo install cargo-fuzz failed");
+    }
+    Ok(())
+}
