@@ -126,6 +126,7 @@ impl Engine {
             Ok(p) => p,
             Err(PathError::Nul) => return bad_request("NUL in path"),
             Err(PathError::Invalid) => return bad_request("path is not in origin form"),
+            Err(PathError::BadEscape) => return bad_request("malformed percent-encoding in path"),
         };
         let pol = self.policies_for(c.destination);
         let mut d = Decision { remove_headers: pol.sanitize.clone(), ..Default::default() };
