@@ -14,8 +14,18 @@ fn main() -> anyhow::Result<()> {
     let root = meta.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     let toolchain: &'static str = Box::leak(toolchain.into_boxed_str());
     aya_build::build_ebpf(
-        [Package { name: "authz-ebpf", root_dir: root, ..Default::default() }],
-        if toolchain == "nightly" { Toolchain::Nightly } else { Toolchain::Custom(toolchain) },
+        [Package {
+            name: "authz-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
+        if toolchain == "nightly" {
+            Toolchain::Nightly
+        } else {
+            Toolchain::Custom(toolchain)
+        },
     )
-    .context("building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)")
+    .context(
+        "building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
+    )
 }

@@ -6,7 +6,12 @@ use std::{collections::BTreeMap, hint::black_box, sync::Arc, time::Duration};
 use authz::{
     config::PathNormalization,
     engine::{Conn, Engine, Request},
-    jwt::{self, cache::TokenCache, keys::Jwks, testkeys::{TestKey, ALGS}},
+    jwt::{
+        self,
+        cache::TokenCache,
+        keys::Jwks,
+        testkeys::{TestKey, ALGS},
+    },
     policy::{load_str, PolicyIndex, PolicySet},
     registry::Workload,
 };
@@ -16,7 +21,9 @@ use serde_json::json;
 
 fn verify(c: &mut Criterion) {
     let mut g = c.benchmark_group("verify");
-    g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300)).sample_size(20);
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300))
+        .sample_size(20);
     for alg in ALGS {
         let k = TestKey::new(alg, "k");
         let jwks = Jwks::parse(TestKey::jwks(&[&k]).as_bytes()).unwrap();
@@ -38,7 +45,11 @@ fn mesh(n: usize, with_ra: &TestKey) -> String {
         TestKey::jwks(&[with_ra])
     );
     for i in 0..n {
-        let (ns, app) = if i < 10 { ("foo".to_string(), "httpbin".to_string()) } else { (format!("ns{}", i % 100), format!("app{i}")) };
+        let (ns, app) = if i < 10 {
+            ("foo".to_string(), "httpbin".to_string())
+        } else {
+            (format!("ns{}", i % 100), format!("app{i}"))
+        };
         y.push_str(&format!(
             "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  action: {}\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"iss/*\"]}}}}]\n    to: [{{operation: {{methods: [GET], paths: [\"/api/{i}/*\"]}}}}]\n    when: [{{key: \"request.headers[x-tenant]\", values: [\"t{i}\"]}}]\n",
             if i % 2 == 0 { "ALLOW" } else { "DENY" }
@@ -48,24 +59,56 @@ fn mesh(n: usize, with_ra: &TestKey) -> String {
 }
 
 fn decide(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let k = TestKey::new("RS256", "k");
-    let token = format!("Bearer {}", k.token(json!({"iss": "iss", "sub": "s", "exp": jwt::now_secs() + 3600})));
-    let w = Workload { name: "httpbin".into(), namespace: "foo".into(), labels: BTreeMap::from([("app".into(), "httpbin".into())]), service_account: "httpbin".into() };
+    let token = format!(
+        "Bearer {}",
+        k.token(json!({"iss": "iss", "sub": "s", "exp": jwt::now_secs() + 3600}))
+    );
+    let w = Workload {
+        name: "httpbin".into(),
+        namespace: "foo".into(),
+        labels: BTreeMap::from([("app".into(), "httpbin".into())]),
+        service_account: "httpbin".into(),
+    };
     let mut headers = HeaderMap::new();
     headers.insert(http::header::AUTHORIZATION, token.parse().unwrap());
     headers.insert("x-tenant", "t0".parse().unwrap());
     let mut g = c.benchmark_group("decide");
-    g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300)).sample_size(20);
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300))
+        .sample_size(20);
     for n in [10usize, 1_000, 10_000] {
         let mut set = PolicySet::default();
         load_str(&mesh(n, &k), "bench.yaml", &mut set);
         assert!(set.is_valid(), "{:?}", set.problems.first());
-        let engine = Engine::new(PolicyIndex::build(&set, "istio-system", None), Arc::new(TokenCache::new(10_000)), None, PathNormalization::Base, "cluster.local");
-        let conn = Conn { destination: &w, source: None, source_ip: None, dest_ip: None, dest_port: 8000 };
-        let req = Request { method: "GET", target: "/api/0/items?x=1", host: "httpbin.foo", headers: &headers, http2: false };
+        let engine = Engine::new(
+            PolicyIndex::build(&set, "istio-system", None),
+            Arc::new(TokenCache::new(10_000)),
+            None,
+            PathNormalization::Base,
+            "cluster.local",
+        );
+        let conn = Conn {
+            destination: &w,
+            source: None,
+            source_ip: None,
+            dest_ip: None,
+            dest_port: 8000,
+        };
+        let req = Request {
+            method: "GET",
+            target: "/api/0/items?x=1",
+            host: "httpbin.foo",
+            headers: &headers,
+            http2: false,
+        };
         assert!(rt.block_on(engine.decide_http(&conn, &req)).allowed);
-        g.bench_function(format!("cached_token_{n}_policies"), |b| b.iter(|| rt.block_on(engine.decide_http(&conn, black_box(&req)))));
+        g.bench_function(format!("cached_token_{n}_policies"), |b| {
+            b.iter(|| rt.block_on(engine.decide_http(&conn, black_box(&req))))
+        });
     }
     g.finish();
 }
@@ -90,7 +133,9 @@ fn load(c: &mut Criterion) {
     let k = TestKey::new("HS256", "k");
     let yaml = mesh(10_000, &k);
     let mut g = c.benchmark_group("load");
-    g.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_millis(100));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_millis(100));
     g.bench_function("10000_policies", |b| {
         b.iter(|| {
             let mut set = PolicySet::default();

@@ -2,7 +2,10 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{atomic::{AtomicBool, Ordering}, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
 };
 
 use bytes::Bytes;
@@ -24,21 +27,27 @@ pub struct Admin {
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(&admin, req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     use anyhow::Context;
-    TcpListener::bind(addr).await.with_context(|| format!("admin listener on {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("admin listener on {addr}"))
 }
 
 fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {

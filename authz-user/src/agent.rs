@@ -39,7 +39,9 @@ pub fn run(config_path: &Path) -> Result<()> {
     if cfg.agent.worker_threads > 0 {
         rt.worker_threads(cfg.agent.worker_threads);
     }
-    rt.enable_all().build()?.block_on(run_async(config_path.to_path_buf(), cfg))
+    rt.enable_all()
+        .build()?
+        .block_on(run_async(config_path.to_path_buf(), cfg))
 }
 
 /// An enrolled pod and the task serving its listeners.
@@ -73,9 +75,17 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
     let (eng, set) = engine::build(&cfg, Some(&store), cache.clone());
     log_problems(&set);
     if !set.is_valid() {
-        return Err(crate::config::ConfigError::Invalid { path: "policies".into(), message: "invalid policies (see above)".into() }.into());
+        return Err(crate::config::ConfigError::Invalid {
+            path: "policies".into(),
+            message: "invalid policies (see above)".into(),
+        }
+        .into());
     }
-    tracing::info!(request_authentications = eng.index().request_authentications, authorization_policies = eng.index().authorization_policies, "policies loaded");
+    tracing::info!(
+        request_authentications = eng.index().request_authentications,
+        authorization_policies = eng.index().authorization_policies,
+        "policies loaded"
+    );
     let metrics = Arc::new(Metrics::default());
     let kernel = Arc::new(Kernel::load(cfg.agent.cgroup_root.as_deref())?);
     tracing::info!(cgroup = %kernel.cgroup_root.display(), "eBPF programs attached");
@@ -98,7 +108,10 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
         engine: RwLock::new(Arc::new(eng)),
         registry: shared_registry.clone(),
     });
-    let mut state = State { pods: HashMap::new(), enforced: HashSet::new() };
+    let mut state = State {
+        pods: HashMap::new(),
+        enforced: HashSet::new(),
+    };
     // At start every pod must enroll; on reload a pod that cannot is reported and skipped.
     apply_registry(&px, &mut state, &cfg, &registry, true)?;
 
@@ -173,7 +186,14 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
 }
 
 /// Re-reads everything; on any error nothing changes.
-fn reload(config_path: &Path, old: &Config, px: &Arc<Proxy>, state: &mut State, store: &Arc<JwksStore>, cache: &Arc<TokenCache>) -> Result<Config> {
+fn reload(
+    config_path: &Path,
+    old: &Config,
+    px: &Arc<Proxy>,
+    state: &mut State,
+    store: &Arc<JwksStore>,
+    cache: &Arc<TokenCache>,
+) -> Result<Config> {
     let cfg = Config::load(config_path)?;
     if cfg.agent != old.agent {
         tracing::warn!("changes under `agent:` need a restart; applying pods, workloads, services and policies only");
@@ -189,17 +209,38 @@ fn reload(config_path: &Path, old: &Config, px: &Arc<Proxy>, state: &mut State, 
     *px.registry.write().unwrap() = registry.clone();
     *px.engine.write().unwrap() = Arc::new(eng);
     apply_registry(px, state, &cfg, &registry, false)?;
-    tracing::info!(pods = state.pods.len(), workloads = state.enforced.len(), request_authentications = px.engine().index().request_authentications, authorization_policies = px.engine().index().authorization_policies, "reloaded");
+    tracing::info!(
+        pods = state.pods.len(),
+        workloads = state.enforced.len(),
+        request_authentications = px.engine().index().request_authentications,
+        authorization_policies = px.engine().index().authorization_policies,
+        "reloaded"
+    );
     Ok(cfg)
 }
 
 /// Makes the kernel and the listeners match the registry: pods enrolled or released, workload
 /// addresses enforced or not. Listeners open before a pod is enrolled, so a pod is never steered
 /// to a port nobody listens on.
-fn apply_registry(px: &Arc<Proxy>, state: &mut State, cfg: &Config, registry: &Arc<Registry>, strict: bool) -> Result<()> {
+fn apply_registry(
+    px: &Arc<Proxy>,
+    state: &mut State,
+    cfg: &Config,
+    registry: &Arc<Registry>,
+    strict: bool,
+) -> Result<()> {
     let kernel = &px.kernel;
-    let wanted: HashMap<(String, String), &PodSpec> = cfg.pods.iter().map(|p| ((p.namespace.clone(), p.name.clone()), p)).collect();
-    let gone: Vec<(String, String)> = state.pods.iter().filter(|(k, e)| wanted.get(*k).is_none_or(|s| **s != e.spec)).map(|(k, _)| k.clone()).collect();
+    let wanted: HashMap<(String, String), &PodSpec> = cfg
+        .pods
+        .iter()
+        .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+        .collect();
+    let gone: Vec<(String, String)> = state
+        .pods
+        .iter()
+        .filter(|(k, e)| wanted.get(*k).is_none_or(|s| **s != e.spec))
+        .map(|(k, _)| k.clone())
+        .collect();
     for k in gone {
         if let Some(e) = state.pods.remove(&k) {
             let _ = kernel.release(e.cgroup_id);
@@ -214,13 +255,26 @@ fn apply_registry(px: &Arc<Proxy>, state: &mut State, cfg: &Config, registry: &A
         }
         let name = format!("{}/{}", key.0, key.1);
         let enrolled = PodListeners::open(pod.clone(), cfg.agent.port).and_then(|pl| {
-            let id = kernel.enroll(&pod.cgroup, pod.id, cfg.agent.port).with_context(|| format!("pod {name}: enrolling cgroup {}", pod.cgroup.display()))?;
+            let id = kernel
+                .enroll(&pod.cgroup, pod.id, cfg.agent.port)
+                .with_context(|| {
+                    format!("pod {name}: enrolling cgroup {}", pod.cgroup.display())
+                })?;
             Ok((pl, id))
         });
         match enrolled {
             Ok((pl, id)) => {
                 let server = tokio::spawn(proxy::serve(px.clone(), pl)).abort_handle();
-                state.pods.insert(key, Enrolled { spec: (*wanted[&(pod.workload.namespace.clone(), pod.workload.name.clone())]).clone(), cgroup_id: id, server });
+                state.pods.insert(
+                    key,
+                    Enrolled {
+                        spec: (*wanted
+                            [&(pod.workload.namespace.clone(), pod.workload.name.clone())])
+                            .clone(),
+                        cgroup_id: id,
+                        server,
+                    },
+                );
                 tracing::info!(pod = %name, cgroup_id = id, "pod enrolled");
             }
             Err(e) if strict => return Err(e),
@@ -260,7 +314,9 @@ fn fingerprint(config_path: &Path, cfg: &Config) -> Vec<(PathBuf, Option<(System
     files
         .into_iter()
         .map(|f| {
-            let m = std::fs::metadata(&f).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+            let m = std::fs::metadata(&f)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
             (f, m)
         })
         .collect()

@@ -121,7 +121,10 @@ pub struct Peer {
 
 impl Peer {
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -176,10 +179,18 @@ struct Field<T> {
 }
 
 impl<T> Field<T> {
-    fn new(pos: &Option<Vec<String>>, neg: &Option<Vec<String>>, f: impl Fn(&str) -> Option<T>) -> Field<T> {
+    fn new(
+        pos: &Option<Vec<String>>,
+        neg: &Option<Vec<String>>,
+        f: impl Fn(&str) -> Option<T>,
+    ) -> Field<T> {
         Field {
-            pos: pos.as_ref().map(|v| v.iter().filter_map(|x| f(x)).collect()),
-            neg: neg.as_ref().map(|v| v.iter().filter_map(|x| f(x)).collect()),
+            pos: pos
+                .as_ref()
+                .map(|v| v.iter().filter_map(|x| f(x)).collect()),
+            neg: neg
+                .as_ref()
+                .map(|v| v.iter().filter_map(|x| f(x)).collect()),
         }
     }
     fn is_set(&self) -> bool {
@@ -187,7 +198,8 @@ impl<T> Field<T> {
     }
     /// (any pos) AND NOT (any neg); unset parts match.
     fn eval(&self, m: impl Fn(&T) -> bool) -> bool {
-        self.pos.as_ref().is_none_or(|v| v.iter().any(&m)) && !self.neg.as_ref().is_some_and(|v| v.iter().any(&m))
+        self.pos.as_ref().is_none_or(|v| v.iter().any(&m))
+            && !self.neg.as_ref().is_some_and(|v| v.iter().any(&m))
     }
 }
 
@@ -254,17 +266,41 @@ struct ReqPrincipal {
 impl ReqPrincipal {
     fn new(v: &str) -> ReqPrincipal {
         if v == "*" {
-            return ReqPrincipal { iss: StrMatch::Present, sub: StrMatch::Present };
+            return ReqPrincipal {
+                iss: StrMatch::Present,
+                sub: StrMatch::Present,
+            };
         }
         match v.rsplit_once('/') {
             Some((iss, sub)) => ReqPrincipal {
-                iss: if iss == "*" { StrMatch::Present } else if let Some(s) = iss.strip_prefix('*') { StrMatch::Suffix(s.into()) } else { StrMatch::Exact(iss.into()) },
-                sub: if sub == "*" { StrMatch::Present } else if let Some(p) = sub.strip_suffix('*') { StrMatch::Prefix(p.into()) } else { StrMatch::Exact(sub.into()) },
+                iss: if iss == "*" {
+                    StrMatch::Present
+                } else if let Some(s) = iss.strip_prefix('*') {
+                    StrMatch::Suffix(s.into())
+                } else {
+                    StrMatch::Exact(iss.into())
+                },
+                sub: if sub == "*" {
+                    StrMatch::Present
+                } else if let Some(p) = sub.strip_suffix('*') {
+                    StrMatch::Prefix(p.into())
+                } else {
+                    StrMatch::Exact(sub.into())
+                },
             },
-            None if v.starts_with('*') => ReqPrincipal { iss: StrMatch::Present, sub: StrMatch::Suffix(v[1..].into()) },
-            None if v.ends_with('*') => ReqPrincipal { iss: StrMatch::Prefix(v[..v.len() - 1].into()), sub: StrMatch::Present },
+            None if v.starts_with('*') => ReqPrincipal {
+                iss: StrMatch::Present,
+                sub: StrMatch::Suffix(v[1..].into()),
+            },
+            None if v.ends_with('*') => ReqPrincipal {
+                iss: StrMatch::Prefix(v[..v.len() - 1].into()),
+                sub: StrMatch::Present,
+            },
             // A principal without '/' cannot be iss/sub: it never matches.
-            None => ReqPrincipal { iss: StrMatch::Exact(v.into()), sub: StrMatch::Exact("\0".into()) },
+            None => ReqPrincipal {
+                iss: StrMatch::Exact(v.into()),
+                sub: StrMatch::Exact("\0".into()),
+            },
         }
     }
     fn matches(&self, id: &Identity) -> bool {
@@ -279,23 +315,35 @@ impl Compiled {
             id: p.id(),
             namespace: ns.clone(),
             action: p.spec.action,
-            dry_run: p.metadata.annotations.get("istio.io/dry-run").is_some_and(|v| v == "true"),
+            dry_run: p
+                .metadata
+                .annotations
+                .get("istio.io/dry-run")
+                .is_some_and(|v| v == "true"),
             selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
             has_target_refs: p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty(),
-            rules: p.spec.rules.as_ref().map(|rs| rs.iter().map(|r| compile_rule(r, &ns)).collect()),
+            rules: p
+                .spec
+                .rules
+                .as_ref()
+                .map(|rs| rs.iter().map(|r| compile_rule(r, &ns)).collect()),
         }
     }
 
     /// Whether any rule matches.
     pub fn matches(&self, a: &Attrs) -> bool {
-        let Some(rules) = &self.rules else { return false };
+        let Some(rules) = &self.rules else {
+            return false;
+        };
         let allow = self.action == Action::Allow;
         rules.iter().any(|r| {
             if a.http.is_none() && allow && r.http_only {
                 // Istio drops ALLOW rules with HTTP-only fields from TCP filter chains.
                 return false;
             }
-            r.from.as_ref().is_none_or(|f| f.iter().any(|s| s.matches(a)))
+            r.from
+                .as_ref()
+                .is_none_or(|f| f.iter().any(|s| s.matches(a)))
                 && r.to.as_ref().is_none_or(|t| t.iter().any(|o| o.matches(a)))
                 && r.when.iter().all(|c| c.matches(a))
         })
@@ -303,13 +351,31 @@ impl Compiled {
 }
 
 fn compile_rule(r: &Rule, ns: &str) -> CRule {
-    let from: Option<Vec<CSource>> = r.from.as_ref().map(|f| f.iter().filter_map(|x| x.source.as_ref()).map(|s| compile_source(s, ns)).collect());
-    let to: Option<Vec<COp>> = r.to.as_ref().map(|t| t.iter().filter_map(|x| x.operation.as_ref()).map(compile_op).collect());
+    let from: Option<Vec<CSource>> = r.from.as_ref().map(|f| {
+        f.iter()
+            .filter_map(|x| x.source.as_ref())
+            .map(|s| compile_source(s, ns))
+            .collect()
+    });
+    let to: Option<Vec<COp>> = r.to.as_ref().map(|t| {
+        t.iter()
+            .filter_map(|x| x.operation.as_ref())
+            .map(compile_op)
+            .collect()
+    });
     let when: Vec<CCond> = r.when.iter().flatten().filter_map(compile_cond).collect();
     let http_only = from.iter().flatten().any(|s| s.request_principals.is_set())
-        || to.iter().flatten().any(|o| o.hosts.is_set() || o.methods.is_set() || o.paths.is_set())
+        || to
+            .iter()
+            .flatten()
+            .any(|o| o.hosts.is_set() || o.methods.is_set() || o.paths.is_set())
         || when.iter().any(|c| c.http_only());
-    CRule { from, to, when, http_only }
+    CRule {
+        from,
+        to,
+        when,
+        http_only,
+    }
 }
 
 fn compile_source(s: &Source, ns: &str) -> CSource {
@@ -321,10 +387,14 @@ fn compile_source(s: &Source, ns: &str) -> CSource {
     };
     CSource {
         principals: Field::new(&s.principals, &s.not_principals, |v| Some(StrMatch::new(v))),
-        request_principals: Field::new(&s.request_principals, &s.not_request_principals, |v| Some(ReqPrincipal::new(v))),
+        request_principals: Field::new(&s.request_principals, &s.not_request_principals, |v| {
+            Some(ReqPrincipal::new(v))
+        }),
         namespaces: Field::new(&s.namespaces, &s.not_namespaces, |v| Some(StrMatch::new(v))),
         service_accounts: Field::new(&s.service_accounts, &s.not_service_accounts, sa),
-        trust_domains: Field::new(&s.trust_domains, &s.not_trust_domains, |v| Some(StrMatch::new(v))),
+        trust_domains: Field::new(&s.trust_domains, &s.not_trust_domains, |v| {
+            Some(StrMatch::new(v))
+        }),
         ip_blocks: Field::new(&s.ip_blocks, &s.not_ip_blocks, parse_cidr),
         remote_ip_blocks: Field::new(&s.remote_ip_blocks, &s.not_remote_ip_blocks, parse_cidr),
     }
@@ -341,7 +411,10 @@ fn compile_op(o: &Operation) -> COp {
 
 fn compile_cond(c: &Condition) -> Option<CCond> {
     let k = c.key.as_str();
-    let key = if let Some(h) = k.strip_prefix("request.headers[").and_then(|r| r.strip_suffix(']')) {
+    let key = if let Some(h) = k
+        .strip_prefix("request.headers[")
+        .and_then(|r| r.strip_suffix(']'))
+    {
         Key::Header(http::HeaderName::from_bytes(h.as_bytes()).ok()?)
     } else if let Some(rest) = k.strip_prefix("request.auth.claims") {
         Key::AuthClaim(claim_path(rest)?)
@@ -364,10 +437,18 @@ fn compile_cond(c: &Condition) -> Option<CCond> {
         }
     };
     let values = match key {
-        Key::SourceIp | Key::RemoteIp | Key::DestinationIp => CondValues::Ip(Field::new(&c.values, &c.not_values, parse_cidr)),
-        Key::DestinationPort => CondValues::Port(Field::new(&c.values, &c.not_values, |v| v.parse().ok())),
-        Key::AuthPrincipal => CondValues::Principal(Field::new(&c.values, &c.not_values, |v| Some(ReqPrincipal::new(v)))),
-        _ => CondValues::Str(Field::new(&c.values, &c.not_values, |v| Some(StrMatch::new(v)))),
+        Key::SourceIp | Key::RemoteIp | Key::DestinationIp => {
+            CondValues::Ip(Field::new(&c.values, &c.not_values, parse_cidr))
+        }
+        Key::DestinationPort => {
+            CondValues::Port(Field::new(&c.values, &c.not_values, |v| v.parse().ok()))
+        }
+        Key::AuthPrincipal => CondValues::Principal(Field::new(&c.values, &c.not_values, |v| {
+            Some(ReqPrincipal::new(v))
+        })),
+        _ => CondValues::Str(Field::new(&c.values, &c.not_values, |v| {
+            Some(StrMatch::new(v))
+        })),
     };
     Some(CCond { key, values })
 }
@@ -376,16 +457,31 @@ impl CSource {
     fn matches(&self, a: &Attrs) -> bool {
         let peer = a.peer;
         let principal = peer.map(Peer::principal);
-        self.principals.eval(|m| principal.as_deref().is_some_and(|p| m.matches(p)))
-            && self.namespaces.eval(|m| peer.is_some_and(|p| glob(m, &p.namespace)))
-            && self.service_accounts.eval(|(ns, sa)| peer.is_some_and(|p| ns.as_deref() == Some(p.namespace.as_str()) && *sa == p.service_account))
-            && self.trust_domains.eval(|m| peer.is_some_and(|p| m.matches(&p.trust_domain)))
-            && self.ip_blocks.eval(|n| a.source_ip.is_some_and(|ip| n.contains(&ip)))
-            && self.remote_ip_blocks.eval(|n| a.remote_ip.is_some_and(|ip| n.contains(&ip)))
+        self.principals
+            .eval(|m| principal.as_deref().is_some_and(|p| m.matches(p)))
+            && self
+                .namespaces
+                .eval(|m| peer.is_some_and(|p| glob(m, &p.namespace)))
+            && self.service_accounts.eval(|(ns, sa)| {
+                peer.is_some_and(|p| {
+                    ns.as_deref() == Some(p.namespace.as_str()) && *sa == p.service_account
+                })
+            })
+            && self
+                .trust_domains
+                .eval(|m| peer.is_some_and(|p| m.matches(&p.trust_domain)))
+            && self
+                .ip_blocks
+                .eval(|n| a.source_ip.is_some_and(|ip| n.contains(&ip)))
+            && self
+                .remote_ip_blocks
+                .eval(|n| a.remote_ip.is_some_and(|ip| n.contains(&ip)))
             && match a.http {
                 // TCP: the HTTP-only field is ignored (DENY/AUDIT; ALLOW rules were dropped).
                 None => true,
-                Some(h) => self.request_principals.eval(|m| h.identity.is_some_and(|id| m.matches(id))),
+                Some(h) => self
+                    .request_principals
+                    .eval(|m| h.identity.is_some_and(|id| m.matches(id))),
             }
     }
 }
@@ -398,7 +494,9 @@ fn glob(m: &StrMatch, s: &str) -> bool {
             let mut rest = s;
             for (i, p) in parts.iter().enumerate() {
                 if i == 0 {
-                    let Some(r) = rest.strip_prefix(p) else { return false };
+                    let Some(r) = rest.strip_prefix(p) else {
+                        return false;
+                    };
                     rest = r;
                 } else if i == parts.len() - 1 {
                     return rest.ends_with(p);
@@ -422,7 +520,9 @@ impl COp {
             None => true,
             Some(h) => {
                 let host = h.host.to_ascii_lowercase();
-                self.hosts.eval(|m| m.matches(&host)) && self.methods.eval(|m| m.matches(h.method)) && self.paths.eval(|m| m.matches(h.path))
+                self.hosts.eval(|m| m.matches(&host))
+                    && self.methods.eval(|m| m.matches(h.method))
+                    && self.paths.eval(|m| m.matches(h.path))
             }
         }
     }
@@ -430,7 +530,14 @@ impl COp {
 
 impl CCond {
     fn http_only(&self) -> bool {
-        matches!(self.key, Key::Header(_) | Key::AuthPrincipal | Key::AuthAudiences | Key::AuthPresenter | Key::AuthClaim(_))
+        matches!(
+            self.key,
+            Key::Header(_)
+                | Key::AuthPrincipal
+                | Key::AuthAudiences
+                | Key::AuthPresenter
+                | Key::AuthClaim(_)
+        )
     }
 
     fn matches(&self, a: &Attrs) -> bool {
@@ -443,22 +550,44 @@ impl CCond {
             (Key::Header(name), CondValues::Str(f)) => {
                 let h = a.http.expect("checked above");
                 // Each value of a repeated header on its own (CVE-2026-26308).
-                f.eval(|m| h.headers.get_all(name).iter().any(|v| match m {
-                    StrMatch::Present => true,
-                    m => v.to_str().is_ok_and(|s| m.matches(s)),
-                }))
+                f.eval(|m| {
+                    h.headers.get_all(name).iter().any(|v| match m {
+                        StrMatch::Present => true,
+                        m => v.to_str().is_ok_and(|s| m.matches(s)),
+                    })
+                })
             }
-            (Key::SourceIp, CondValues::Ip(f)) => f.eval(|n| a.source_ip.is_some_and(|ip| n.contains(&ip))),
-            (Key::RemoteIp, CondValues::Ip(f)) => f.eval(|n| a.remote_ip.is_some_and(|ip| n.contains(&ip))),
-            (Key::DestinationIp, CondValues::Ip(f)) => f.eval(|n| a.dest_ip.is_some_and(|ip| n.contains(&ip))),
+            (Key::SourceIp, CondValues::Ip(f)) => {
+                f.eval(|n| a.source_ip.is_some_and(|ip| n.contains(&ip)))
+            }
+            (Key::RemoteIp, CondValues::Ip(f)) => {
+                f.eval(|n| a.remote_ip.is_some_and(|ip| n.contains(&ip)))
+            }
+            (Key::DestinationIp, CondValues::Ip(f)) => {
+                f.eval(|n| a.dest_ip.is_some_and(|ip| n.contains(&ip)))
+            }
             (Key::DestinationPort, CondValues::Port(f)) => f.eval(|p| *p == a.dest_port),
-            (Key::SourceNamespace, CondValues::Str(f)) => f.eval(|m| peer.is_some_and(|p| glob(m, &p.namespace))),
-            (Key::SourcePrincipal, CondValues::Str(f)) => f.eval(|m| peer.is_some_and(|p| m.matches(&p.principal()))),
-            (Key::SourceServiceAccount, CondValues::Str(f)) => f.eval(|m| peer.is_some_and(|p| m.matches(&format!("{}/{}", p.namespace, p.service_account)))),
-            (Key::SourceTrustDomain, CondValues::Str(f)) => f.eval(|m| peer.is_some_and(|p| m.matches(&p.trust_domain))),
-            (Key::AuthPrincipal, CondValues::Principal(f)) => f.eval(|m| id.is_some_and(|i| m.matches(i))),
-            (Key::AuthAudiences, CondValues::Str(f)) => f.eval(|m| id.is_some_and(|i| claim_matches(i.payload.get("aud"), m, false))),
-            (Key::AuthPresenter, CondValues::Str(f)) => f.eval(|m| id.is_some_and(|i| claim_matches(i.payload.get("azp"), m, false))),
+            (Key::SourceNamespace, CondValues::Str(f)) => {
+                f.eval(|m| peer.is_some_and(|p| glob(m, &p.namespace)))
+            }
+            (Key::SourcePrincipal, CondValues::Str(f)) => {
+                f.eval(|m| peer.is_some_and(|p| m.matches(&p.principal())))
+            }
+            (Key::SourceServiceAccount, CondValues::Str(f)) => f.eval(|m| {
+                peer.is_some_and(|p| m.matches(&format!("{}/{}", p.namespace, p.service_account)))
+            }),
+            (Key::SourceTrustDomain, CondValues::Str(f)) => {
+                f.eval(|m| peer.is_some_and(|p| m.matches(&p.trust_domain)))
+            }
+            (Key::AuthPrincipal, CondValues::Principal(f)) => {
+                f.eval(|m| id.is_some_and(|i| m.matches(i)))
+            }
+            (Key::AuthAudiences, CondValues::Str(f)) => {
+                f.eval(|m| id.is_some_and(|i| claim_matches(i.payload.get("aud"), m, false)))
+            }
+            (Key::AuthPresenter, CondValues::Str(f)) => {
+                f.eval(|m| id.is_some_and(|i| claim_matches(i.payload.get("azp"), m, false)))
+            }
             (Key::AuthClaim(path), CondValues::Str(f)) => f.eval(|m| {
                 id.is_some_and(|i| {
                     let split = path.len() == 1 && i.space_delimited.iter().any(|c| *c == path[0]);
@@ -497,15 +626,28 @@ pub struct Verdict {
 
 /// Evaluates the policies that apply to one workload.
 pub fn evaluate(policies: &[Arc<Compiled>], a: &Attrs) -> Verdict {
-    let mut v = Verdict { allowed: true, policy: None, reason: "allowed".into(), dry_run_denied_by: None, audited_by: None };
+    let mut v = Verdict {
+        allowed: true,
+        policy: None,
+        reason: "allowed".into(),
+        dry_run_denied_by: None,
+        audited_by: None,
+    };
     for p in policies.iter().filter(|p| p.action == Action::Audit) {
         if p.matches(a) && v.audited_by.is_none() {
             v.audited_by = Some(p.id.clone());
         }
     }
-    for p in policies.iter().filter(|p| p.action == Action::Custom && !p.dry_run) {
+    for p in policies
+        .iter()
+        .filter(|p| p.action == Action::Custom && !p.dry_run)
+    {
         if p.matches(a) {
-            return deny(v, &p.id, "CUSTOM policy matched, and external authorization is not supported: denied");
+            return deny(
+                v,
+                &p.id,
+                "CUSTOM policy matched, and external authorization is not supported: denied",
+            );
         }
     }
     for p in policies.iter().filter(|p| p.action == Action::Deny) {
@@ -517,7 +659,10 @@ pub fn evaluate(policies: &[Arc<Compiled>], a: &Attrs) -> Verdict {
             return deny(v, &p.id, "denied by DENY policy");
         }
     }
-    let allows: Vec<&Arc<Compiled>> = policies.iter().filter(|p| p.action == Action::Allow && !p.dry_run).collect();
+    let allows: Vec<&Arc<Compiled>> = policies
+        .iter()
+        .filter(|p| p.action == Action::Allow && !p.dry_run)
+        .collect();
     if allows.is_empty() {
         return v;
     }

@@ -22,29 +22,56 @@ pub struct CheckArgs {
 pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
     let cfg = Config::load(&a.config)?;
     let registry = Arc::new(Registry::from_config(&cfg));
-    let dest = registry.by_name.get(&a.to).cloned().ok_or_else(|| anyhow!("--to {}: no such workload or pod in the config (use NAMESPACE/NAME)", a.to))?;
+    let dest = registry.by_name.get(&a.to).cloned().ok_or_else(|| {
+        anyhow!(
+            "--to {}: no such workload or pod in the config (use NAMESPACE/NAME)",
+            a.to
+        )
+    })?;
     let source = match &a.from {
-        Some(f) => Some(registry.by_name.get(f).cloned().ok_or_else(|| anyhow!("--from {f}: no such workload or pod in the config"))?),
+        Some(f) => Some(
+            registry
+                .by_name
+                .get(f)
+                .cloned()
+                .ok_or_else(|| anyhow!("--from {f}: no such workload or pod in the config"))?,
+        ),
         None => None,
     };
     let mut headers = HeaderMap::new();
     for h in &a.headers {
-        let (k, v) = h.split_once(':').ok_or_else(|| anyhow!("--header {h:?}: expected 'Name: value'"))?;
-        let k = HeaderName::from_bytes(k.trim().as_bytes()).with_context(|| format!("--header {h:?}: bad name"))?;
-        let v = HeaderValue::from_str(v.trim_start()).with_context(|| format!("--header {h:?}: bad value"))?;
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow!("--header {h:?}: expected 'Name: value'"))?;
+        let k = HeaderName::from_bytes(k.trim().as_bytes())
+            .with_context(|| format!("--header {h:?}: bad name"))?;
+        let v = HeaderValue::from_str(v.trim_start())
+            .with_context(|| format!("--header {h:?}: bad value"))?;
         headers.append(k, v);
     }
-    let dest_ip = cfg.workloads.iter().find(|w| w.namespace == dest.namespace && w.name == dest.name).and_then(|w| w.ips.first().copied());
+    let dest_ip = cfg
+        .workloads
+        .iter()
+        .find(|w| w.namespace == dest.namespace && w.name == dest.name)
+        .and_then(|w| w.ips.first().copied());
     let source_ip = a.source_ip.or_else(|| {
         let s = source.as_ref()?;
-        cfg.pods.iter().find(|p| p.namespace == s.namespace && p.name == s.name).and_then(|p| p.ips.first().copied())
+        cfg.pods
+            .iter()
+            .find(|p| p.namespace == s.namespace && p.name == s.name)
+            .and_then(|p| p.ips.first().copied())
     });
     let port = a.port.unwrap_or(80);
-    let host = a.host.clone().unwrap_or_else(|| format!("{}.{}", dest.name, dest.namespace));
+    let host = a
+        .host
+        .clone()
+        .unwrap_or_else(|| format!("{}.{}", dest.name, dest.namespace));
     if !a.path.starts_with('/') {
         bail!("--path must start with '/'");
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let shared = Arc::new(std::sync::RwLock::new(registry.clone()));
         let store = engine::jwks_store(&cfg, &shared)?;
@@ -53,8 +80,20 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
             let msgs: Vec<String> = set.errors().map(|p| p.to_string()).collect();
             bail!("invalid policies:\n{}", msgs.join("\n"));
         }
-        let conn = engine::Conn { destination: &dest, source: source.as_deref(), source_ip, dest_ip, dest_port: port };
-        let req = engine::Request { method: &a.method, target: &a.path, host: &host, headers: &headers, http2: false };
+        let conn = engine::Conn {
+            destination: &dest,
+            source: source.as_deref(),
+            source_ip,
+            dest_ip,
+            dest_port: port,
+        };
+        let req = engine::Request {
+            method: &a.method,
+            target: &a.path,
+            host: &host,
+            headers: &headers,
+            http2: false,
+        };
         let d = eng.decide_http(&conn, &req).await;
         let mut hdrs = serde_json::Map::new();
         for k in &d.remove_headers {

@@ -152,17 +152,27 @@ fn default_sa() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}:{column}: {message}")]
-    Parse { path: String, line: usize, column: usize, message: String },
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         let mut cfg = Config::parse(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in &mut cfg.policies {
@@ -175,10 +185,21 @@ impl Config {
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let cfg: Config = serde_yaml::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
-            ConfigError::Parse { path: origin.into(), line, column, message: e.to_string() }
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: origin.into(),
+                line,
+                column,
+                message: e.to_string(),
+            }
         })?;
-        cfg.check().map_err(|message| ConfigError::Invalid { path: origin.into(), message })?;
+        cfg.check().map_err(|message| ConfigError::Invalid {
+            path: origin.into(),
+            message,
+        })?;
         Ok(cfg)
     }
 
@@ -192,7 +213,10 @@ impl Config {
                 return Err(format!("pods[{i}]: name and namespace are required"));
             }
             if !seen.insert(("pod", &p.namespace, &p.name)) {
-                return Err(format!("pods[{i}]: duplicate pod {}/{}", p.namespace, p.name));
+                return Err(format!(
+                    "pods[{i}]: duplicate pod {}/{}",
+                    p.namespace, p.name
+                ));
             }
         }
         let mut ips = std::collections::HashMap::new();
@@ -201,7 +225,10 @@ impl Config {
                 return Err(format!("workloads[{i}]: name and namespace are required"));
             }
             if w.ips.is_empty() {
-                return Err(format!("workloads[{i}] ({}/{}): ips: at least one address is required", w.namespace, w.name));
+                return Err(format!(
+                    "workloads[{i}] ({}/{}): ips: at least one address is required",
+                    w.namespace, w.name
+                ));
             }
             for ip in &w.ips {
                 if let Some(other) = ips.insert(*ip, format!("{}/{}", w.namespace, w.name)) {
@@ -217,7 +244,9 @@ impl Config {
         }
         for (i, s) in self.services.iter().enumerate() {
             if s.name.is_empty() || s.namespace.is_empty() || s.ips.is_empty() {
-                return Err(format!("services[{i}]: name, namespace and ips are required"));
+                return Err(format!(
+                    "services[{i}]: name, namespace and ips are required"
+                ));
             }
         }
         Ok(())

@@ -13,7 +13,13 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::{
     authz::{self, Attrs, HttpAttrs, Identity, Peer},
     config::PathNormalization,
-    jwt::{self, cache::TokenCache, extract::{self, Location}, remote::JwksStore, Claims, JwtError},
+    jwt::{
+        self,
+        cache::TokenCache,
+        extract::{self, Location},
+        remote::JwksStore,
+        Claims, JwtError,
+    },
     normalize::{self, PathError},
     policy::{Keys, PolicyIndex, Provider, WorkloadPolicies},
     registry::Workload,
@@ -74,13 +80,33 @@ pub struct Decision {
 
 impl Decision {
     fn deny(status: u16, body: &str, reason: &str, policy: Option<String>) -> Decision {
-        Decision { allowed: false, status, body: body.into(), reason: reason.into(), policy, ..Default::default() }
+        Decision {
+            allowed: false,
+            status,
+            body: body.into(),
+            reason: reason.into(),
+            policy,
+            ..Default::default()
+        }
     }
 }
 
 impl Engine {
-    pub fn new(index: PolicyIndex, cache: Arc<TokenCache>, store: Option<Arc<JwksStore>>, normalization: PathNormalization, trust_domain: &str) -> Engine {
-        Engine { index, cache, store, normalization, trust_domain: trust_domain.into(), per_workload: RwLock::new(HashMap::new()) }
+    pub fn new(
+        index: PolicyIndex,
+        cache: Arc<TokenCache>,
+        store: Option<Arc<JwksStore>>,
+        normalization: PathNormalization,
+        trust_domain: &str,
+    ) -> Engine {
+        Engine {
+            index,
+            cache,
+            store,
+            normalization,
+            trust_domain: trust_domain.into(),
+            per_workload: RwLock::new(HashMap::new()),
+        }
     }
 
     pub fn index(&self) -> &PolicyIndex {
@@ -98,7 +124,11 @@ impl Engine {
     }
 
     fn peer(&self, w: Option<&Workload>) -> Option<Peer> {
-        w.map(|w| Peer { trust_domain: self.trust_domain.clone(), namespace: w.namespace.clone(), service_account: w.service_account.clone() })
+        w.map(|w| Peer {
+            trust_domain: self.trust_domain.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+        })
     }
 
     /// A non-HTTP connection: only the L4 parts of the policies (HTTP-only fields drop ALLOW
@@ -106,12 +136,32 @@ impl Engine {
     pub fn decide_tcp(&self, c: &Conn) -> Decision {
         let pol = self.policies_for(c.destination);
         let peer = self.peer(c.source);
-        let a = Attrs { http: None, peer: peer.as_ref(), source_ip: c.source_ip, remote_ip: c.source_ip, dest_ip: c.dest_ip, dest_port: c.dest_port, sni: None };
+        let a = Attrs {
+            http: None,
+            peer: peer.as_ref(),
+            source_ip: c.source_ip,
+            remote_ip: c.source_ip,
+            dest_ip: c.dest_ip,
+            dest_port: c.dest_port,
+            sni: None,
+        };
         let v = authz::evaluate(&pol.authz, &a);
         if v.allowed {
-            Decision { allowed: true, status: 200, body: "allowed".into(), reason: v.reason, policy: v.policy, ..Default::default() }
+            Decision {
+                allowed: true,
+                status: 200,
+                body: "allowed".into(),
+                reason: v.reason,
+                policy: v.policy,
+                ..Default::default()
+            }
         } else {
-            Decision::deny(403, "connection closed due to policy rejection", &v.reason, v.policy)
+            Decision::deny(
+                403,
+                "connection closed due to policy rejection",
+                &v.reason,
+                v.policy,
+            )
         }
     }
 
@@ -129,10 +179,16 @@ impl Engine {
             Err(PathError::BadEscape) => return bad_request("malformed percent-encoding in path"),
         };
         let pol = self.policies_for(c.destination);
-        let mut d = Decision { remove_headers: pol.sanitize.clone(), ..Default::default() };
+        let mut d = Decision {
+            remove_headers: pol.sanitize.clone(),
+            ..Default::default()
+        };
 
         // RequestAuthentication.
-        let cors_preflight = r.method == "OPTIONS" && r.headers.contains_key(http::header::ORIGIN) && r.headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+        let cors_preflight = r.method == "OPTIONS"
+            && r.headers.contains_key(http::header::ORIGIN)
+            && r.headers
+                .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
         let mut identity: Option<(Identity, bool)> = None;
         if !cors_preflight && !pol.providers.is_empty() {
             let now = jwt::now_secs();
@@ -156,13 +212,22 @@ impl Engine {
                     let Some((claims, p)) = ok else {
                         let e = best.unwrap_or(JwtError::UnknownIssuer);
                         let mut deny = Decision::deny(e.status(), e.message(), e.message(), None);
-                        deny.reply_headers.push((http::header::WWW_AUTHENTICATE, www_authenticate(r, &path)));
+                        deny.reply_headers
+                            .push((http::header::WWW_AUTHENTICATE, www_authenticate(r, &path)));
                         return deny;
                     };
                     apply_outputs(&mut d, loc, &claims, &p, &mut query);
                     let from_header = matches!(loc, Location::Header { .. });
                     if identity.as_ref().is_none_or(|(_, h)| !h && from_header) {
-                        identity = Some((Identity { issuer: claims.iss.clone(), subject: claims.sub.clone(), payload: claims.payload.clone(), space_delimited: p.space_delimited.clone() }, from_header));
+                        identity = Some((
+                            Identity {
+                                issuer: claims.iss.clone(),
+                                subject: claims.sub.clone(),
+                                payload: claims.payload.clone(),
+                                space_delimited: p.space_delimited.clone(),
+                            },
+                            from_header,
+                        ));
                     }
                 }
             }
@@ -173,7 +238,13 @@ impl Engine {
         // AuthorizationPolicy.
         let peer = self.peer(c.source);
         let a = Attrs {
-            http: Some(HttpAttrs { method: r.method, path: &path, host: r.host, headers: r.headers, identity: identity.as_ref() }),
+            http: Some(HttpAttrs {
+                method: r.method,
+                path: &path,
+                host: r.host,
+                headers: r.headers,
+                identity: identity.as_ref(),
+            }),
             peer: peer.as_ref(),
             source_ip: c.source_ip,
             remote_ip: c.source_ip,
@@ -254,7 +325,8 @@ impl Engine {
 /// 400, and the connection is closed after it so nothing after a bad request is read as a request.
 fn bad_request(why: &str) -> Decision {
     let mut d = Decision::deny(400, "Bad Request", why, None);
-    d.reply_headers.push((http::header::CONNECTION, HeaderValue::from_static("close")));
+    d.reply_headers
+        .push((http::header::CONNECTION, HeaderValue::from_static("close")));
     d
 }
 
@@ -265,22 +337,40 @@ fn framing_problem(r: &Request) -> Option<&'static str> {
     if r.http2 {
         return None;
     }
-    let cl: Vec<_> = r.headers.get_all(http::header::CONTENT_LENGTH).iter().collect();
-    let te: Vec<_> = r.headers.get_all(http::header::TRANSFER_ENCODING).iter().collect();
+    let cl: Vec<_> = r
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    let te: Vec<_> = r
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
     if !cl.is_empty() && !te.is_empty() {
         return Some("Content-Length with Transfer-Encoding");
     }
     if cl.len() > 1 || cl.first().is_some_and(|v| v.as_bytes().contains(&b',')) {
         return Some("several Content-Length values");
     }
-    if te.len() > 1 || te.first().is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked")) {
+    if te.len() > 1
+        || te
+            .first()
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
         return Some("Transfer-Encoding other than chunked");
     }
     None
 }
 
 /// After a token verified: strip it unless forwarded, and set the output headers.
-fn apply_outputs(d: &mut Decision, loc: &Location, claims: &Claims, p: &Provider, query: &mut String) {
+fn apply_outputs(
+    d: &mut Decision,
+    loc: &Location,
+    claims: &Claims,
+    p: &Provider,
+    query: &mut String,
+) {
     if !p.forward_original_token {
         match loc {
             Location::Header { name, .. } => {
@@ -317,7 +407,9 @@ fn apply_outputs(d: &mut Decision, loc: &Location, claims: &Claims, p: &Provider
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Bool(b) => b.to_string(),
             // Lists go out as base64 of their JSON, as Envoy does.
-            serde_json::Value::Array(_) => base64::engine::general_purpose::STANDARD.encode(v.to_string()),
+            serde_json::Value::Array(_) => {
+                base64::engine::general_purpose::STANDARD.encode(v.to_string())
+            }
             _ => continue,
         };
         if let Ok(v) = HeaderValue::from_str(&text) {
@@ -330,27 +422,51 @@ fn apply_outputs(d: &mut Decision, loc: &Location, claims: &Claims, p: &Provider
 fn www_authenticate(r: &Request, path: &str) -> HeaderValue {
     let mut uri = format!("http://{}{}", r.host, path);
     uri.truncate(256);
-    let uri: String = uri.chars().filter(|c| *c != '"' && !c.is_control()).collect();
-    HeaderValue::from_str(&format!("Bearer realm=\"{uri}\", error=\"invalid_token\"")).unwrap_or(HeaderValue::from_static("Bearer error=\"invalid_token\""))
+    let uri: String = uri
+        .chars()
+        .filter(|c| *c != '"' && !c.is_control())
+        .collect();
+    HeaderValue::from_str(&format!("Bearer realm=\"{uri}\", error=\"invalid_token\""))
+        .unwrap_or(HeaderValue::from_static("Bearer error=\"invalid_token\""))
 }
 
 /// Builds the JWKS store of a config: service names resolve as in a cluster.
-pub fn jwks_store(cfg: &crate::config::Config, registry: &Arc<std::sync::RwLock<Arc<crate::registry::Registry>>>) -> anyhow::Result<Arc<JwksStore>> {
+pub fn jwks_store(
+    cfg: &crate::config::Config,
+    registry: &Arc<std::sync::RwLock<Arc<crate::registry::Registry>>>,
+) -> anyhow::Result<Arc<JwksStore>> {
     let reg = registry.clone();
     let resolve: jwt::remote::ServiceResolver = Arc::new(move |host, ns| {
         let r = reg.read().unwrap().clone();
         let s = r.resolve_service(host, ns)?;
         Some((s.ips.clone(), None))
     });
-    let fetcher = jwt::remote::Fetcher::new(cfg.agent.jwks_ca_file.as_deref(), resolve, cfg.agent.allow_link_local_jwks)?;
+    let fetcher = jwt::remote::Fetcher::new(
+        cfg.agent.jwks_ca_file.as_deref(),
+        resolve,
+        cfg.agent.allow_link_local_jwks,
+    )?;
     Ok(JwksStore::new(fetcher, cfg.agent.jwks_refresh_interval))
 }
 
 /// Loads the config's policies and compiles an engine. Problems come back with the set.
-pub fn build(cfg: &crate::config::Config, store: Option<&Arc<JwksStore>>, cache: Arc<TokenCache>) -> (Engine, crate::policy::PolicySet) {
+pub fn build(
+    cfg: &crate::config::Config,
+    store: Option<&Arc<JwksStore>>,
+    cache: Arc<TokenCache>,
+) -> (Engine, crate::policy::PolicySet) {
     let set = crate::policy::load_paths(&cfg.policies);
     let index = PolicyIndex::build(&set, &cfg.agent.root_namespace, store);
-    (Engine::new(index, cache, store.cloned(), cfg.agent.path_normalization, &cfg.agent.trust_domain), set)
+    (
+        Engine::new(
+            index,
+            cache,
+            store.cloned(),
+            cfg.agent.path_normalization,
+            &cfg.agent.trust_domain,
+        ),
+        set,
+    )
 }
 
 #[cfg(test)]
@@ -360,29 +476,64 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{jwt::testkeys::TestKey, policy::{load_str, PolicySet}};
+    use crate::{
+        jwt::testkeys::TestKey,
+        policy::{load_str, PolicySet},
+    };
 
     fn engine(yaml: &str, cache: usize) -> (Engine, Arc<TokenCache>) {
         let mut set = PolicySet::default();
         load_str(yaml, "t.yaml", &mut set);
         assert!(set.is_valid(), "{:?}", set.problems);
         let cache = Arc::new(TokenCache::new(cache));
-        (Engine::new(PolicyIndex::build(&set, "istio-system", None), cache.clone(), None, PathNormalization::Base, "cluster.local"), cache)
+        (
+            Engine::new(
+                PolicyIndex::build(&set, "istio-system", None),
+                cache.clone(),
+                None,
+                PathNormalization::Base,
+                "cluster.local",
+            ),
+            cache,
+        )
     }
 
     fn workload() -> Workload {
-        Workload { name: "httpbin".into(), namespace: "foo".into(), labels: BTreeMap::from([("app".into(), "httpbin".into())]), service_account: "httpbin".into() }
+        Workload {
+            name: "httpbin".into(),
+            namespace: "foo".into(),
+            labels: BTreeMap::from([("app".into(), "httpbin".into())]),
+            service_account: "httpbin".into(),
+        }
     }
 
     fn decide(e: &Engine, method: &str, target: &str, headers: &[(&str, &str)]) -> Decision {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         let w = workload();
-        let c = Conn { destination: &w, source: None, source_ip: None, dest_ip: None, dest_port: 8000 };
-        let r = Request { method, target, host: "httpbin.foo:8000", headers: &h, http2: false };
-        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(e.decide_http(&c, &r))
+        let c = Conn {
+            destination: &w,
+            source: None,
+            source_ip: None,
+            dest_ip: None,
+            dest_port: 8000,
+        };
+        let r = Request {
+            method,
+            target,
+            host: "httpbin.foo:8000",
+            headers: &h,
+            http2: false,
+        };
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(e.decide_http(&c, &r))
     }
 
     fn ra(rules: &str) -> String {
@@ -390,7 +541,10 @@ mod tests {
     }
 
     fn rule(issuer: &str, k: &TestKey, extra: &str) -> String {
-        format!("  - issuer: {issuer}\n    jwks: '{}'\n{extra}", TestKey::jwks(&[k]))
+        format!(
+            "  - issuer: {issuer}\n    jwks: '{}'\n{extra}",
+            TestKey::jwks(&[k])
+        )
     }
 
     fn bearer(t: &str) -> String {
@@ -401,18 +555,65 @@ mod tests {
     fn missing_invalid_and_audience() {
         let k = TestKey::new("ES256", "k");
         let (e, _) = engine(&ra(&rule("iss", &k, "    audiences: [bar]\n")), 100);
-        assert!(decide(&e, "GET", "/", &[]).allowed, "no token: allowed, no identity");
-        let d = decide(&e, "GET", "/p?q=1", &[("authorization", "Bearer not-a-jwt")]);
-        assert_eq!((d.status, d.body.as_str()), (401, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"));
-        assert_eq!(d.reply_headers[0].1, "Bearer realm=\"http://httpbin.foo:8000/p\", error=\"invalid_token\"");
-        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&k.token(json!({"iss": "iss", "aud": "foo"}))))]);
-        assert_eq!((d.status, d.body.as_str()), (403, "Audiences in Jwt are not allowed"));
-        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&k.token(json!({"iss": "iss", "sub": "s", "aud": ["x", "bar"]}))))]);
+        assert!(
+            decide(&e, "GET", "/", &[]).allowed,
+            "no token: allowed, no identity"
+        );
+        let d = decide(
+            &e,
+            "GET",
+            "/p?q=1",
+            &[("authorization", "Bearer not-a-jwt")],
+        );
+        assert_eq!(
+            (d.status, d.body.as_str()),
+            (
+                401,
+                "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+            )
+        );
+        assert_eq!(
+            d.reply_headers[0].1,
+            "Bearer realm=\"http://httpbin.foo:8000/p\", error=\"invalid_token\""
+        );
+        let d = decide(
+            &e,
+            "GET",
+            "/",
+            &[(
+                "authorization",
+                &bearer(&k.token(json!({"iss": "iss", "aud": "foo"}))),
+            )],
+        );
+        assert_eq!(
+            (d.status, d.body.as_str()),
+            (403, "Audiences in Jwt are not allowed")
+        );
+        let d = decide(
+            &e,
+            "GET",
+            "/",
+            &[(
+                "authorization",
+                &bearer(&k.token(json!({"iss": "iss", "sub": "s", "aud": ["x", "bar"]}))),
+            )],
+        );
         assert!(d.allowed);
         assert_eq!(d.principal.as_deref(), Some("iss/s"));
-        assert!(d.remove_headers.contains(&http::header::AUTHORIZATION), "token stripped");
-        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&k.token(json!({"iss": "other"}))))]);
-        assert_eq!((d.status, d.body.as_str()), (401, "Jwt issuer is not configured"));
+        assert!(
+            d.remove_headers.contains(&http::header::AUTHORIZATION),
+            "token stripped"
+        );
+        let d = decide(
+            &e,
+            "GET",
+            "/",
+            &[("authorization", &bearer(&k.token(json!({"iss": "other"}))))],
+        );
+        assert_eq!(
+            (d.status, d.body.as_str()),
+            (401, "Jwt issuer is not configured")
+        );
     }
 
     #[test]
@@ -421,13 +622,33 @@ mod tests {
         let (e, _) = engine(&ra(&rule("iss", &k, "")), 100);
         let good = k.token(json!({"iss": "iss", "sub": "a"}));
         let expired = k.token(json!({"iss": "iss", "exp": 1}));
-        let d = decide(&e, "GET", &format!("/?access_token={expired}"), &[("authorization", &bearer(&good))]);
+        let d = decide(
+            &e,
+            "GET",
+            &format!("/?access_token={expired}"),
+            &[("authorization", &bearer(&good))],
+        );
         assert_eq!((d.status, d.body.as_str()), (401, "Jwt is expired"));
         let d = decide(&e, "GET", &format!("/x?a=1&access_token={good}"), &[]);
         assert!(d.allowed);
-        assert_eq!(d.forward_target.as_deref(), Some("/x?a=1"), "a verified query token is not forwarded");
-        let d = decide(&e, "GET", "/", &[("authorization", &bearer(&good)), ("authorization", &bearer(&good))]);
-        assert_eq!(d.status, 401, "repeated Authorization headers are joined, as Envoy does");
+        assert_eq!(
+            d.forward_target.as_deref(),
+            Some("/x?a=1"),
+            "a verified query token is not forwarded"
+        );
+        let d = decide(
+            &e,
+            "GET",
+            "/",
+            &[
+                ("authorization", &bearer(&good)),
+                ("authorization", &bearer(&good)),
+            ],
+        );
+        assert_eq!(
+            d.status, 401,
+            "repeated Authorization headers are joined, as Envoy does"
+        );
     }
 
     #[test]
@@ -439,7 +660,15 @@ mod tests {
             ra(&rule("iss", &k, "")).replace("name: ra,", "name: ra2,")
         );
         let (e, _) = engine(&two, 100);
-        assert!(decide(&e, "GET", "/", &[("authorization", &bearer(&k.token(json!({"iss": "iss"}))))]).allowed);
+        assert!(
+            decide(
+                &e,
+                "GET",
+                "/",
+                &[("authorization", &bearer(&k.token(json!({"iss": "iss"}))))]
+            )
+            .allowed
+        );
     }
 
     #[test]
@@ -448,33 +677,74 @@ mod tests {
         let extra = "    fromHeaders: [{name: x-token, prefix: 'Token '}]\n    outputPayloadToHeader: x-payload\n    outputClaimToHeaders: [{header: x-team, claim: org.team}, {header: x-groups, claim: groups}]\n";
         let yaml = format!("{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: need-jwt, namespace: foo}}\nspec:\n  rules: [{{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]\n", ra(&rule("iss", &k, extra)));
         let (e, _) = engine(&yaml, 100);
-        let t = k.token(json!({"iss": "iss", "sub": "s", "org": {"team": "blue"}, "groups": ["a", "b"]}));
+        let t = k.token(
+            json!({"iss": "iss", "sub": "s", "org": {"team": "blue"}, "groups": ["a", "b"]}),
+        );
         // A token where no rule looks is ignored: no identity, so the ALLOW needs one -> 403.
         let d = decide(&e, "GET", "/", &[("authorization", &bearer(&t))]);
         assert_eq!((d.status, d.body.as_str()), (403, RBAC_DENIED));
-        let d = decide(&e, "GET", "/", &[("x-token", &format!("Token {t}")), ("x-payload", "spoofed"), ("x-team", "red")]);
+        let d = decide(
+            &e,
+            "GET",
+            "/",
+            &[
+                ("x-token", &format!("Token {t}")),
+                ("x-payload", "spoofed"),
+                ("x-team", "red"),
+            ],
+        );
         assert!(d.allowed, "{d:?}");
-        assert!(d.remove_headers.iter().any(|h| h == "x-payload") && d.remove_headers.iter().any(|h| h == "x-team"), "client values removed");
+        assert!(
+            d.remove_headers.iter().any(|h| h == "x-payload")
+                && d.remove_headers.iter().any(|h| h == "x-team"),
+            "client values removed"
+        );
         assert!(d.remove_headers.iter().any(|h| h == "x-token"));
-        let set: BTreeMap<String, String> = d.set_headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string())).collect();
+        let set: BTreeMap<String, String> = d
+            .set_headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
         assert_eq!(set["x-payload"], t.split('.').nth(1).unwrap());
         assert_eq!(set["x-team"], "blue");
-        assert_eq!(set["x-groups"], base64::engine::general_purpose::STANDARD.encode(r#"["a","b"]"#));
+        assert_eq!(
+            set["x-groups"],
+            base64::engine::general_purpose::STANDARD.encode(r#"["a","b"]"#)
+        );
         // Output headers are removed even from requests without a token.
-        let d = decide(&e, "OPTIONS", "/", &[("origin", "https://a"), ("access-control-request-method", "GET"), ("x-token", "Token garbage"), ("x-team", "red")]);
-        assert_eq!(d.status, 403, "CORS preflight skips JWT (then authz needs an identity)");
+        let d = decide(
+            &e,
+            "OPTIONS",
+            "/",
+            &[
+                ("origin", "https://a"),
+                ("access-control-request-method", "GET"),
+                ("x-token", "Token garbage"),
+                ("x-team", "red"),
+            ],
+        );
+        assert_eq!(
+            d.status, 403,
+            "CORS preflight skips JWT (then authz needs an identity)"
+        );
         assert!(d.reason.contains("ALLOW"));
     }
 
     #[test]
     fn forward_original_token_and_cache() {
         let k = TestKey::new("RS256", "k");
-        let (e, cache) = engine(&ra(&rule("iss", &k, "    forwardOriginalToken: true\n")), 100);
+        let (e, cache) = engine(
+            &ra(&rule("iss", &k, "    forwardOriginalToken: true\n")),
+            100,
+        );
         let t = k.token(json!({"iss": "iss", "sub": "s", "exp": jwt::now_secs() + 600}));
         let d = decide(&e, "GET", "/", &[("authorization", &bearer(&t))]);
         assert!(d.allowed && !d.remove_headers.contains(&http::header::AUTHORIZATION));
         assert_eq!(cache.len(), 1);
-        assert!(decide(&e, "GET", "/", &[("authorization", &bearer(&t))]).allowed, "cache hit");
+        assert!(
+            decide(&e, "GET", "/", &[("authorization", &bearer(&t))]).allowed,
+            "cache hit"
+        );
         let (off, cache) = engine(&ra(&rule("iss", &k, "")), 0);
         assert!(decide(&off, "GET", "/", &[("authorization", &bearer(&t))]).allowed);
         assert!(cache.is_empty());
@@ -485,6 +755,16 @@ mod tests {
         let (e, _) = engine("", 0);
         assert_eq!(decide(&e, "get", "/", &[]).status, 400);
         assert_eq!(decide(&e, "GET", "/a%00", &[]).status, 400);
-        assert_eq!(decide(&e, "GET", "/a/../b/%2e/c#frag", &[]).forward_target.as_deref(), Some("/b/c"));
+        assert_eq!(
+            decide(&e, "GET", "/adm%6%39n", &[]).status,
+            400,
+            "a stray % would decode to a new escape"
+        );
+        assert_eq!(
+            decide(&e, "GET", "/a/../b/%2e/c#frag", &[])
+                .forward_target
+                .as_deref(),
+            Some("/b/c")
+        );
     }
 }

@@ -3,7 +3,11 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "authz-agent", version, about = "Transparent Istio JWT/authorization enforcement with eBPF")]
+#[command(
+    name = "authz-agent",
+    version,
+    about = "Transparent Istio JWT/authorization enforcement with eBPF"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -58,8 +62,28 @@ fn main() -> ExitCode {
     };
     init_tracing();
     match cli.cmd {
-        Cmd::Check { config, to, from, source_ip, method, path, host, port, headers } => {
-            let args = authz::cli::CheckArgs { config, to, from, source_ip, method, path, host, port, headers };
+        Cmd::Check {
+            config,
+            to,
+            from,
+            source_ip,
+            method,
+            path,
+            host,
+            port,
+            headers,
+        } => {
+            let args = authz::cli::CheckArgs {
+                config,
+                to,
+                from,
+                source_ip,
+                method,
+                path,
+                host,
+                port,
+                headers,
+            };
             match authz::cli::check(&args) {
                 Ok((json, allowed)) => {
                     println!("{json}");
@@ -96,7 +120,9 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("AUTHZ_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("AUTHZ_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {

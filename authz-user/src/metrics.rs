@@ -41,31 +41,93 @@ impl Metrics {
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
-        counter("authz_connections_redirected_total", "Connections the agent accepted through the kernel redirect.", self.connections_redirected.load(Relaxed));
-        counter("authz_connections_unknown_origin_total", "Connections to the agent port with no recorded original destination (closed).", self.connections_unknown_origin.load(Relaxed));
-        counter("authz_connections_tcp_total", "Redirected connections relayed at L4.", self.connections_tcp.load(Relaxed));
-        counter("authz_connections_http_total", "Redirected connections handled as HTTP.", self.connections_http.load(Relaxed));
-        counter("authz_upstream_connect_errors_total", "Failed connections to original destinations.", self.upstream_connect_errors.load(Relaxed));
-        counter("authz_reloads_total", "Successful policy/config reloads.", self.reloads_ok.load(Relaxed));
-        counter("authz_reload_failures_total", "Rejected policy/config reloads (previous state kept).", self.reloads_failed.load(Relaxed));
+        counter(
+            "authz_connections_redirected_total",
+            "Connections the agent accepted through the kernel redirect.",
+            self.connections_redirected.load(Relaxed),
+        );
+        counter(
+            "authz_connections_unknown_origin_total",
+            "Connections to the agent port with no recorded original destination (closed).",
+            self.connections_unknown_origin.load(Relaxed),
+        );
+        counter(
+            "authz_connections_tcp_total",
+            "Redirected connections relayed at L4.",
+            self.connections_tcp.load(Relaxed),
+        );
+        counter(
+            "authz_connections_http_total",
+            "Redirected connections handled as HTTP.",
+            self.connections_http.load(Relaxed),
+        );
+        counter(
+            "authz_upstream_connect_errors_total",
+            "Failed connections to original destinations.",
+            self.upstream_connect_errors.load(Relaxed),
+        );
+        counter(
+            "authz_reloads_total",
+            "Successful policy/config reloads.",
+            self.reloads_ok.load(Relaxed),
+        );
+        counter(
+            "authz_reload_failures_total",
+            "Rejected policy/config reloads (previous state kept).",
+            self.reloads_failed.load(Relaxed),
+        );
         if let Some(k) = kernel {
-            counter("authz_kernel_connect_redirected_total", "connect() calls the eBPF programs steered to the agent.", k.connect_redirected);
-            counter("authz_kernel_sockets_mapped_total", "Sockets put in the sockhash by sock_ops.", k.socks_mapped);
-            counter("authz_kernel_skmsg_redirected_total", "Messages sk_msg moved straight to the peer socket.", k.skmsg_redirected);
-            counter("authz_kernel_skmsg_missed_total", "Messages sk_msg left on the TCP path (no peer).", k.skmsg_missed);
-            counter("authz_kernel_skmsg_redirected_bytes_total", "Bytes sk_msg moved straight to the peer socket.", k.skmsg_bytes);
-            counter("authz_kernel_connect_refused_total", "connect() refused while the agent was gone (fail closed).", k.connect_refused);
-            counter("authz_kernel_connect_bypassed_total", "connect() let through directly while the agent was gone (fail open).", k.connect_bypassed);
+            counter(
+                "authz_kernel_connect_redirected_total",
+                "connect() calls the eBPF programs steered to the agent.",
+                k.connect_redirected,
+            );
+            counter(
+                "authz_kernel_sockets_mapped_total",
+                "Sockets put in the sockhash by sock_ops.",
+                k.socks_mapped,
+            );
+            counter(
+                "authz_kernel_skmsg_redirected_total",
+                "Messages sk_msg moved straight to the peer socket.",
+                k.skmsg_redirected,
+            );
+            counter(
+                "authz_kernel_skmsg_missed_total",
+                "Messages sk_msg left on the TCP path (no peer).",
+                k.skmsg_missed,
+            );
+            counter(
+                "authz_kernel_skmsg_redirected_bytes_total",
+                "Bytes sk_msg moved straight to the peer socket.",
+                k.skmsg_bytes,
+            );
+            counter(
+                "authz_kernel_connect_refused_total",
+                "connect() refused while the agent was gone (fail closed).",
+                k.connect_refused,
+            );
+            counter(
+                "authz_kernel_connect_bypassed_total",
+                "connect() let through directly while the agent was gone (fail open).",
+                k.connect_bypassed,
+            );
         }
         let _ = writeln!(s, "# HELP authz_connections_active Connections open through the agent.\n# TYPE authz_connections_active gauge\nauthz_connections_active {}", self.connections_active.load(Relaxed));
         let _ = writeln!(s, "# HELP authz_requests_total HTTP requests by decision and reason.\n# TYPE authz_requests_total counter");
         for ((d, r), v) in self.requests.lock().unwrap().iter() {
-            let _ = writeln!(s, "authz_requests_total{{decision=\"{d}\",reason=\"{}\"}} {v}", escape(r));
+            let _ = writeln!(
+                s,
+                "authz_requests_total{{decision=\"{d}\",reason=\"{}\"}} {v}",
+                escape(r)
+            );
         }
         s
     }
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -29,13 +29,17 @@ pub struct NetNs {
 
 impl NetNs {
     pub fn open(path: &Path) -> io::Result<NetNs> {
-        Ok(NetNs { file: File::open(path)? })
+        Ok(NetNs {
+            file: File::open(path)?,
+        })
     }
 
     /// Runs `f` with the calling thread in this namespace. `f` must not block on anything that
     /// could run other tasks on this thread.
     pub fn enter<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let home = HOME.get().ok_or_else(|| io::Error::other("netns::init was not called"))?;
+        let home = HOME
+            .get()
+            .ok_or_else(|| io::Error::other("netns::init was not called"))?;
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
         let out = f();
         if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
@@ -48,10 +52,18 @@ impl NetNs {
 
     /// A non-blocking TCP socket created in this namespace.
     pub fn tcp_socket(&self, for_addr: &SocketAddr) -> io::Result<OwnedFd> {
-        let domain = if for_addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        let domain = if for_addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
         self.enter(|| {
             let fd = unsafe {
-                libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+                libc::socket(
+                    domain,
+                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                )
             };
             if fd < 0 {
                 Err(io::Error::last_os_error())

@@ -40,7 +40,9 @@ pub fn normalize(target: &str, mode: PathNormalization) -> Result<(String, Strin
 }
 
 fn contains_encoded_nul(p: &str) -> bool {
-    p.as_bytes().windows(3).any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+    p.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
 }
 
 fn has_bad_escape(p: &str) -> bool {
@@ -201,14 +203,20 @@ mod tests {
     fn other_modes() {
         assert_eq!(n("/app//", MergeSlashes), "/app/");
         assert_eq!(n("//admin", MergeSlashes), "/admin");
-        assert_eq!(n("/%2Fapp%5cadmin%5Cabc", DecodeAndMergeSlashes), "/app/admin/abc");
+        assert_eq!(
+            n("/%2Fapp%5cadmin%5Cabc", DecodeAndMergeSlashes),
+            "/app/admin/abc"
+        );
         assert_eq!(n("/%c0%2fadmin", DecodeAndMergeSlashes), "/%C0/admin");
         assert_eq!(n("/a/../b//c", None), "/a/../b//c");
     }
 
     #[test]
     fn query_fragment_and_nul() {
-        assert_eq!(normalize("/a/../b?x=1#f", Base).unwrap(), ("/b".to_string(), "?x=1".to_string()));
+        assert_eq!(
+            normalize("/a/../b?x=1#f", Base).unwrap(),
+            ("/b".to_string(), "?x=1".to_string())
+        );
         assert_eq!(normalize("/admin%00", Base), Err(PathError::Nul));
         assert_eq!(normalize("/admin%00", None), Err(PathError::Nul));
         assert_eq!(normalize("*", Base), Err(PathError::Invalid));
@@ -218,7 +226,11 @@ mod tests {
     fn stray_percent_is_refused_when_normalizing() {
         for p in ["/a%zz", "/adm%6%39n", "/a%", "/a%4", "//.%3%31p", "/%2%46"] {
             assert_eq!(normalize(p, Base), Err(PathError::BadEscape), "{p}");
-            assert_eq!(normalize(p, DecodeAndMergeSlashes), Err(PathError::BadEscape), "{p}");
+            assert_eq!(
+                normalize(p, DecodeAndMergeSlashes),
+                Err(PathError::BadEscape),
+                "{p}"
+            );
         }
         // NONE forwards the path untouched, so policy and upstream see the same bytes.
         assert_eq!(n("/a%zz", None), "/a%zz");

@@ -35,7 +35,10 @@ pub struct Registry {
 
 impl Registry {
     pub fn from_config(cfg: &Config) -> Registry {
-        let mut reg = Registry { services: cfg.services.clone(), ..Default::default() };
+        let mut reg = Registry {
+            services: cfg.services.clone(),
+            ..Default::default()
+        };
         for (i, p) in cfg.pods.iter().enumerate() {
             let workload = Arc::new(Workload {
                 name: p.name.clone(),
@@ -43,7 +46,8 @@ impl Registry {
                 labels: p.labels.clone(),
                 service_account: p.service_account.clone(),
             });
-            reg.by_name.insert(format!("{}/{}", p.namespace, p.name), workload.clone());
+            reg.by_name
+                .insert(format!("{}/{}", p.namespace, p.name), workload.clone());
             reg.pods.push(Arc::new(Pod {
                 id: i as u32 + 1,
                 workload,
@@ -59,7 +63,8 @@ impl Registry {
                 labels: w.labels.clone(),
                 service_account: w.service_account.clone(),
             });
-            reg.by_name.insert(format!("{}/{}", w.namespace, w.name), workload.clone());
+            reg.by_name
+                .insert(format!("{}/{}", w.namespace, w.name), workload.clone());
             for ip in &w.ips {
                 reg.by_ip.insert(normalize(*ip), workload.clone());
             }
@@ -86,7 +91,9 @@ impl Registry {
             [name, ns, "svc", "cluster", "local"] => (*name, *ns),
             _ => return None,
         };
-        self.services.iter().find(|s| s.name == name && s.namespace == ns)
+        self.services
+            .iter()
+            .find(|s| s.name == name && s.namespace == ns)
     }
 }
 

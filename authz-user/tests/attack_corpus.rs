@@ -18,18 +18,54 @@ fn engine(yaml: &str, mode: PathNormalization) -> Engine {
     let mut set = PolicySet::default();
     load_str(yaml, "t.yaml", &mut set);
     assert!(set.is_valid(), "{:?}", set.problems);
-    Engine::new(PolicyIndex::build(&set, "istio-system", None), Arc::new(TokenCache::new(100)), None, mode, "cluster.local")
+    Engine::new(
+        PolicyIndex::build(&set, "istio-system", None),
+        Arc::new(TokenCache::new(100)),
+        None,
+        mode,
+        "cluster.local",
+    )
 }
 
-fn decide(e: &Engine, method: &str, target: &str, host: &str, headers: &[(&str, &str)]) -> Decision {
-    let w = Workload { name: "app".into(), namespace: "foo".into(), labels: BTreeMap::from([("app".into(), "app".into())]), service_account: "app".into() };
+fn decide(
+    e: &Engine,
+    method: &str,
+    target: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Decision {
+    let w = Workload {
+        name: "app".into(),
+        namespace: "foo".into(),
+        labels: BTreeMap::from([("app".into(), "app".into())]),
+        service_account: "app".into(),
+    };
     let mut h = HeaderMap::new();
     for (k, v) in headers {
-        h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
-    let c = Conn { destination: &w, source: None, source_ip: None, dest_ip: None, dest_port: 80 };
-    let r = Request { method, target, host, headers: &h, http2: false };
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(e.decide_http(&c, &r))
+    let c = Conn {
+        destination: &w,
+        source: None,
+        source_ip: None,
+        dest_ip: None,
+        dest_port: 80,
+    };
+    let r = Request {
+        method,
+        target,
+        host,
+        headers: &h,
+        http2: false,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(e.decide_http(&c, &r))
 }
 
 const DENY_ADMIN: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-admin, namespace: foo}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin\", \"/admin/*\"]}}]}]\n";
@@ -37,10 +73,25 @@ const ALLOW_PUBLIC: &str = "apiVersion: security.istio.io/v1\nkind: Authorizatio
 
 #[test]
 fn path_tricks_cannot_reach_admin() {
-    for mode in [PathNormalization::Base, PathNormalization::MergeSlashes, PathNormalization::DecodeAndMergeSlashes] {
+    for mode in [
+        PathNormalization::Base,
+        PathNormalization::MergeSlashes,
+        PathNormalization::DecodeAndMergeSlashes,
+    ] {
         for yaml in [DENY_ADMIN, ALLOW_PUBLIC] {
             let e = engine(yaml, mode);
-            for p in ["/admin", "/admin/x", "/public/../admin", "/./admin", "/%61dmin", "/admin#frag", "/admin?x=1", "/../../admin", "/public\\..\\admin", "/%2e%2e/admin"] {
+            for p in [
+                "/admin",
+                "/admin/x",
+                "/public/../admin",
+                "/./admin",
+                "/%61dmin",
+                "/admin#frag",
+                "/admin?x=1",
+                "/../../admin",
+                "/public\\..\\admin",
+                "/%2e%2e/admin",
+            ] {
                 let d = decide(&e, "GET", p, "app", &[]);
                 assert!(!d.allowed, "{mode:?} {p}: {d:?}");
             }
@@ -60,9 +111,23 @@ fn path_tricks_cannot_reach_admin() {
     // With BASE they stay as they are and reach the upstream unchanged, so the upstream sees
     // exactly the path that did not match (Istio's documented behaviour for BASE).
     let e = engine(DENY_ADMIN, PathNormalization::Base);
-    assert_eq!(decide(&e, "GET", "/%2Fadmin", "app", &[]).forward_target.as_deref(), Some("/%2Fadmin"));
-    // NUL and malformed requests: 400.
-    for p in ["/admin%00", "/a%00b", "*"] {
+    assert_eq!(
+        decide(&e, "GET", "/%2Fadmin", "app", &[])
+            .forward_target
+            .as_deref(),
+        Some("/%2Fadmin")
+    );
+    // NUL, invalid percent-encoding (a stray % that decoding would turn into a new escape:
+    // /adm%6%39n -> /adm%69n, which an upstream decodes to /admin) and malformed requests: 400.
+    for p in [
+        "/admin%00",
+        "/a%00b",
+        "*",
+        "/adm%6%39n",
+        "/admin%",
+        "/admin%zz",
+        "/%%32%65%2e/admin",
+    ] {
         assert_eq!(decide(&e, "GET", p, "app", &[]).status, 400, "{p}");
     }
     assert_eq!(decide(&e, "delete", "/x", "app", &[]).status, 400);
@@ -71,7 +136,12 @@ fn path_tricks_cannot_reach_admin() {
 #[test]
 fn host_tricks() {
     let e = engine("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: h, namespace: foo}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {hosts: [\"secret.example.com\", \"secret.example.com:*\"]}}]}]\n", PathNormalization::Base);
-    for h in ["secret.example.com", "SECRET.Example.COM", "secret.example.com:80", "Secret.Example.Com:8080"] {
+    for h in [
+        "secret.example.com",
+        "SECRET.Example.COM",
+        "secret.example.com:80",
+        "Secret.Example.Com:8080",
+    ] {
         assert!(!decide(&e, "GET", "/", h, &[]).allowed, "{h}");
     }
 }
@@ -82,34 +152,92 @@ fn token_tricks() {
     let ra = format!("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: ra, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: iss\n    jwks: '{}'\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: need, namespace: foo}}\nspec:\n  rules: [{{from: [{{source: {{requestPrincipals: [\"iss/*\"]}}}}]}}]\n", TestKey::jwks(&[&k]));
     let e = engine(&ra, PathNormalization::Base);
     let good = k.token(json!({"iss": "iss", "sub": "s"}));
-    assert!(decide(&e, "GET", "/", "app", &[("authorization", &format!("Bearer {good}"))]).allowed);
+    assert!(
+        decide(
+            &e,
+            "GET",
+            "/",
+            "app",
+            &[("authorization", &format!("Bearer {good}"))]
+        )
+        .allowed
+    );
     let b = |s: &str| B64.encode(s.as_bytes());
     let payload = b(r#"{"iss":"iss","sub":"s"}"#);
     let hs_with_rsa_key = {
         let signed = format!("{}.{payload}", b(r#"{"alg":"HS256","kid":"k"}"#));
-        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, TestKey::jwks(&[&k]).as_bytes());
-        format!("{signed}.{}", B64.encode(aws_lc_rs::hmac::sign(&key, signed.as_bytes()).as_ref()))
+        let key = aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            TestKey::jwks(&[&k]).as_bytes(),
+        );
+        format!(
+            "{signed}.{}",
+            B64.encode(aws_lc_rs::hmac::sign(&key, signed.as_bytes()).as_ref())
+        )
     };
     let cases = [
         format!("{}.{payload}.", b(r#"{"alg":"none"}"#)),
         format!("{}.{payload}.", b(r#"{"alg":"RS256","kid":"k"}"#)),
         hs_with_rsa_key,
-        format!("{}.{payload}.{}", b(r#"{"alg":"RS256","kid":"k","jku":"http://evil/jwks"}"#), good.rsplit('.').next().unwrap()),
-        format!("{}.{payload}.{}", b(r#"{"alg":"RS256","kid":"../../etc/passwd"}"#), good.rsplit('.').next().unwrap()),
-        format!("{}.{payload}.{}", b(r#"{"alg":"RS256","kid":"k","crit":["x"]}"#), good.rsplit('.').next().unwrap()),
-        format!("{}.{}.{}", good.split('.').next().unwrap(), b(r#"{"iss":"iss","sub":"s","sub":"admin"}"#), good.rsplit('.').next().unwrap()),
-        format!("{}.{}.{}", good.split('.').next().unwrap(), b(&format!("{}{}", "[".repeat(10_000), "]".repeat(10_000))), good.rsplit('.').next().unwrap()),
+        format!(
+            "{}.{payload}.{}",
+            b(r#"{"alg":"RS256","kid":"k","jku":"http://evil/jwks"}"#),
+            good.rsplit('.').next().unwrap()
+        ),
+        format!(
+            "{}.{payload}.{}",
+            b(r#"{"alg":"RS256","kid":"../../etc/passwd"}"#),
+            good.rsplit('.').next().unwrap()
+        ),
+        format!(
+            "{}.{payload}.{}",
+            b(r#"{"alg":"RS256","kid":"k","crit":["x"]}"#),
+            good.rsplit('.').next().unwrap()
+        ),
+        format!(
+            "{}.{}.{}",
+            good.split('.').next().unwrap(),
+            b(r#"{"iss":"iss","sub":"s","sub":"admin"}"#),
+            good.rsplit('.').next().unwrap()
+        ),
+        format!(
+            "{}.{}.{}",
+            good.split('.').next().unwrap(),
+            b(&format!("{}{}", "[".repeat(10_000), "]".repeat(10_000))),
+            good.rsplit('.').next().unwrap()
+        ),
         "A".repeat(100_000),
     ];
     for (i, t) in cases.iter().enumerate() {
-        let d = decide(&e, "GET", "/", "app", &[("authorization", &format!("Bearer {t}"))]);
+        let d = decide(
+            &e,
+            "GET",
+            "/",
+            "app",
+            &[("authorization", &format!("Bearer {t}"))],
+        );
         assert_eq!(d.status, 401, "case {i}: {d:?}");
     }
     // Two Authorization headers (one valid): never treated as two separate tokens.
-    let d = decide(&e, "GET", "/", "app", &[("authorization", &format!("Bearer {good}")), ("authorization", "Bearer junk")]);
+    let d = decide(
+        &e,
+        "GET",
+        "/",
+        "app",
+        &[
+            ("authorization", &format!("Bearer {good}")),
+            ("authorization", "Bearer junk"),
+        ],
+    );
     assert_eq!(d.status, 401);
     // A valid token next to a bad one in another location: every presented token must verify.
-    let d = decide(&e, "GET", "/?access_token=bad.bad.bad", "app", &[("authorization", &format!("Bearer {good}"))]);
+    let d = decide(
+        &e,
+        "GET",
+        "/?access_token=bad.bad.bad",
+        "app",
+        &[("authorization", &format!("Bearer {good}"))],
+    );
     assert_eq!(d.status, 401);
 }
 
@@ -117,5 +245,14 @@ fn token_tricks() {
 fn header_conditions_see_every_value() {
     let e = engine("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: t, namespace: foo}\nspec:\n  rules: [{when: [{key: \"request.headers[x-tenant]\", values: [\"a*\"], notValues: [ab]}]}]\n", PathNormalization::Base);
     assert!(decide(&e, "GET", "/", "app", &[("x-tenant", "abc")]).allowed);
-    assert!(!decide(&e, "GET", "/", "app", &[("x-tenant", "abc"), ("x-tenant", "ab")]).allowed);
+    assert!(
+        !decide(
+            &e,
+            "GET",
+            "/",
+            "app",
+            &[("x-tenant", "abc"), ("x-tenant", "ab")]
+        )
+        .allowed
+    );
 }

@@ -4,14 +4,21 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{atomic::{AtomicUsize, Ordering}, Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
 use authz::{
     config::PathNormalization,
     engine::{Conn, Decision, Engine, Request},
-    jwt::{cache::TokenCache, remote::{Fetcher, JwksStore}, testkeys::TestKey},
+    jwt::{
+        cache::TokenCache,
+        remote::{Fetcher, JwksStore},
+        testkeys::TestKey,
+    },
     policy::{load_str, PolicyIndex, PolicySet},
     registry::Workload,
 };
@@ -35,7 +42,9 @@ async fn jwks_server(body: String, delay: Duration) -> JwksServer {
     let (b, h) = (body.clone(), hits.clone());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = listener.accept().await else { return };
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
             let (b, h) = (b.clone(), h.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |_req| {
@@ -44,14 +53,23 @@ async fn jwks_server(body: String, delay: Duration) -> JwksServer {
                         h.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(delay).await;
                         let body = b.lock().unwrap().clone();
-                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from(body))))
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from(body)),
+                        ))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
             });
         }
     });
-    JwksServer { addr, body, hits, task }
+    JwksServer {
+        addr,
+        body,
+        hits,
+        task,
+    }
 }
 
 fn engine(uri: &str, timeout: &str, store: &Arc<JwksStore>) -> Engine {
@@ -59,7 +77,13 @@ fn engine(uri: &str, timeout: &str, store: &Arc<JwksStore>) -> Engine {
     let mut set = PolicySet::default();
     load_str(&yaml, "t.yaml", &mut set);
     assert!(set.is_valid(), "{:?}", set.problems);
-    Engine::new(PolicyIndex::build(&set, "istio-system", Some(store)), Arc::new(TokenCache::new(0)), Some(store.clone()), PathNormalization::Base, "cluster.local")
+    Engine::new(
+        PolicyIndex::build(&set, "istio-system", Some(store)),
+        Arc::new(TokenCache::new(0)),
+        Some(store.clone()),
+        PathNormalization::Base,
+        "cluster.local",
+    )
 }
 
 fn store(refresh: Duration) -> Arc<JwksStore> {
@@ -68,11 +92,35 @@ fn store(refresh: Duration) -> Arc<JwksStore> {
 }
 
 async fn decide(e: &Engine, token: &str) -> Decision {
-    let w = Workload { name: "w".into(), namespace: "foo".into(), labels: BTreeMap::new(), service_account: "w".into() };
+    let w = Workload {
+        name: "w".into(),
+        namespace: "foo".into(),
+        labels: BTreeMap::new(),
+        service_account: "w".into(),
+    };
     let mut h = HeaderMap::new();
-    h.insert(http::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
-    let c = Conn { destination: &w, source: None, source_ip: None, dest_ip: None, dest_port: 80 };
-    e.decide_http(&c, &Request { method: "GET", target: "/", host: "w", headers: &h, http2: false }).await
+    h.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    let c = Conn {
+        destination: &w,
+        source: None,
+        source_ip: None,
+        dest_ip: None,
+        dest_port: 80,
+    };
+    e.decide_http(
+        &c,
+        &Request {
+            method: "GET",
+            target: "/",
+            host: "w",
+            headers: &h,
+            http2: false,
+        },
+    )
+    .await
 }
 
 fn tok(k: &TestKey) -> String {
@@ -100,7 +148,10 @@ async fn fetch_rotate_rate_limit_and_outage() {
     assert_eq!(after_rotation, fetched + 1);
     // An unknown kid right after: no new fetch (rate limit), 401 with Envoy's message.
     let d = decide(&e, &tok(&k3)).await;
-    assert_eq!((d.status, d.body.as_str()), (401, "Jwks doesn't have key to match kid or alg from Jwt"));
+    assert_eq!(
+        (d.status, d.body.as_str()),
+        (401, "Jwks doesn't have key to match kid or alg from Jwt")
+    );
     assert_eq!(srv.hits.load(Ordering::SeqCst), after_rotation);
 
     // Outage: the server goes away, the last good keys stay.
@@ -113,11 +164,17 @@ async fn fetch_rotate_rate_limit_and_outage() {
 async fn never_fetched_and_timeout_fail_closed() {
     let k = TestKey::new("HS256", "k");
     // Nothing listens there.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let st = store(Duration::from_secs(3600));
     let e = engine(&format!("http://{dead}/jwks"), "1s", &st);
     let d = decide(&e, &tok(&k)).await;
-    assert_eq!((d.status, d.body.as_str()), (401, "Jwks remote fetch is failed"));
+    assert_eq!(
+        (d.status, d.body.as_str()),
+        (401, "Jwks remote fetch is failed")
+    );
 
     let slow = jwks_server(TestKey::jwks(&[&k]), Duration::from_secs(2)).await;
     let st = store(Duration::from_secs(3600));
@@ -125,7 +182,10 @@ async fn never_fetched_and_timeout_fail_closed() {
     let started = std::time::Instant::now();
     let d = decide(&e, &tok(&k)).await;
     assert_eq!(d.body, "Jwks remote fetch is failed");
-    assert!(started.elapsed() < Duration::from_secs(1), "the rule's timeout bounds the fetch");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the rule's timeout bounds the fetch"
+    );
 }
 
 #[tokio::test]
@@ -134,9 +194,19 @@ async fn bad_documents_and_metadata_addresses_are_refused() {
     let bad = jwks_server("{not json".into(), Duration::ZERO).await;
     let st = store(Duration::from_secs(3600));
     let e = engine(&format!("http://{}/jwks", bad.addr), "1s", &st);
-    assert_eq!(decide(&e, &tok(&k)).await.body, "Jwks remote fetch is failed");
+    assert_eq!(
+        decide(&e, &tok(&k)).await.body,
+        "Jwks remote fetch is failed"
+    );
 
     let fetcher = Fetcher::new(None, Arc::new(|_: &str, _: &str| None), false).unwrap();
-    let err = fetcher.get("http://169.254.169.254/latest/meta-data", "foo", Duration::from_secs(1)).await.unwrap_err();
+    let err = fetcher
+        .get(
+            "http://169.254.169.254/latest/meta-data",
+            "foo",
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
     assert!(err.contains("link-local or metadata"), "{err}");
 }

@@ -6,13 +6,22 @@ use anyhow::{Context, Result};
 use authz_tests::{curl, pod_yaml, workload_yaml, Agent, Net};
 
 pub fn run(root: &Path) -> Result<()> {
-    if std::fs::read_to_string("/proc/self/status")?.lines().any(|l| l.starts_with("Uid:") && !l.split_whitespace().nth(2).is_some_and(|u| u == "0")) {
+    if std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .any(|l| l.starts_with("Uid:") && !l.split_whitespace().nth(2).is_some_and(|u| u == "0"))
+    {
         anyhow::bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
     }
     std::env::set_var("AUTHZ_AGENT_BIN", root.join("target/release/authz-agent"));
-    std::env::set_var("AUTHZ_TESTSRV_BIN", root.join("target/release/authz-testsrv"));
+    std::env::set_var(
+        "AUTHZ_TESTSRV_BIN",
+        root.join("target/release/authz-testsrv"),
+    );
     let data = root.join("tests/data");
-    let token = std::fs::read_to_string(data.join("istio-samples/demo.jwt")).context("sample token")?.trim().to_string();
+    let token = std::fs::read_to_string(data.join("istio-samples/demo.jwt"))
+        .context("sample token")?
+        .trim()
+        .to_string();
     let ra = std::fs::read_to_string(data.join("faq/skip-path/requestauthentication.yaml"))?;
     let ap = std::fs::read_to_string(data.join("faq/skip-path/authorizationpolicy.yaml"))?;
 
@@ -27,7 +36,10 @@ pub fn run(root: &Path) -> Result<()> {
         workload_yaml(&gw, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
     );
     eprintln!("demo: starting the agent");
-    let agent = Agent::start_with_files(&cfg, &[("policies/ra.yaml", &ra), ("policies/ap.yaml", &ap)])?;
+    let agent = Agent::start_with_files(
+        &cfg,
+        &[("policies/ra.yaml", &ra), ("policies/ap.yaml", &ap)],
+    )?;
 
     let mut tampered = token.clone();
     let last = tampered.pop().unwrap();
@@ -42,7 +54,10 @@ pub fn run(root: &Path) -> Result<()> {
         ("/api/v1/products/1", Some(&tampered), 401),
     ];
     println!();
-    println!("{:<24} {:<16} {:>8} {:>5}  {}", "request (from sleep)", "token", "expected", "got", "reply");
+    println!(
+        "{:<24} {:<16} {:>8} {:>5}  {}",
+        "request (from sleep)", "token", "expected", "got", "reply"
+    );
     let mut bad = 0;
     for (path, tok, want) in &cases {
         let url = format!("http://{}{path}", gw.ip);
@@ -58,18 +73,26 @@ pub fn run(root: &Path) -> Result<()> {
             Some(t) if *t == token => "demo.jwt",
             Some(_) => "tampered",
         };
-        let reply = if code == 200 { "forwarded".to_string() } else { body.trim().to_string() };
+        let reply = if code == 200 {
+            "forwarded".to_string()
+        } else {
+            body.trim().to_string()
+        };
         let mark = if code == *want { "" } else { "  <-- MISMATCH" };
         if code != *want {
             bad += 1;
         }
-        println!("GET {:<20} {:<16} {:>8} {:>5}  {reply}{mark}", path, label, want, code);
+        println!(
+            "GET {:<20} {:<16} {:>8} {:>5}  {reply}{mark}",
+            path, label, want, code
+        );
     }
     println!();
     let m = agent.metrics();
     println!(
         "kernel: {} connect() redirected, {} sk_msg redirects; agent: {} connections",
-        m.get("authz_kernel_connect_redirected_total").unwrap_or(&0.0),
+        m.get("authz_kernel_connect_redirected_total")
+            .unwrap_or(&0.0),
         m.get("authz_kernel_skmsg_redirected_total").unwrap_or(&0.0),
         m.get("authz_connections_redirected_total").unwrap_or(&0.0),
     );

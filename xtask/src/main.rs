@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -35,7 +36,13 @@ enum Cmd {
     },
     /// Run the skip-path scenario on demo pods and print what happened.
     Demo,
-    /// Run every fuzz target for a bounded time (cargo fuzz, nightly).
+    /// Benchmark the agent side by side with direct, HAProxy and Envoy (needs root); writes
+    /// tests/bench-results/<date>/. Arguments go to authz-bench (e.g. --secs 5 --targets agent,haproxy).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every fuzz target for a bounded time (cargo fuzz, nightly), from a random seed.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -50,7 +57,8 @@ fn main() -> ExitCode {
         Cmd::Build => setup::run().and_then(|env| build(&env)),
         Cmd::Test { args } => setup::run().and_then(|env| test(&env, &args)),
         Cmd::Demo => setup::run().and_then(|env| build(&env).and_then(|_| demo::run(&root()))),
-        Cmd::Fuzz { secs } => setup::run().and_then(|env| fuzz(&env, secs)),
+        Cmd::Bench { args } => setup::run().and_then(|env| bench::run_bench(&env, &args)),
+        Cmd::Fuzz { secs } => setup::run().and_then(|env| fuzz(&env, FuzzBudget::Secs(secs))),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,7 +70,10 @@ fn main() -> ExitCode {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Environment for cargo commands that build the eBPF part.
@@ -73,7 +84,9 @@ pub struct BuildEnv {
 
 fn cargo(env: &BuildEnv) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root()).env("PATH", &env.path).env("AUTHZ_EBPF_TOOLCHAIN", &env.ebpf_toolchain);
+    c.current_dir(root())
+        .env("PATH", &env.path)
+        .env("AUTHZ_EBPF_TOOLCHAIN", &env.ebpf_toolchain);
     c
 }
 
@@ -88,7 +101,15 @@ fn run(mut c: Command) -> Result<()> {
 
 fn build(env: &BuildEnv) -> Result<()> {
     let mut c = cargo(env);
-    c.args(["build", "--release", "-p", "authz-user", "-p", "authz-tests", "--bins"]);
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "authz-user",
+        "-p",
+        "authz-tests",
+        "--bins",
+    ]);
     run(c)
 }
 
@@ -97,7 +118,18 @@ fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
     build(env)?;
     // Unit and pure tests of every crate.
     let mut c = cargo(env);
-    c.args(["test", "--release", "--workspace", "--exclude", "authz-tests", "--exclude", "authz-ebpf", "--features", "authz-user/testkeys"]).args(extra);
+    c.args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "authz-tests",
+        "--exclude",
+        "authz-ebpf",
+        "--features",
+        "authz-user/testkeys",
+    ])
+    .args(extra);
     run(c)?;
     // End-to-end tests through the kernel path: root, real namespaces and cgroups.
     if unsafe_geteuid() != 0 {
@@ -109,16 +141,28 @@ fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
         .env("AUTHZ_AGENT_BIN", root().join("target/release/authz-agent"))
         .args(["--", "--test-threads=2"]);
     run(c)?;
-    // Each fuzz target for a short while, so a regression in hostile-input handling fails CI.
-    let secs = std::env::var("AUTHZ_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    fuzz(env, secs)?;
+    // Each fuzz target for a fixed number of runs from a fixed seed: a regression in hostile-input
+    // handling fails the suite, and the same commit always gives the same result. Open-ended
+    // exploration is `cargo xtask fuzz`.
+    let runs = std::env::var("AUTHZ_FUZZ_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    fuzz(env, FuzzBudget::Runs(runs))?;
     eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());
     Ok(())
 }
 
 const FUZZ_TARGETS: &[&str] = &["jwt", "jwks", "policy_yaml", "path", "request"];
 
-fn fuzz(env: &BuildEnv, secs: u64) -> Result<()> {
+enum FuzzBudget {
+    /// Wall-clock seconds per target, random seed.
+    Secs(u64),
+    /// Inputs per target, fixed seed: reproducible.
+    Runs(u64),
+}
+
+fn fuzz(env: &BuildEnv, budget: FuzzBudget) -> Result<()> {
     setup::cargo_fuzz(env)?;
     for t in FUZZ_TARGETS {
         // New inputs go to a scratch folder; the seed corpus in the repo is only read.
@@ -127,15 +171,37 @@ fn fuzz(env: &BuildEnv, secs: u64) -> Result<()> {
         let mut c = Command::new("rustup");
         c.current_dir(root())
             .env("PATH", &env.path)
-            .args(["run", &env.ebpf_toolchain, "cargo", "fuzz", "run", "--fuzz-dir", "fuzz", t])
+            .args([
+                "run",
+                &env.ebpf_toolchain,
+                "cargo",
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "fuzz",
+                t,
+            ])
             .arg(&scratch)
             .arg(root().join("fuzz/corpus").join(t))
-            .args(["--", &format!("-max_total_time={secs}"), "-print_final_stats=0"]);
+            .args(["--", "-print_final_stats=0"]);
+        match budget {
+            FuzzBudget::Secs(secs) => c.arg(format!("-max_total_time={secs}")),
+            FuzzBudget::Runs(runs) => c.args([format!("-runs={runs}"), "-seed=1".into()]),
+        };
         let r = run(c);
         let _ = std::fs::remove_dir_all(&scratch);
         r.with_context(|| format!("fuzz target {t} found a failure (see fuzz/artifacts/{t}/)"))?;
     }
     Ok(())
+}
+
+/// Today's UTC date, YYYY-MM-DD.
+fn today_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "undated".into())
 }
 
 fn unsafe_geteuid() -> u32 {

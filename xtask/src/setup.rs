@@ -7,12 +7,19 @@ use crate::BuildEnv;
 
 const LLVM: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM 22 for bpf-linker, and the tools the tests drive pods with.
-const APT: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "curl", "netcat-openbsd"];
+const APT: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "iproute2",
+    "curl",
+    "netcat-openbsd",
+];
 /// A nightly known to be on LLVM 22, used when the machine has no `nightly` toolchain.
 const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
 
 pub fn run() -> Result<BuildEnv> {
-    apt_packages()?;
+    apt_packages(APT)?;
     let toolchain = nightly_rust_src()?;
     let path = format!(
         "{}:{}/bin:{}",
@@ -21,23 +28,34 @@ pub fn run() -> Result<BuildEnv> {
         std::env::var("PATH").unwrap_or_default()
     );
     bpf_linker(&path)?;
-    Ok(BuildEnv { path, ebpf_toolchain: toolchain })
+    Ok(BuildEnv {
+        path,
+        ebpf_toolchain: toolchain,
+    })
 }
 
-fn ok(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+pub fn ok(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
-fn step(msg: &str) {
+pub fn step(msg: &str) {
     eprintln!("xtask setup: {msg}");
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT
+/// Installs the Debian packages of `list` that are missing. Services they ship are not started.
+pub fn apt_packages(list: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = list
         .iter()
         .copied()
         .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
@@ -49,13 +67,23 @@ fn apt_packages() -> Result<()> {
     if !ok("apt-get", &["update", "-qq"]) {
         bail!("apt-get update failed (are you root, and is the Debian mirror reachable?)");
     }
+    // Packages such as haproxy and nginx start a service on install; policy-rc.d forbids it.
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
+    if own_policy {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755));
+    }
     let st = Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
-        .context("running apt-get")?;
-    if !st.success() {
+        .context("running apt-get");
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    if !st?.success() {
         bail!("apt-get install {} failed", missing.join(" "));
     }
     Ok(())
@@ -66,9 +94,19 @@ fn nightly_rust_src() -> Result<String> {
     let toolchain = if ok("rustup", &["run", "nightly", "rustc", "--version"]) {
         "nightly".to_string()
     } else {
-        step(&format!("no nightly toolchain: installing {PINNED_NIGHTLY}"));
+        step(&format!(
+            "no nightly toolchain: installing {PINNED_NIGHTLY}"
+        ));
         let st = Command::new("rustup")
-            .args(["toolchain", "install", PINNED_NIGHTLY, "--profile", "minimal", "--component", "rust-src"])
+            .args([
+                "toolchain",
+                "install",
+                PINNED_NIGHTLY,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ])
             .status()
             .context("running rustup")?;
         if !st.success() {
@@ -76,13 +114,20 @@ fn nightly_rust_src() -> Result<String> {
         }
         PINNED_NIGHTLY.to_string()
     };
-    let sysroot = Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]).output()?;
+    let sysroot = Command::new("rustup")
+        .args(["run", &toolchain, "rustc", "--print", "sysroot"])
+        .output()?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
-    if std::path::Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists() {
+    if std::path::Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
         step(&format!("rust-src present for {toolchain}"));
     } else {
         step(&format!("installing rust-src for {toolchain}"));
-        let st = Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]).status()?;
+        let st = Command::new("rustup")
+            .args(["component", "add", "rust-src", "--toolchain", &toolchain])
+            .status()?;
         if !st.success() {
             bail!("rustup component add rust-src --toolchain {toolchain} failed");
         }
@@ -90,8 +135,13 @@ fn nightly_rust_src() -> Result<String> {
     Ok(toolchain)
 }
 
-fn cargo_bin_dir() -> String {
-    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_else(|_| "/root".into())));
+pub fn cargo_bin_dir() -> String {
+    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+        format!(
+            "{}/.cargo",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into())
+        )
+    });
     format!("{home}/bin")
 }
 
@@ -103,7 +153,16 @@ fn bpf_linker(path: &str) -> Result<()> {
     }
     step("installing bpf-linker 0.13.0 against LLVM 22 (about a minute)");
     let st = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--no-default-features", "--features", "llvm-22"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
         .env("LLVM_PREFIX", LLVM)
         .env("PATH", path)
         .status()
@@ -122,7 +181,11 @@ pub fn cargo_fuzz(env: &BuildEnv) -> Result<()> {
         return Ok(());
     }
     step("installing cargo-fuzz");
-    let st = Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]).env("PATH", &env.path).status().context("running cargo install")?;
+    let st = Command::new("cargo")
+        .args(["install", "cargo-fuzz", "--locked"])
+        .env("PATH", &env.path)
+        .status()
+        .context("running cargo install")?;
     if !st.success() {
         bail!("cargo install cargo-fuzz failed");
     }

@@ -27,10 +27,19 @@ pub fn compile(t: &str) -> Result<Regex, String> {
                 seen_glob = true;
                 re.push_str(&format!("(?:{PCHAR}|/)*"));
             }
-            s if s.contains('{') || s.contains('}') => return Err(format!("invalid template segment {s:?}: use {{*}} or {{**}} as a whole segment")),
+            s if s.contains('{') || s.contains('}') => {
+                return Err(format!(
+                    "invalid template segment {s:?}: use {{*}} or {{**}} as a whole segment"
+                ))
+            }
             s => {
-                if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@".contains(&b)) {
-                    return Err(format!("segment {s:?} has characters that are not allowed in a path"));
+                if !s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@".contains(&b))
+                {
+                    return Err(format!(
+                        "segment {s:?} has characters that are not allowed in a path"
+                    ));
                 }
                 re.push_str(&regex::escape(s));
             }

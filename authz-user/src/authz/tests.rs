@@ -10,7 +10,10 @@ fn policies(yaml: &str) -> Vec<Arc<Compiled>> {
     let mut set = PolicySet::default();
     load_str(yaml, "t.yaml", &mut set);
     assert!(set.is_valid(), "{:?}", set.problems);
-    set.authorization_policies.iter().map(|p| Arc::new(Compiled::new(p))).collect()
+    set.authorization_policies
+        .iter()
+        .map(|p| Arc::new(Compiled::new(p)))
+        .collect()
 }
 
 struct Req<'a> {
@@ -32,7 +35,11 @@ fn req<'a>() -> Req<'a> {
         host: "httpbin.foo",
         headers: vec![],
         identity: None,
-        peer: Some(Peer { trust_domain: "cluster.local".into(), namespace: "foo".into(), service_account: "sleep".into() }),
+        peer: Some(Peer {
+            trust_domain: "cluster.local".into(),
+            namespace: "foo".into(),
+            service_account: "sleep".into(),
+        }),
         src: "10.0.0.2",
         port: 8000,
         http: true,
@@ -40,17 +47,31 @@ fn req<'a>() -> Req<'a> {
 }
 
 fn ident(iss: &str, sub: &str, payload: serde_json::Value) -> Option<Identity> {
-    Some(Identity { issuer: iss.into(), subject: sub.into(), payload: Arc::new(payload), space_delimited: Arc::new(vec!["scope".into(), "permission".into()]) })
+    Some(Identity {
+        issuer: iss.into(),
+        subject: sub.into(),
+        payload: Arc::new(payload),
+        space_delimited: Arc::new(vec!["scope".into(), "permission".into()]),
+    })
 }
 
 fn allowed(p: &[Arc<Compiled>], r: &Req) -> bool {
     let mut h = HeaderMap::new();
     for (k, v) in &r.headers {
-        h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
     let src: IpAddr = r.src.parse().unwrap();
     let a = Attrs {
-        http: r.http.then_some(HttpAttrs { method: r.method, path: r.path, host: r.host, headers: &h, identity: r.identity.as_ref() }),
+        http: r.http.then_some(HttpAttrs {
+            method: r.method,
+            path: r.path,
+            host: r.host,
+            headers: &h,
+            identity: r.identity.as_ref(),
+        }),
         peer: r.peer.as_ref(),
         source_ip: Some(src),
         remote_ip: Some(src),
@@ -79,7 +100,13 @@ fn empty_spec_denies_all_and_empty_rule_allows_all() {
 fn deny_wins_over_allow_and_audit_changes_nothing() {
     let p = policies(&format!("{HEAD}spec:\n  rules: [{{}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: d, namespace: foo}}\nspec:\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/admin]}}}}]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a, namespace: foo}}\nspec:\n  action: AUDIT\n  rules: [{{}}]\n"));
     assert!(allowed(&p, &req()));
-    assert!(!allowed(&p, &Req { path: "/admin", ..req() }));
+    assert!(!allowed(
+        &p,
+        &Req {
+            path: "/admin",
+            ..req()
+        }
+    ));
 }
 
 #[test]
@@ -91,78 +118,267 @@ fn dry_run_deny_does_not_deny() {
 #[test]
 fn custom_never_silently_allows() {
     let p = ap("  action: CUSTOM\n  provider: {name: ext}\n  rules: [{to: [{operation: {paths: [/x]}}]}]\n");
-    assert!(!allowed(&p, &Req { path: "/x", ..req() }));
+    assert!(!allowed(
+        &p,
+        &Req {
+            path: "/x",
+            ..req()
+        }
+    ));
     assert!(allowed(&p, &req()));
 }
 
 #[test]
 fn operation_fields() {
     let paths = ap("  rules: [{to: [{operation: {paths: [/exact, \"/pre/*\", \"*/suf\", \"/t/{*}/x\", \"/g/{**}\"]}}]}]\n");
-    for (p, want) in [("/exact", true), ("/exact/", false), ("/EXACT", false), ("/pre/a/b", true), ("/a/suf", true), ("/t/1/x", true), ("/t/1/2/x", false), ("/g/", true), ("/g", false), ("/g/a/b", true), ("/other", false)] {
+    for (p, want) in [
+        ("/exact", true),
+        ("/exact/", false),
+        ("/EXACT", false),
+        ("/pre/a/b", true),
+        ("/a/suf", true),
+        ("/t/1/x", true),
+        ("/t/1/2/x", false),
+        ("/g/", true),
+        ("/g", false),
+        ("/g/a/b", true),
+        ("/other", false),
+    ] {
         assert_eq!(allowed(&paths, &Req { path: p, ..req() }), want, "{p}");
     }
     let hosts = ap("  rules: [{to: [{operation: {hosts: [httpbin.foo, \"*.example.com\"]}}]}]\n");
-    assert!(allowed(&hosts, &Req { host: "HTTPBIN.Foo", ..req() }), "hosts are case-insensitive");
-    assert!(!allowed(&hosts, &Req { host: "httpbin.foo:8000", ..req() }), "ports are not stripped");
-    assert!(allowed(&hosts, &Req { host: "a.example.com", ..req() }));
+    assert!(
+        allowed(
+            &hosts,
+            &Req {
+                host: "HTTPBIN.Foo",
+                ..req()
+            }
+        ),
+        "hosts are case-insensitive"
+    );
+    assert!(
+        !allowed(
+            &hosts,
+            &Req {
+                host: "httpbin.foo:8000",
+                ..req()
+            }
+        ),
+        "ports are not stripped"
+    );
+    assert!(allowed(
+        &hosts,
+        &Req {
+            host: "a.example.com",
+            ..req()
+        }
+    ));
     let methods = ap("  rules: [{to: [{operation: {methods: [GET], notPaths: [/private]}}]}]\n");
     assert!(allowed(&methods, &req()));
-    assert!(!allowed(&methods, &Req { method: "get", ..req() }), "methods are case-sensitive");
-    assert!(!allowed(&methods, &Req { path: "/private", ..req() }));
+    assert!(
+        !allowed(
+            &methods,
+            &Req {
+                method: "get",
+                ..req()
+            }
+        ),
+        "methods are case-sensitive"
+    );
+    assert!(!allowed(
+        &methods,
+        &Req {
+            path: "/private",
+            ..req()
+        }
+    ));
     let ports = ap("  rules: [{to: [{operation: {ports: [\"8000\"]}}]}]\n");
     assert!(allowed(&ports, &req()));
-    assert!(!allowed(&ports, &Req { port: 9000, ..req() }));
+    assert!(!allowed(
+        &ports,
+        &Req {
+            port: 9000,
+            ..req()
+        }
+    ));
 }
 
 #[test]
 fn source_fields() {
     let p = ap("  rules: [{from: [{source: {principals: [cluster.local/ns/foo/sa/sleep]}}]}]\n");
     assert!(allowed(&p, &req()));
-    assert!(!allowed(&p, &Req { peer: None, ..req() }));
+    assert!(!allowed(
+        &p,
+        &Req {
+            peer: None,
+            ..req()
+        }
+    ));
     let p = ap("  rules: [{from: [{source: {namespaces: [\"f*\"], notNamespaces: [bar]}}]}]\n");
     assert!(allowed(&p, &req()));
     let p = ap("  rules: [{from: [{source: {serviceAccounts: [sleep, other/x]}}]}]\n");
-    assert!(allowed(&p, &req()), "a bare service account is in the policy's namespace");
+    assert!(
+        allowed(&p, &req()),
+        "a bare service account is in the policy's namespace"
+    );
     let p = ap("  rules: [{from: [{source: {serviceAccounts: [bar/sleep]}}]}]\n");
     assert!(!allowed(&p, &req()));
-    let p = ap("  rules: [{from: [{source: {ipBlocks: [10.0.0.0/24], notIpBlocks: [10.0.0.9]}}]}]\n");
+    let p =
+        ap("  rules: [{from: [{source: {ipBlocks: [10.0.0.0/24], notIpBlocks: [10.0.0.9]}}]}]\n");
     assert!(allowed(&p, &req()));
-    assert!(!allowed(&p, &Req { src: "10.0.0.9", ..req() }));
-    assert!(!allowed(&p, &Req { src: "10.1.0.1", ..req() }));
+    assert!(!allowed(
+        &p,
+        &Req {
+            src: "10.0.0.9",
+            ..req()
+        }
+    ));
+    assert!(!allowed(
+        &p,
+        &Req {
+            src: "10.1.0.1",
+            ..req()
+        }
+    ));
 }
 
 #[test]
 fn request_principals_split_at_the_last_slash() {
     let p = ap("  rules: [{from: [{source: {requestPrincipals: [\"https://issuer.example.com/path/user-1\"]}}]}]\n");
-    assert!(allowed(&p, &Req { identity: ident("https://issuer.example.com/path", "user-1", serde_json::json!({})), ..req() }));
+    assert!(allowed(
+        &p,
+        &Req {
+            identity: ident(
+                "https://issuer.example.com/path",
+                "user-1",
+                serde_json::json!({})
+            ),
+            ..req()
+        }
+    ));
     let star = ap("  rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]\n");
-    assert!(allowed(&star, &Req { identity: ident("i", "s", serde_json::json!({})), ..req() }));
-    assert!(!allowed(&star, &Req { identity: ident("i", "", serde_json::json!({})), ..req() }), "no sub: * does not match");
+    assert!(allowed(
+        &star,
+        &Req {
+            identity: ident("i", "s", serde_json::json!({})),
+            ..req()
+        }
+    ));
+    assert!(
+        !allowed(
+            &star,
+            &Req {
+                identity: ident("i", "", serde_json::json!({})),
+                ..req()
+            }
+        ),
+        "no sub: * does not match"
+    );
     assert!(!allowed(&star, &req()), "no token");
     let pre = ap("  rules: [{from: [{source: {requestPrincipals: [\"iss/*\", \"*x/sub\"]}}]}]\n");
-    assert!(allowed(&pre, &Req { identity: ident("iss", "anything", serde_json::json!({})), ..req() }));
-    assert!(allowed(&pre, &Req { identity: ident("abx", "sub", serde_json::json!({})), ..req() }));
-    assert!(!allowed(&pre, &Req { identity: ident("abx", "other", serde_json::json!({})), ..req() }));
+    assert!(allowed(
+        &pre,
+        &Req {
+            identity: ident("iss", "anything", serde_json::json!({})),
+            ..req()
+        }
+    ));
+    assert!(allowed(
+        &pre,
+        &Req {
+            identity: ident("abx", "sub", serde_json::json!({})),
+            ..req()
+        }
+    ));
+    assert!(!allowed(
+        &pre,
+        &Req {
+            identity: ident("abx", "other", serde_json::json!({})),
+            ..req()
+        }
+    ));
 }
 
 #[test]
 fn when_conditions() {
     let c = |when: &str| ap(&format!("  rules: [{{when: [{when}]}}]\n"));
     let tenant = c("{key: \"request.headers[x-tenant]\", values: [\"a*\"], notValues: [ab]}");
-    assert!(allowed(&tenant, &Req { headers: vec![("x-tenant", "abc")], ..req() }));
-    assert!(!allowed(&tenant, &Req { headers: vec![("x-tenant", "abc"), ("x-tenant", "ab")], ..req() }), "each value of a repeated header");
+    assert!(allowed(
+        &tenant,
+        &Req {
+            headers: vec![("x-tenant", "abc")],
+            ..req()
+        }
+    ));
+    assert!(
+        !allowed(
+            &tenant,
+            &Req {
+                headers: vec![("x-tenant", "abc"), ("x-tenant", "ab")],
+                ..req()
+            }
+        ),
+        "each value of a repeated header"
+    );
     assert!(!allowed(&tenant, &req()));
     let present = c("{key: \"request.headers[x-a]\", values: [\"*\"]}");
-    assert!(allowed(&present, &Req { headers: vec![("x-a", "")], ..req() }), "* on headers = present");
+    assert!(
+        allowed(
+            &present,
+            &Req {
+                headers: vec![("x-a", "")],
+                ..req()
+            }
+        ),
+        "* on headers = present"
+    );
     let groups = c("{key: \"request.auth.claims[groups]\", values: [group1]}");
-    assert!(allowed(&groups, &Req { identity: ident("i", "s", serde_json::json!({"groups": ["group1", "group2"]})), ..req() }));
-    assert!(!allowed(&groups, &Req { identity: ident("i", "s", serde_json::json!({"groups": "group10"})), ..req() }));
+    assert!(allowed(
+        &groups,
+        &Req {
+            identity: ident(
+                "i",
+                "s",
+                serde_json::json!({"groups": ["group1", "group2"]})
+            ),
+            ..req()
+        }
+    ));
+    assert!(!allowed(
+        &groups,
+        &Req {
+            identity: ident("i", "s", serde_json::json!({"groups": "group10"})),
+            ..req()
+        }
+    ));
     let nested = c("{key: \"request.auth.claims[nested][key1]\", values: [v1]}");
-    assert!(allowed(&nested, &Req { identity: ident("i", "s", serde_json::json!({"nested": {"key1": "v1"}})), ..req() }));
+    assert!(allowed(
+        &nested,
+        &Req {
+            identity: ident("i", "s", serde_json::json!({"nested": {"key1": "v1"}})),
+            ..req()
+        }
+    ));
     let scope = c("{key: \"request.auth.claims[scope]\", values: [write]}");
-    assert!(allowed(&scope, &Req { identity: ident("i", "s", serde_json::json!({"scope": "read write"})), ..req() }), "scope is space-delimited");
+    assert!(
+        allowed(
+            &scope,
+            &Req {
+                identity: ident("i", "s", serde_json::json!({"scope": "read write"})),
+                ..req()
+            }
+        ),
+        "scope is space-delimited"
+    );
     let aud = c("{key: request.auth.audiences, values: [bar]}");
-    assert!(allowed(&aud, &Req { identity: ident("i", "s", serde_json::json!({"aud": ["foo", "bar"]})), ..req() }));
+    assert!(allowed(
+        &aud,
+        &Req {
+            identity: ident("i", "s", serde_json::json!({"aud": ["foo", "bar"]})),
+            ..req()
+        }
+    ));
     let ip = c("{key: source.ip, values: [10.0.0.0/8]}");
     assert!(allowed(&ip, &req()));
     let port = c("{key: destination.port, notValues: [\"8000\"]}");
@@ -170,17 +386,61 @@ fn when_conditions() {
     let ns = c("{key: source.namespace, values: [foo]}");
     assert!(allowed(&ns, &req()));
     let principal = c("{key: request.auth.principal, values: [i/s]}");
-    assert!(allowed(&principal, &Req { identity: ident("i", "s", serde_json::json!({})), ..req() }));
+    assert!(allowed(
+        &principal,
+        &Req {
+            identity: ident("i", "s", serde_json::json!({})),
+            ..req()
+        }
+    ));
 }
 
 #[test]
 fn tcp_drops_http_allow_rules_and_ignores_http_fields_in_deny() {
-    let allow = ap("  rules: [{to: [{operation: {paths: [/a]}}]}, {to: [{operation: {ports: [\"9000\"]}}]}]\n");
-    assert!(!allowed(&allow, &Req { http: false, ..req() }), "the path rule is dropped, the port rule does not match");
-    assert!(allowed(&allow, &Req { http: false, port: 9000, ..req() }));
-    let deny = ap("  action: DENY\n  rules: [{to: [{operation: {methods: [POST], ports: [\"8000\"]}}]}]\n");
-    assert!(!allowed(&deny, &Req { http: false, ..req() }), "DENY methods+ports denies all TCP on the port");
-    assert!(allowed(&deny, &Req { http: true, ..req() }), "GET over HTTP is not denied");
+    let allow = ap(
+        "  rules: [{to: [{operation: {paths: [/a]}}]}, {to: [{operation: {ports: [\"9000\"]}}]}]\n",
+    );
+    assert!(
+        !allowed(
+            &allow,
+            &Req {
+                http: false,
+                ..req()
+            }
+        ),
+        "the path rule is dropped, the port rule does not match"
+    );
+    assert!(allowed(
+        &allow,
+        &Req {
+            http: false,
+            port: 9000,
+            ..req()
+        }
+    ));
+    let deny = ap(
+        "  action: DENY\n  rules: [{to: [{operation: {methods: [POST], ports: [\"8000\"]}}]}]\n",
+    );
+    assert!(
+        !allowed(
+            &deny,
+            &Req {
+                http: false,
+                ..req()
+            }
+        ),
+        "DENY methods+ports denies all TCP on the port"
+    );
+    assert!(
+        allowed(
+            &deny,
+            &Req {
+                http: true,
+                ..req()
+            }
+        ),
+        "GET over HTTP is not denied"
+    );
 }
 
 #[test]
@@ -193,13 +453,39 @@ fn validation_errors_name_file_and_line() {
     );
     let text: Vec<String> = set.problems.iter().map(|p| p.to_string()).collect();
     let has = |s: &str| text.iter().any(|t| t.starts_with(s));
-    assert!(has("p.yaml:5: AuthorizationPolicy foo/x: a DENY policy without rules"), "{text:#?}");
-    assert!(has("p.yaml:13: AuthorizationPolicy foo/y: rules[0]: when[0]: unknown attribute"), "{text:#?}");
-    assert!(has("p.yaml:17: AuthorizationPolicy foo/y: rules[1]: from[0].source: ipBlocks"), "{text:#?}");
-    assert!(has("p.yaml:19: warning: skipped: v1 ConfigMap"), "{text:#?}");
-    assert!(text.iter().any(|t| t.contains("issuer or jwksUri must be set")), "{text:#?}");
-    assert!(text.iter().any(|t| t.contains("only one of targetRefs or workloadSelector")), "{text:#?}");
+    assert!(
+        has("p.yaml:5: AuthorizationPolicy foo/x: a DENY policy without rules"),
+        "{text:#?}"
+    );
+    assert!(
+        has("p.yaml:13: AuthorizationPolicy foo/y: rules[0]: when[0]: unknown attribute"),
+        "{text:#?}"
+    );
+    assert!(
+        has("p.yaml:17: AuthorizationPolicy foo/y: rules[1]: from[0].source: ipBlocks"),
+        "{text:#?}"
+    );
+    assert!(
+        has("p.yaml:19: warning: skipped: v1 ConfigMap"),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("issuer or jwksUri must be set")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("only one of targetRefs or workloadSelector")),
+        "{text:#?}"
+    );
     let mut set = PolicySet::default();
     load_str("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec:\n  rulez: []\n", "q.yaml", &mut set);
-    assert!(set.problems[0].to_string().starts_with("q.yaml:5: spec: unknown field `rulez`"), "{:?}", set.problems);
+    assert!(
+        set.problems[0]
+            .to_string()
+            .starts_with("q.yaml:5: spec: unknown field `rulez`"),
+        "{:?}",
+        set.problems
+    );
 }

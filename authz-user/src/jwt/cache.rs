@@ -19,7 +19,10 @@ struct Entry {
 
 impl TokenCache {
     pub fn new(cap: usize) -> TokenCache {
-        TokenCache { cap, map: Mutex::new(HashMap::with_capacity(cap.min(4096))) }
+        TokenCache {
+            cap,
+            map: Mutex::new(HashMap::with_capacity(cap.min(4096))),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -32,7 +35,9 @@ impl TokenCache {
             return None;
         }
         let map = self.map.lock().unwrap();
-        map.get(token).filter(|e| e.verified_by == (provider, generation)).map(|e| e.claims.clone())
+        map.get(token)
+            .filter(|e| e.verified_by == (provider, generation))
+            .map(|e| e.claims.clone())
     }
 
     pub fn put(&self, token: &str, provider: u64, generation: u64, claims: &Claims, now: i64) {
@@ -42,7 +47,11 @@ impl TokenCache {
         let mut map = self.map.lock().unwrap();
         if map.len() >= self.cap {
             // Drop expired entries, then as many others as needed to get back under 90%.
-            map.retain(|_, e| e.claims.exp.is_none_or(|x| x + super::CLOCK_SKEW_SECS >= now));
+            map.retain(|_, e| {
+                e.claims
+                    .exp
+                    .is_none_or(|x| x + super::CLOCK_SKEW_SECS >= now)
+            });
             let excess = map.len().saturating_sub(self.cap * 9 / 10);
             if excess > 0 {
                 let victims: Vec<Box<str>> = map.keys().take(excess).cloned().collect();
@@ -51,7 +60,13 @@ impl TokenCache {
                 }
             }
         }
-        map.insert(token.into(), Entry { verified_by: (provider, generation), claims: claims.clone() });
+        map.insert(
+            token.into(),
+            Entry {
+                verified_by: (provider, generation),
+                claims: claims.clone(),
+            },
+        );
     }
 
     pub fn len(&self) -> usize {

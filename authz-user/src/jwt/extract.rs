@@ -12,7 +12,10 @@ impl Location {
     /// Without fromHeaders/fromParams/fromCookies: `Authorization: Bearer`, then `?access_token=`.
     pub fn defaults() -> Vec<Location> {
         vec![
-            Location::Header { name: http::header::AUTHORIZATION, prefix: "Bearer ".into() },
+            Location::Header {
+                name: http::header::AUTHORIZATION,
+                prefix: "Bearer ".into(),
+            },
             Location::Param("access_token".into()),
         ]
     }
@@ -73,8 +76,18 @@ pub fn first_param(query: &str, name: &str) -> Option<String> {
 
 /// The query without any `name=` parameter (a verified query token is not forwarded).
 pub fn remove_param(query: &str, name: &str) -> String {
-    let kept: Vec<&str> = query.trim_start_matches('?').split('&').filter(|kv| !kv.is_empty() && kv.split_once('=').map(|(k, _)| k) != Some(name) && *kv != name).collect();
-    if kept.is_empty() { String::new() } else { format!("?{}", kept.join("&")) }
+    let kept: Vec<&str> = query
+        .trim_start_matches('?')
+        .split('&')
+        .filter(|kv| {
+            !kv.is_empty() && kv.split_once('=').map(|(k, _)| k) != Some(name) && *kv != name
+        })
+        .collect();
+    if kept.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", kept.join("&"))
+    }
 }
 
 #[cfg(test)]
@@ -84,38 +97,76 @@ mod tests {
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
-            m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         m
     }
 
     #[test]
     fn header_prefix_anywhere_case_sensitive() {
-        let loc = Location::Header { name: HeaderName::from_static("x-token"), prefix: "Token ".into() };
-        assert_eq!(extract(&loc, &h(&[("x-token", "xyz Token a.b.c")]), ""), vec!["a.b.c"]);
+        let loc = Location::Header {
+            name: HeaderName::from_static("x-token"),
+            prefix: "Token ".into(),
+        };
+        assert_eq!(
+            extract(&loc, &h(&[("x-token", "xyz Token a.b.c")]), ""),
+            vec!["a.b.c"]
+        );
         let bearer = &Location::defaults()[0];
         assert!(extract(bearer, &h(&[("authorization", "bearer a.b.c")]), "").is_empty());
         assert!(extract(bearer, &h(&[("authorization", "BEARER a.b.c")]), "").is_empty());
-        assert_eq!(extract(bearer, &h(&[("authorization", "Bearer a.b.c junk")]), ""), vec!["a.b.c junk"]);
+        assert_eq!(
+            extract(bearer, &h(&[("authorization", "Bearer a.b.c junk")]), ""),
+            vec!["a.b.c junk"]
+        );
     }
 
     #[test]
     fn repeated_authorization_is_joined_custom_headers_are_not() {
         let bearer = &Location::defaults()[0];
-        let got = extract(bearer, &h(&[("authorization", "Bearer a.b.c"), ("authorization", "Bearer d.e.f")]), "");
+        let got = extract(
+            bearer,
+            &h(&[
+                ("authorization", "Bearer a.b.c"),
+                ("authorization", "Bearer d.e.f"),
+            ]),
+            "",
+        );
         assert_eq!(got, vec!["a.b.c,Bearer d.e.f"]);
-        let loc = Location::Header { name: HeaderName::from_static("x-jwt"), prefix: String::new() };
-        assert_eq!(extract(&loc, &h(&[("x-jwt", "a.b.c"), ("x-jwt", "d.e.f")]), "").len(), 2);
+        let loc = Location::Header {
+            name: HeaderName::from_static("x-jwt"),
+            prefix: String::new(),
+        };
+        assert_eq!(
+            extract(&loc, &h(&[("x-jwt", "a.b.c"), ("x-jwt", "d.e.f")]), "").len(),
+            2
+        );
     }
 
     #[test]
     fn params_and_cookies_first_value_wins() {
         let p = Location::Param("access_token".into());
-        assert_eq!(extract(&p, &HeaderMap::new(), "?a=1&access_token=t1&access_token=t2"), vec!["t1"]);
+        assert_eq!(
+            extract(
+                &p,
+                &HeaderMap::new(),
+                "?a=1&access_token=t1&access_token=t2"
+            ),
+            vec!["t1"]
+        );
         assert!(extract(&p, &HeaderMap::new(), "?Access_Token=t1").is_empty());
         let c = Location::Cookie("session".into());
-        assert_eq!(extract(&c, &h(&[("cookie", "a=1; session=s1; session=s2")]), ""), vec!["s1"]);
-        assert_eq!(remove_param("?a=1&access_token=t&b=2", "access_token"), "?a=1&b=2");
+        assert_eq!(
+            extract(&c, &h(&[("cookie", "a=1; session=s1; session=s2")]), ""),
+            vec!["s1"]
+        );
+        assert_eq!(
+            remove_param("?a=1&access_token=t&b=2", "access_token"),
+            "?a=1&b=2"
+        );
         assert_eq!(remove_param("?access_token=t", "access_token"), "");
     }
 }

@@ -63,9 +63,16 @@ impl Jwks {
         if bytes.len() > MAX_JWKS_BYTES {
             return Err(format!("JWKS is larger than {MAX_JWKS_BYTES} bytes"));
         }
-        let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("JWKS is not valid JSON: {e}"))?;
-        let keys = v.get("keys").and_then(Value::as_array).ok_or("JWKS has no \"keys\" array")?;
-        let mut out = Jwks { keys: Vec::new(), has_private_material: false };
+        let v: Value =
+            serde_json::from_slice(bytes).map_err(|e| format!("JWKS is not valid JSON: {e}"))?;
+        let keys = v
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or("JWKS has no \"keys\" array")?;
+        let mut out = Jwks {
+            keys: Vec::new(),
+            has_private_material: false,
+        };
         let mut errors = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             if k.get("d").is_some() || k.get("p").is_some() {
@@ -78,21 +85,34 @@ impl Jwks {
             }
         }
         if out.keys.is_empty() {
-            return Err(if errors.is_empty() { "Jwks doesn't have any valid public key".into() } else { format!("Jwks doesn't have any valid public key ({})", errors.join("; ")) });
+            return Err(if errors.is_empty() {
+                "Jwks doesn't have any valid public key".into()
+            } else {
+                format!(
+                    "Jwks doesn't have any valid public key ({})",
+                    errors.join("; ")
+                )
+            });
         }
         Ok(out)
     }
 }
 
 fn s<'a>(k: &'a Value, f: &str) -> Result<&'a str, String> {
-    k.get(f).and_then(Value::as_str).filter(|x| !x.is_empty()).ok_or_else(|| format!("[{f}] field is missing or not a string"))
+    k.get(f)
+        .and_then(Value::as_str)
+        .filter(|x| !x.is_empty())
+        .ok_or_else(|| format!("[{f}] field is missing or not a string"))
 }
 
 fn parse_key(k: &Value) -> Result<Option<Jwk>, String> {
     let kty = s(k, "kty")?;
     let kid = k.get("kid").and_then(Value::as_str).map(String::from);
     let alg = k.get("alg").and_then(Value::as_str).map(String::from);
-    if k.get("use").and_then(Value::as_str).is_some_and(|u| u != "sig") {
+    if k.get("use")
+        .and_then(Value::as_str)
+        .is_some_and(|u| u != "sig")
+    {
         return Ok(None);
     }
     let (kty, material) = match kty {
@@ -103,12 +123,18 @@ fn parse_key(k: &Value) -> Result<Option<Jwk>, String> {
             if nb.len() < 256 - 1 {
                 return Err("RSA keys shorter than 2048 bits are refused".into());
             }
-            (Kty::Rsa, Material::Std(DecodingKey::from_rsa_components(n, e).map_err(|e| e.to_string())?))
+            (
+                Kty::Rsa,
+                Material::Std(DecodingKey::from_rsa_components(n, e).map_err(|e| e.to_string())?),
+            )
         }
         "EC" => {
             let crv = s(k, "crv")?;
             let (x, y) = (s(k, "x")?, s(k, "y")?);
-            let (xb, yb) = (B64.decode(x).map_err(|_| "EC [x] is not base64url")?, B64.decode(y).map_err(|_| "EC [y] is not base64url")?);
+            let (xb, yb) = (
+                B64.decode(x).map_err(|_| "EC [x] is not base64url")?,
+                B64.decode(y).map_err(|_| "EC [y] is not base64url")?,
+            );
             let want = match crv {
                 "P-256" => 32,
                 "P-384" => 48,
@@ -119,20 +145,33 @@ fn parse_key(k: &Value) -> Result<Option<Jwk>, String> {
                 return Err(format!("EC {crv} coordinates must be {want} bytes"));
             }
             match crv {
-                "P-256" => (Kty::Ec256, Material::Std(DecodingKey::from_ec_components(x, y).map_err(|e| e.to_string())?)),
-                "P-384" => (Kty::Ec384, Material::Std(DecodingKey::from_ec_components(x, y).map_err(|e| e.to_string())?)),
+                "P-256" => (
+                    Kty::Ec256,
+                    Material::Std(
+                        DecodingKey::from_ec_components(x, y).map_err(|e| e.to_string())?,
+                    ),
+                ),
+                "P-384" => (
+                    Kty::Ec384,
+                    Material::Std(
+                        DecodingKey::from_ec_components(x, y).map_err(|e| e.to_string())?,
+                    ),
+                ),
                 _ => {
                     let mut sec1 = Vec::with_capacity(133);
                     sec1.push(4);
                     sec1.extend_from_slice(&xb);
                     sec1.extend_from_slice(&yb);
-                    let vk = p521::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|_| "EC P-521 point is not on the curve")?;
+                    let vk = p521::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
+                        .map_err(|_| "EC P-521 point is not on the curve")?;
                     (Kty::Ec521, Material::P521(Box::new(vk)))
                 }
             }
         }
         "oct" => {
-            let kb = B64.decode(s(k, "k")?).map_err(|_| "oct [k] is not base64url")?;
+            let kb = B64
+                .decode(s(k, "k")?)
+                .map_err(|_| "oct [k] is not base64url")?;
             (Kty::Oct, Material::Std(DecodingKey::from_secret(&kb)))
         }
         "OKP" => {
@@ -143,9 +182,17 @@ fn parse_key(k: &Value) -> Result<Option<Jwk>, String> {
             if B64.decode(x).map_err(|_| "OKP [x] is not base64url")?.len() != 32 {
                 return Err("Ed25519 [x] must be 32 bytes".into());
             }
-            (Kty::Ed25519, Material::Std(DecodingKey::from_ed_components(x).map_err(|e| e.to_string())?))
+            (
+                Kty::Ed25519,
+                Material::Std(DecodingKey::from_ed_components(x).map_err(|e| e.to_string())?),
+            )
         }
         other => return Err(format!("kty {other:?} is not supported")),
     };
-    Ok(Some(Jwk { kid, alg, kty, material }))
+    Ok(Some(Jwk {
+        kid,
+        alg,
+        kty,
+        material,
+    }))
 }

@@ -1,6 +1,9 @@
 //! JWTs: parsing, checks in Envoy's order (format, issuer, time, audience, signature), the
 //! exact jwt_verify_lib status strings, and the verified-token cache.
-use std::{sync::Arc, time::{SystemTime, UNIX_EPOCH}};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
 use serde_json::Value;
@@ -49,7 +52,9 @@ impl JwtError {
     pub fn message(self) -> &'static str {
         use JwtError::*;
         match self {
-            BadFormat => "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
+            BadFormat => {
+                "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+            }
             HeaderBadBase64 => "Jwt header is an invalid Base64url encoded",
             HeaderBadJson => "Jwt header is an invalid JSON",
             HeaderBadAlg => "Jwt header [alg] field is required and must be a string",
@@ -76,29 +81,57 @@ impl JwtError {
     }
 
     pub fn status(self) -> u16 {
-        if self == JwtError::AudienceNotAllowed { 403 } else { 401 }
+        if self == JwtError::AudienceNotAllowed {
+            403
+        } else {
+            401
+        }
     }
 
     /// How much an error says about a token: a real verdict beats "not my issuer".
     pub fn weight(self) -> u8 {
-        if self == JwtError::UnknownIssuer { 1 } else { 2 }
+        if self == JwtError::UnknownIssuer {
+            1
+        } else {
+            2
+        }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::upper_case_acronyms)]
 pub enum Alg {
-    RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, ES512, HS256, HS384, HS512, EdDSA,
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    ES512,
+    HS256,
+    HS384,
+    HS512,
+    EdDSA,
 }
 
 impl Alg {
     fn parse(s: &str) -> Option<Alg> {
         use Alg::*;
         Some(match s {
-            "RS256" => RS256, "RS384" => RS384, "RS512" => RS512,
-            "PS256" => PS256, "PS384" => PS384, "PS512" => PS512,
-            "ES256" => ES256, "ES384" => ES384, "ES512" => ES512,
-            "HS256" => HS256, "HS384" => HS384, "HS512" => HS512,
+            "RS256" => RS256,
+            "RS384" => RS384,
+            "RS512" => RS512,
+            "PS256" => PS256,
+            "PS384" => PS384,
+            "PS512" => PS512,
+            "ES256" => ES256,
+            "ES384" => ES384,
+            "ES512" => ES512,
+            "HS256" => HS256,
+            "HS384" => HS384,
+            "HS512" => HS512,
             "EdDSA" => EdDSA,
             _ => return None,
         })
@@ -106,17 +139,35 @@ impl Alg {
     pub fn name(self) -> &'static str {
         use Alg::*;
         match self {
-            RS256 => "RS256", RS384 => "RS384", RS512 => "RS512", PS256 => "PS256", PS384 => "PS384", PS512 => "PS512",
-            ES256 => "ES256", ES384 => "ES384", ES512 => "ES512", HS256 => "HS256", HS384 => "HS384", HS512 => "HS512", EdDSA => "EdDSA",
+            RS256 => "RS256",
+            RS384 => "RS384",
+            RS512 => "RS512",
+            PS256 => "PS256",
+            PS384 => "PS384",
+            PS512 => "PS512",
+            ES256 => "ES256",
+            ES384 => "ES384",
+            ES512 => "ES512",
+            HS256 => "HS256",
+            HS384 => "HS384",
+            HS512 => "HS512",
+            EdDSA => "EdDSA",
         }
     }
     fn jsonwebtoken(self) -> Option<jsonwebtoken::Algorithm> {
         use jsonwebtoken::Algorithm as A;
         Some(match self {
-            Alg::RS256 => A::RS256, Alg::RS384 => A::RS384, Alg::RS512 => A::RS512,
-            Alg::PS256 => A::PS256, Alg::PS384 => A::PS384, Alg::PS512 => A::PS512,
-            Alg::ES256 => A::ES256, Alg::ES384 => A::ES384,
-            Alg::HS256 => A::HS256, Alg::HS384 => A::HS384, Alg::HS512 => A::HS512,
+            Alg::RS256 => A::RS256,
+            Alg::RS384 => A::RS384,
+            Alg::RS512 => A::RS512,
+            Alg::PS256 => A::PS256,
+            Alg::PS384 => A::PS384,
+            Alg::PS512 => A::PS512,
+            Alg::ES256 => A::ES256,
+            Alg::ES384 => A::ES384,
+            Alg::HS256 => A::HS256,
+            Alg::HS384 => A::HS384,
+            Alg::HS512 => A::HS512,
             Alg::EdDSA => A::EdDSA,
             Alg::ES512 => return None,
         })
@@ -141,7 +192,11 @@ pub struct Claims {
 fn int_claim(v: Option<&Value>, err: JwtError) -> Result<Option<i64>, JwtError> {
     match v {
         None => Ok(None),
-        Some(Value::Number(n)) => n.as_i64().or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64)).map(Some).ok_or(err),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .map(Some)
+            .ok_or(err),
         Some(_) => Err(err),
     }
 }
@@ -159,10 +214,15 @@ pub fn parse(token: &str) -> Result<(Claims, &str, &str), JwtError> {
         // Unsigned (alg "none") tokens: Envoy answers with the format error.
         return Err(JwtError::BadFormat);
     }
-    let hb = B64.decode(h.trim_end_matches('=')).map_err(|_| JwtError::HeaderBadBase64)?;
+    let hb = B64
+        .decode(h.trim_end_matches('='))
+        .map_err(|_| JwtError::HeaderBadBase64)?;
     let header: Value = serde_json::from_slice(&hb).map_err(|_| JwtError::HeaderBadJson)?;
     let header = header.as_object().ok_or(JwtError::HeaderBadJson)?;
-    let alg = header.get("alg").and_then(Value::as_str).ok_or(JwtError::HeaderBadAlg)?;
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or(JwtError::HeaderBadAlg)?;
     let alg = Alg::parse(alg).ok_or(JwtError::HeaderNotImplementedAlg)?;
     if header.contains_key("crit") {
         // No extension is understood, so a token that demands one is refused (RFC 7515 4.1.11).
@@ -173,7 +233,9 @@ pub fn parse(token: &str) -> Result<(Claims, &str, &str), JwtError> {
         Some(Value::String(k)) => Some(k.clone()),
         Some(_) => return Err(JwtError::HeaderBadKid),
     };
-    let pb = B64.decode(p.trim_end_matches('=')).map_err(|_| JwtError::PayloadBadBase64)?;
+    let pb = B64
+        .decode(p.trim_end_matches('='))
+        .map_err(|_| JwtError::PayloadBadBase64)?;
     let payload: Value = serde_json::from_slice(&pb).map_err(|_| JwtError::PayloadBadJson)?;
     let obj = payload.as_object().ok_or(JwtError::PayloadBadJson)?;
     let string = |k: &str, e| match obj.get(k) {
@@ -189,28 +251,57 @@ pub fn parse(token: &str) -> Result<(Claims, &str, &str), JwtError> {
     let aud = match obj.get("aud") {
         None => vec![],
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().map(|x| x.as_str().map(String::from)).collect::<Option<Vec<_>>>().ok_or(JwtError::AudNotString)?,
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(JwtError::AudNotString)?,
         Some(_) => return Err(JwtError::AudNotString),
     };
-    Ok((Claims { alg, kid, iss, sub, aud, exp, nbf, payload: Arc::new(payload), payload_b64: p.to_string() }, &token[..h.len() + 1 + p.len()], sig))
+    Ok((
+        Claims {
+            alg,
+            kid,
+            iss,
+            sub,
+            aud,
+            exp,
+            nbf,
+            payload: Arc::new(payload),
+            payload_b64: p.to_string(),
+        },
+        &token[..h.len() + 1 + p.len()],
+        sig,
+    ))
 }
 
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub fn check_time(c: &Claims, now: i64) -> Result<(), JwtError> {
-    if c.exp.is_some_and(|exp| now > exp.saturating_add(CLOCK_SKEW_SECS)) {
+    if c.exp
+        .is_some_and(|exp| now > exp.saturating_add(CLOCK_SKEW_SECS))
+    {
         return Err(JwtError::Expired);
     }
-    if c.nbf.is_some_and(|nbf| nbf > now.saturating_add(CLOCK_SKEW_SECS)) {
+    if c.nbf
+        .is_some_and(|nbf| nbf > now.saturating_add(CLOCK_SKEW_SECS))
+    {
         return Err(JwtError::NotYetValid);
     }
     Ok(())
 }
 
 pub fn check_audience(c: &Claims, allowed: &[String]) -> Result<(), JwtError> {
-    if allowed.is_empty() || c.aud.iter().any(|a| allowed.iter().any(|b| norm_aud(a) == norm_aud(b))) {
+    if allowed.is_empty()
+        || c.aud
+            .iter()
+            .any(|a| allowed.iter().any(|b| norm_aud(a) == norm_aud(b)))
+    {
         Ok(())
     } else {
         Err(JwtError::AudienceNotAllowed)
@@ -219,14 +310,24 @@ pub fn check_audience(c: &Claims, allowed: &[String]) -> Result<(), JwtError> {
 
 /// Envoy compares audiences without scheme and trailing slash.
 fn norm_aud(a: &str) -> &str {
-    let a = a.strip_prefix("https://").or_else(|| a.strip_prefix("http://")).unwrap_or(a);
+    let a = a
+        .strip_prefix("https://")
+        .or_else(|| a.strip_prefix("http://"))
+        .unwrap_or(a);
     a.strip_suffix('/').unwrap_or(a)
 }
 
 /// Signature check against a JWKS, selecting keys as jwt_verify_lib does: a kid on both sides
 /// must agree, a key's alg must equal the token's, the key type must fit; first success wins.
-pub fn verify_signature(c: &Claims, signed: &str, sig_b64: &str, jwks: &Jwks) -> Result<(), JwtError> {
-    let sig = B64.decode(sig_b64.trim_end_matches('=')).map_err(|_| JwtError::SignatureBadBase64)?;
+pub fn verify_signature(
+    c: &Claims,
+    signed: &str,
+    sig_b64: &str,
+    jwks: &Jwks,
+) -> Result<(), JwtError> {
+    let sig = B64
+        .decode(sig_b64.trim_end_matches('='))
+        .map_err(|_| JwtError::SignatureBadBase64)?;
     let mut tried = false;
     for k in &jwks.keys {
         if let (Some(a), Some(b)) = (&c.kid, &k.kid) {
@@ -241,10 +342,17 @@ pub fn verify_signature(c: &Claims, signed: &str, sig_b64: &str, jwks: &Jwks) ->
         let ok = match &k.material {
             Material::P521(vk) => {
                 use p521::ecdsa::signature::Verifier;
-                p521::ecdsa::Signature::from_slice(&sig).is_ok_and(|s| vk.verify(signed.as_bytes(), &s).is_ok())
+                p521::ecdsa::Signature::from_slice(&sig)
+                    .is_ok_and(|s| vk.verify(signed.as_bytes(), &s).is_ok())
             }
             Material::Std(dk) => match c.alg.jsonwebtoken() {
-                Some(alg) => jsonwebtoken::crypto::verify(sig_b64.trim_end_matches('='), signed.as_bytes(), dk, alg).unwrap_or(false),
+                Some(alg) => jsonwebtoken::crypto::verify(
+                    sig_b64.trim_end_matches('='),
+                    signed.as_bytes(),
+                    dk,
+                    alg,
+                )
+                .unwrap_or(false),
                 None => false,
             },
         };
@@ -252,10 +360,14 @@ pub fn verify_signature(c: &Claims, signed: &str, sig_b64: &str, jwks: &Jwks) ->
             return Ok(());
         }
     }
-    Err(if tried { JwtError::VerificationFail } else { JwtError::KidAlgMismatch })
+    Err(if tried {
+        JwtError::VerificationFail
+    } else {
+        JwtError::KidAlgMismatch
+    })
 }
 
-#[cfg(test)]
-mod tests;
 #[cfg(any(test, feature = "testkeys"))]
 pub mod testkeys;
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,10 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::Path,
-    sync::{atomic::{AtomicU64, Ordering}, Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -17,7 +20,8 @@ use hyper_util::rt::TokioIo;
 use super::keys::{Jwks, MAX_JWKS_BYTES};
 
 /// Maps a host name to addresses the way cluster DNS would (services of the config).
-pub type ServiceResolver = Arc<dyn Fn(&str, &str) -> Option<(Vec<IpAddr>, Option<u16>)> + Send + Sync>;
+pub type ServiceResolver =
+    Arc<dyn Fn(&str, &str) -> Option<(Vec<IpAddr>, Option<u16>)> + Send + Sync>;
 
 /// Least time between two fetches triggered by requests (unknown kid, never fetched).
 const REFETCH_GAP: Duration = Duration::from_secs(5);
@@ -30,16 +34,23 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(ca_file: Option<&Path>, resolve: ServiceResolver, allow_link_local: bool) -> anyhow::Result<Fetcher> {
+    pub fn new(
+        ca_file: Option<&Path>,
+        resolve: ServiceResolver,
+        allow_link_local: bool,
+    ) -> anyhow::Result<Fetcher> {
         use anyhow::Context;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_native_certs::load_native_certs().certs {
             let _ = roots.add(c);
         }
         if let Some(f) = ca_file {
-            let pem = std::fs::read(f).with_context(|| format!("reading CA file {}", f.display()))?;
+            let pem =
+                std::fs::read(f).with_context(|| format!("reading CA file {}", f.display()))?;
             for c in rustls_pemfile::certs(&mut &pem[..]) {
-                roots.add(c.with_context(|| format!("parsing CA file {}", f.display()))?).context("adding CA")?;
+                roots
+                    .add(c.with_context(|| format!("parsing CA file {}", f.display()))?)
+                    .context("adding CA")?;
             }
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -47,12 +58,23 @@ impl Fetcher {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(Fetcher { tls: Arc::new(tls), resolve, allow_link_local })
+        Ok(Fetcher {
+            tls: Arc::new(tls),
+            resolve,
+            allow_link_local,
+        })
     }
 
     /// GET `uri` (as seen from `namespace`) and return the body, within `timeout`.
-    pub async fn get(&self, uri: &str, namespace: &str, timeout: Duration) -> Result<Bytes, String> {
-        tokio::time::timeout(timeout, self.get_inner(uri, namespace)).await.map_err(|_| format!("fetching {uri}: timed out after {timeout:?}"))?
+    pub async fn get(
+        &self,
+        uri: &str,
+        namespace: &str,
+        timeout: Duration,
+    ) -> Result<Bytes, String> {
+        tokio::time::timeout(timeout, self.get_inner(uri, namespace))
+            .await
+            .map_err(|_| format!("fetching {uri}: timed out after {timeout:?}"))?
     }
 
     async fn get_inner(&self, uri: &str, namespace: &str) -> Result<Bytes, String> {
@@ -62,7 +84,11 @@ impl Fetcher {
             Some("http") => false,
             _ => return Err(format!("{uri}: only http and https are supported")),
         };
-        let host = u.host().ok_or_else(|| format!("{uri}: no host"))?.trim_matches(|c| c == '[' || c == ']').to_string();
+        let host = u
+            .host()
+            .ok_or_else(|| format!("{uri}: no host"))?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string();
         let mut port = u.port_u16().unwrap_or(if https { 443 } else { 80 });
         let addrs: Vec<IpAddr> = if let Ok(ip) = host.parse::<IpAddr>() {
             vec![ip]
@@ -72,35 +98,67 @@ impl Fetcher {
             }
             ips
         } else {
-            tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| format!("{uri}: resolving {host}: {e}"))?.map(|a| a.ip()).collect()
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|e| format!("{uri}: resolving {host}: {e}"))?
+                .map(|a| a.ip())
+                .collect()
         };
         let addr = addrs.into_iter().find(|ip| self.allow_link_local || !forbidden(*ip)).ok_or_else(|| format!("{uri}: {host} resolves only to link-local or metadata addresses (refused; set agent.allowLinkLocalJwks to allow)"))?;
-        let tcp = tokio::net::TcpStream::connect(SocketAddr::new(addr, port)).await.map_err(|e| format!("{uri}: connecting to {addr}:{port}: {e}"))?;
+        let tcp = tokio::net::TcpStream::connect(SocketAddr::new(addr, port))
+            .await
+            .map_err(|e| format!("{uri}: connecting to {addr}:{port}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let path = u.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-        let authority = u.authority().map(|a| a.as_str()).unwrap_or(&host).to_string();
-        let req = http::Request::get(path).header(http::header::HOST, authority).header(http::header::ACCEPT, "application/json").body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+        let path = u
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let authority = u
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or(&host)
+            .to_string();
+        let req = http::Request::get(path)
+            .header(http::header::HOST, authority)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
         let resp = if https {
-            let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{uri}: {e}"))?;
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| format!("{uri}: TLS: {e}"))?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("{uri}: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("{uri}: TLS: {e}"))?;
             send(TokioIo::new(tls), req).await?
         } else {
             send(TokioIo::new(tcp), req).await?
         };
         let status = resp.status();
         if status != http::StatusCode::OK {
-            return Err(format!("{uri}: HTTP status {status} (redirects are not followed)"));
+            return Err(format!(
+                "{uri}: HTTP status {status} (redirects are not followed)"
+            ));
         }
-        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES).collect().await.map_err(|e| format!("{uri}: reading body: {e}"))?;
+        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("{uri}: reading body: {e}"))?;
         Ok(body.to_bytes())
     }
 }
 
-async fn send<IO>(io: IO, req: http::Request<Empty<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, String>
+async fn send<IO>(
+    io: IO,
+    req: http::Request<Empty<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut s, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     s.send_request(req).await.map_err(|e| e.to_string())
 }
@@ -108,9 +166,17 @@ where
 /// Link-local and cloud-metadata addresses: never a JWKS source unless allowed (SSRF guard).
 pub fn forbidden(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_link_local() || v4.octets() == [100, 100, 100, 200] || v4.octets() == [192, 0, 0, 192],
+        IpAddr::V4(v4) => {
+            v4.is_link_local()
+                || v4.octets() == [100, 100, 100, 200]
+                || v4.octets() == [192, 0, 0, 192]
+        }
         IpAddr::V6(v6) => {
-            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.segments() == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254] || v6.to_ipv4_mapped().is_some_and(|v4| forbidden(IpAddr::V4(v4)))
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.segments() == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254]
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| forbidden(IpAddr::V4(v4)))
         }
     }
 }
@@ -131,7 +197,11 @@ pub struct RemoteJwks {
 
 impl RemoteJwks {
     pub fn current(&self) -> Option<(Arc<Jwks>, u64)> {
-        self.keys.read().unwrap().clone().map(|k| (k, self.generation.load(Ordering::Acquire)))
+        self.keys
+            .read()
+            .unwrap()
+            .clone()
+            .map(|k| (k, self.generation.load(Ordering::Acquire)))
     }
 
     pub async fn refresh(&self, f: &Fetcher) -> Result<(), String> {
@@ -140,9 +210,22 @@ impl RemoteJwks {
         let uri = match &self.discover_from {
             None => self.uri.clone(),
             Some(issuer) => {
-                let doc = f.get(&format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/')), &self.namespace, self.timeout).await?;
-                let v: serde_json::Value = serde_json::from_slice(&doc).map_err(|e| format!("OIDC discovery for {issuer}: {e}"))?;
-                v.get("jwks_uri").and_then(|u| u.as_str()).ok_or_else(|| format!("OIDC discovery for {issuer}: no jwks_uri"))?.to_string()
+                let doc = f
+                    .get(
+                        &format!(
+                            "{}/.well-known/openid-configuration",
+                            issuer.trim_end_matches('/')
+                        ),
+                        &self.namespace,
+                        self.timeout,
+                    )
+                    .await?;
+                let v: serde_json::Value = serde_json::from_slice(&doc)
+                    .map_err(|e| format!("OIDC discovery for {issuer}: {e}"))?;
+                v.get("jwks_uri")
+                    .and_then(|u| u.as_str())
+                    .ok_or_else(|| format!("OIDC discovery for {issuer}: no jwks_uri"))?
+                    .to_string()
             }
         };
         let r = match f.get(&uri, &self.namespace, self.timeout).await {
@@ -196,12 +279,29 @@ pub struct JwksStore {
 
 impl JwksStore {
     pub fn new(fetcher: Fetcher, refresh_every: Duration) -> Arc<JwksStore> {
-        Arc::new(JwksStore { fetcher, refresh_every, sets: Mutex::new(HashMap::new()) })
+        Arc::new(JwksStore {
+            fetcher,
+            refresh_every,
+            sets: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The shared set for a rule; the first caller starts its background refresh.
-    pub fn get(self: &Arc<Self>, uri: &str, issuer: &str, namespace: &str, timeout: Duration) -> Arc<RemoteJwks> {
-        let key = (if uri.is_empty() { format!("oidc:{issuer}") } else { uri.to_string() }, namespace.to_string());
+    pub fn get(
+        self: &Arc<Self>,
+        uri: &str,
+        issuer: &str,
+        namespace: &str,
+        timeout: Duration,
+    ) -> Arc<RemoteJwks> {
+        let key = (
+            if uri.is_empty() {
+                format!("oidc:{issuer}")
+            } else {
+                uri.to_string()
+            },
+            namespace.to_string(),
+        );
         let mut sets = self.sets.lock().unwrap();
         if let Some(s) = sets.get(&key) {
             return s.clone();

@@ -7,7 +7,9 @@ pub fn addr_key(ip: IpAddr) -> [u32; 4] {
         IpAddr::V6(v6) => v6,
     };
     let o = v6.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 pub fn key_addr(words: [u32; 4]) -> IpAddr {
@@ -16,7 +18,9 @@ pub fn key_addr(words: [u32; 4]) -> IpAddr {
         o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
     }
     let v6 = Ipv6Addr::from(o);
-    v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+    v6.to_ipv4_mapped()
+        .map(IpAddr::V4)
+        .unwrap_or(IpAddr::V6(v6))
 }
 
 #[cfg(test)]
@@ -29,7 +33,10 @@ mod tests {
         let k = addr_key(ip);
         assert_eq!(k[3], u32::from_ne_bytes([10, 77, 0, 3]));
         assert_eq!(k[2], u32::from_ne_bytes([0, 0, 0xff, 0xff]));
-        assert_eq!(authz_common::v4_mapped(u32::from_ne_bytes([10, 77, 0, 3])), k);
+        assert_eq!(
+            authz_common::v4_mapped(u32::from_ne_bytes([10, 77, 0, 3])),
+            k
+        );
         assert_eq!(key_addr(k), ip);
     }
 

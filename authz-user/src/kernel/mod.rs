@@ -87,7 +87,8 @@ impl Kernel {
         // sk_msg must be on the sockhash before sock_ops inserts sockets into it.
         let prog: &mut SkMsg = program(&mut ebpf, "authz_sk_msg")?.try_into()?;
         prog.load().context("loading authz_sk_msg")?;
-        prog.attach(sock_hash.fd()).context("attaching authz_sk_msg")?;
+        prog.attach(sock_hash.fd())
+            .context("attaching authz_sk_msg")?;
 
         Ok(Kernel {
             enrolled: Mutex::new(take(&mut ebpf, maps::ENROLLED_PODS)?),
@@ -105,22 +106,45 @@ impl Kernel {
     /// Enrolls the pod whose cgroup is `cgroup`; returns the cgroup id.
     pub fn enroll(&self, cgroup: &Path, pod_id: u32, agent_port: u16) -> Result<u64> {
         let id = cgroup_id(cgroup)?;
-        let info = PodInfo { pod_id, agent_port, _pad: 0 };
-        self.enrolled.lock().unwrap().insert(id, info, 0).context("ENROLLED_PODS insert")?;
+        let info = PodInfo {
+            pod_id,
+            agent_port,
+            _pad: 0,
+        };
+        self.enrolled
+            .lock()
+            .unwrap()
+            .insert(id, info, 0)
+            .context("ENROLLED_PODS insert")?;
         Ok(id)
     }
 
     pub fn release(&self, cgroup_id: u64) -> Result<()> {
-        self.enrolled.lock().unwrap().remove(&cgroup_id).context("ENROLLED_PODS remove")
+        self.enrolled
+            .lock()
+            .unwrap()
+            .remove(&cgroup_id)
+            .context("ENROLLED_PODS remove")
     }
 
     pub fn enforce(&self, ip: IpAddr, workload_id: u32) -> Result<()> {
-        let v = Enforced { workload_id, _pad: 0 };
-        self.enforced.lock().unwrap().insert(addr_key(ip), v, 0).context("ENFORCED_IPS insert")
+        let v = Enforced {
+            workload_id,
+            _pad: 0,
+        };
+        self.enforced
+            .lock()
+            .unwrap()
+            .insert(addr_key(ip), v, 0)
+            .context("ENFORCED_IPS insert")
     }
 
     pub fn unenforce(&self, ip: IpAddr) -> Result<()> {
-        self.enforced.lock().unwrap().remove(&addr_key(ip)).context("ENFORCED_IPS remove")
+        self.enforced
+            .lock()
+            .unwrap()
+            .remove(&addr_key(ip))
+            .context("ENFORCED_IPS remove")
     }
 
     /// The original destination of a redirected connection, seen from the agent's accepted
@@ -142,12 +166,19 @@ impl Kernel {
             },
             _pad: 0,
         };
-        self.state.lock().unwrap().set(0, state, 0).context("AGENT_STATE set")
+        self.state
+            .lock()
+            .unwrap()
+            .set(0, state, 0)
+            .context("AGENT_STATE set")
     }
 
     pub fn counters(&self) -> KernelCounters {
         let sum = |slot: u32| -> u64 {
-            self.counters.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
+            self.counters
+                .get(&slot, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
         };
         KernelCounters {
             connect_redirected: sum(counter::CONNECT_REDIRECTED),
@@ -163,14 +194,22 @@ impl Kernel {
     /// Forwards the programs' aya-log records to the agent's log until the runtime stops.
     pub fn spawn_log_pump(self: &std::sync::Arc<Self>) {
         use std::os::fd::AsRawFd;
-        let Some(fd) = self.logger.lock().unwrap().as_ref().map(|l| l.as_raw_fd()) else { return };
+        let Some(fd) = self.logger.lock().unwrap().as_ref().map(|l| l.as_raw_fd()) else {
+            return;
+        };
         // Borrowed fd: the logger (owned by `self`, kept alive by `k`) outlives the AsyncFd.
         #[allow(deprecated)] // the fd-safe replacement is not in this tokio yet
-        let Ok(afd) = tokio::io::unix::AsyncFd::with_interest(Fd(fd), tokio::io::Interest::READABLE) else { return };
+        let Ok(afd) =
+            tokio::io::unix::AsyncFd::with_interest(Fd(fd), tokio::io::Interest::READABLE)
+        else {
+            return;
+        };
         let k = self.clone();
         tokio::spawn(async move {
             loop {
-                let Ok(mut guard) = afd.readable().await else { return };
+                let Ok(mut guard) = afd.readable().await else {
+                    return;
+                };
                 if let Some(l) = k.logger.lock().unwrap().as_mut() {
                     l.flush();
                 }
@@ -193,14 +232,17 @@ impl std::os::fd::AsRawFd for Fd {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -215,7 +257,8 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
 
 /// Where cgroup2 is mounted: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     mounts
         .lines()
         .filter_map(|l| {
@@ -234,7 +277,10 @@ fn boottime_ns() -> u64 {
 
 fn raise_memlock() {
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
-    let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK");
     }

@@ -85,7 +85,12 @@ pub fn load_paths(paths: &[PathBuf]) -> PolicySet {
         for f in files {
             match std::fs::read_to_string(&f) {
                 Ok(text) => load_str(&text, &f.display().to_string(), &mut set),
-                Err(e) => set.problems.push(Problem { file: f.display().to_string().into(), line: 0, message: format!("cannot read: {e}"), warning: false }),
+                Err(e) => set.problems.push(Problem {
+                    file: f.display().to_string().into(),
+                    line: 0,
+                    message: format!("cannot read: {e}"),
+                    warning: false,
+                }),
             }
         }
     }
@@ -98,16 +103,28 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>, set: &mut PolicySet) {
             Ok(rd) => {
                 for e in rd.flatten() {
                     let path = e.path();
-                    let is_yaml = path.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json");
+                    let is_yaml = path
+                        .extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json");
                     if path.is_dir() || is_yaml {
                         collect(&path, out, set);
                     }
                 }
             }
-            Err(e) => set.problems.push(Problem { file: p.display().to_string().into(), line: 0, message: format!("cannot read folder: {e}"), warning: false }),
+            Err(e) => set.problems.push(Problem {
+                file: p.display().to_string().into(),
+                line: 0,
+                message: format!("cannot read folder: {e}"),
+                warning: false,
+            }),
         },
         Ok(_) => out.push(p.to_path_buf()),
-        Err(e) => set.problems.push(Problem { file: p.display().to_string().into(), line: 0, message: format!("cannot read: {e}"), warning: false }),
+        Err(e) => set.problems.push(Problem {
+            file: p.display().to_string().into(),
+            line: 0,
+            message: format!("cannot read: {e}"),
+            warning: false,
+        }),
     }
 }
 
@@ -150,7 +167,12 @@ fn documents(text: &str) -> Vec<(usize, String)> {
         cur.push('\n');
     }
     docs.push((start, cur));
-    docs.into_iter().filter(|(_, d)| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))).collect()
+    docs.into_iter()
+        .filter(|(_, d)| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
 }
 
 pub fn load_str(text: &str, file: &str, set: &mut PolicySet) {
@@ -161,7 +183,12 @@ pub fn load_str(text: &str, file: &str, set: &mut PolicySet) {
             let msg = e.to_string();
             // serde_yaml appends " at line N column M": the prefix already says where.
             let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            Problem { file: file.clone(), line, message: msg, warning: false }
+            Problem {
+                file: file.clone(),
+                line,
+                message: msg,
+                warning: false,
+            }
         };
         let head: Head = match serde_yaml::from_str(&doc) {
             Ok(h) => h,
@@ -170,8 +197,14 @@ pub fn load_str(text: &str, file: &str, set: &mut PolicySet) {
                 continue;
             }
         };
-        let istio = matches!(head.api_version.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1");
-        let origin = Origin { file: file.clone(), line: start };
+        let istio = matches!(
+            head.api_version.as_str(),
+            "security.istio.io/v1" | "security.istio.io/v1beta1"
+        );
+        let origin = Origin {
+            file: file.clone(),
+            line: start,
+        };
         match (istio, head.kind.as_str()) {
             (true, "RequestAuthentication") => match serde_yaml::from_str::<Doc<RequestAuthenticationSpec>>(&doc) {
                 Ok(d) => {
@@ -214,7 +247,11 @@ pub fn load_str(text: &str, file: &str, set: &mut PolicySet) {
 fn resource<S>(metadata: Metadata, spec: S, origin: Origin) -> Resource<S> {
     Resource {
         name: metadata.name.clone(),
-        namespace: metadata.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()),
+        namespace: metadata
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into()),
         metadata,
         spec,
         origin,
@@ -223,5 +260,8 @@ fn resource<S>(metadata: Metadata, spec: S, origin: Origin) -> Resource<S> {
 
 /// 1-based line (absolute) of the first line in `doc` containing `needle`, else the document start.
 pub fn line_of(doc: &str, start: usize, needle: &str) -> usize {
-    doc.lines().position(|l| l.contains(needle)).map(|i| start + i).unwrap_or(start)
+    doc.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| start + i)
+        .unwrap_or(start)
 }

@@ -6,7 +6,11 @@ use http::HeaderName;
 
 use crate::{
     authz::Compiled,
-    jwt::{extract::Location, keys::Jwks, remote::{JwksStore, RemoteJwks}},
+    jwt::{
+        extract::Location,
+        keys::Jwks,
+        remote::{JwksStore, RemoteJwks},
+    },
     registry::Workload,
 };
 
@@ -68,11 +72,17 @@ pub struct PolicyIndex {
 static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn selects(selector: &Option<BTreeMap<String, String>>, w: &Workload) -> bool {
-    selector.as_ref().is_none_or(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    selector
+        .as_ref()
+        .is_none_or(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
 }
 
 impl PolicyIndex {
-    pub fn build(set: &PolicySet, root_namespace: &str, store: Option<&Arc<JwksStore>>) -> PolicyIndex {
+    pub fn build(
+        set: &PolicySet,
+        root_namespace: &str,
+        store: Option<&Arc<JwksStore>>,
+    ) -> PolicyIndex {
         let mut ras = Vec::new();
         for ra in &set.request_authentications {
             let mut providers = Vec::new();
@@ -83,15 +93,37 @@ impl PolicyIndex {
                         Err(_) => continue, // rejected by validation already
                     }
                 } else {
-                    let timeout = rule.timeout.as_deref().and_then(|t| humantime::parse_duration(t).ok()).unwrap_or(Duration::from_secs(5));
+                    let timeout = rule
+                        .timeout
+                        .as_deref()
+                        .and_then(|t| humantime::parse_duration(t).ok())
+                        .unwrap_or(Duration::from_secs(5));
                     match store {
-                        Some(s) => Keys::Remote(s.get(&rule.jwks_uri, &rule.issuer, &ra.namespace, timeout)),
+                        Some(s) => Keys::Remote(s.get(
+                            &rule.jwks_uri,
+                            &rule.issuer,
+                            &ra.namespace,
+                            timeout,
+                        )),
                         None => continue,
                     }
                 };
-                let mut locations: Vec<Location> = rule.from_headers.iter().filter_map(|h| Some(Location::Header { name: HeaderName::from_bytes(h.name.as_bytes()).ok()?, prefix: h.prefix.clone() })).collect();
+                let mut locations: Vec<Location> = rule
+                    .from_headers
+                    .iter()
+                    .filter_map(|h| {
+                        Some(Location::Header {
+                            name: HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                            prefix: h.prefix.clone(),
+                        })
+                    })
+                    .collect();
                 locations.extend(rule.from_params.iter().map(|p| Location::Param(p.clone())));
-                locations.extend(rule.from_cookies.iter().map(|c| Location::Cookie(c.clone())));
+                locations.extend(
+                    rule.from_cookies
+                        .iter()
+                        .map(|c| Location::Cookie(c.clone())),
+                );
                 if locations.is_empty() {
                     locations = Location::defaults();
                 }
@@ -104,12 +136,20 @@ impl PolicyIndex {
                     audiences: rule.audiences.clone(),
                     keys,
                     locations,
-                    output_payload_to_header: HeaderName::from_bytes(rule.output_payload_to_header.as_bytes()).ok(),
+                    output_payload_to_header: HeaderName::from_bytes(
+                        rule.output_payload_to_header.as_bytes(),
+                    )
+                    .ok(),
                     forward_original_token: rule.forward_original_token,
                     claim_to_headers: rule
                         .output_claim_to_headers
                         .iter()
-                        .filter_map(|c| Some((HeaderName::from_bytes(c.header.as_bytes()).ok()?, c.claim.split('.').map(String::from).collect())))
+                        .filter_map(|c| {
+                            Some((
+                                HeaderName::from_bytes(c.header.as_bytes()).ok()?,
+                                c.claim.split('.').map(String::from).collect(),
+                            ))
+                        })
                         .collect(),
                     space_delimited: Arc::new(space),
                 }));
@@ -121,7 +161,11 @@ impl PolicyIndex {
                 providers,
             });
         }
-        let aps = set.authorization_policies.iter().map(|p| Arc::new(Compiled::new(p))).collect();
+        let aps = set
+            .authorization_policies
+            .iter()
+            .map(|p| Arc::new(Compiled::new(p)))
+            .collect();
         PolicyIndex {
             root_namespace: root_namespace.to_string(),
             request_authentications: set.request_authentications.len(),
@@ -151,13 +195,24 @@ impl PolicyIndex {
                     out.locations.push(l.clone());
                 }
             }
-            for h in p.output_payload_to_header.iter().chain(p.claim_to_headers.iter().map(|(h, _)| h)) {
+            for h in p
+                .output_payload_to_header
+                .iter()
+                .chain(p.claim_to_headers.iter().map(|(h, _)| h))
+            {
                 if !out.sanitize.contains(h) {
                     out.sanitize.push(h.clone());
                 }
             }
         }
-        out.authz = self.aps.iter().filter(|p| !p.has_target_refs && self.in_scope(&p.namespace, w) && selects(&p.selector, w)).cloned().collect();
+        out.authz = self
+            .aps
+            .iter()
+            .filter(|p| {
+                !p.has_target_refs && self.in_scope(&p.namespace, w) && selects(&p.selector, w)
+            })
+            .cloned()
+            .collect();
         out
     }
 }

@@ -5,9 +5,15 @@ use std::{convert::Infallible, sync::atomic::Ordering::Relaxed, sync::Arc};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::{body::Incoming, client::conn::{http1, http2}};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{io::{AsyncRead, AsyncWrite}, sync::Mutex};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::Mutex,
+};
 
 use super::{ConnCtx, Proxy};
 
@@ -20,7 +26,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     px.metrics.connections_http.fetch_add(1, Relaxed);
-    let upstream = Arc::new(Upstream { conn: conn.clone(), h1: Mutex::new(None), h2: Mutex::new(None) });
+    let upstream = Arc::new(Upstream {
+        conn: conn.clone(),
+        h1: Mutex::new(None),
+        h2: Mutex::new(None),
+    });
     let service = hyper::service::service_fn(move |req| {
         let px = px.clone();
         let upstream = upstream.clone();
@@ -37,7 +47,10 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().max_concurrent_streams(256);
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
         tracing::debug!(dst = %conn.dst, "http connection ended: {e}");
     }
 }
@@ -52,15 +65,27 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             .map(str::to_string)
             .or_else(|| req.uri().authority().map(|a| a.to_string()))
             .unwrap_or_default();
-        let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
         let engine = px.engine();
         let d = engine
             .decide_http(
                 &conn.engine_conn(dest),
-                &crate::engine::Request { method: req.method().as_str(), target: &target, host: &host, headers: req.headers(), http2: req.version() == Version::HTTP_2 },
+                &crate::engine::Request {
+                    method: req.method().as_str(),
+                    target: &target,
+                    host: &host,
+                    headers: req.headers(),
+                    http2: req.version() == Version::HTTP_2,
+                },
             )
             .await;
-        px.metrics.request(if d.allowed { "allow" } else { "deny" }, &d.reason);
+        px.metrics
+            .request(if d.allowed { "allow" } else { "deny" }, &d.reason);
         if !d.allowed {
             tracing::info!(
                 target: "authz::deny",
@@ -73,7 +98,10 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
                 reason = %d.reason,
                 "request denied"
             );
-            let mut r = local_reply(StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN), d.body);
+            let mut r = local_reply(
+                StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN),
+                d.body,
+            );
             for (k, v) in d.reply_headers {
                 r.headers_mut().insert(k, v);
             }
@@ -98,20 +126,26 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
     } else {
         px.metrics.request("allow", "not an enforced workload");
     }
-    let upgrade = req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
+    let upgrade =
+        req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let mut resp = match upstream.send(req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(dst = %upstream.conn.dst, "upstream request failed: {e}");
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers".into());
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers".into(),
+            );
         }
     };
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
         let up = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             if let (Ok(down), Ok(up)) = (down.await, up.await) {
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up))
+                        .await;
             }
         });
     }
@@ -119,9 +153,16 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
 }
 
 pub fn local_reply(status: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n: Infallible| match n {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
     r
 }
 
@@ -139,7 +180,9 @@ impl Upstream {
             let sender = match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let io = TokioIo::new(super::upstream::connect(&self.conn.netns, self.conn.dst).await?);
+                    let io = TokioIo::new(
+                        super::upstream::connect(&self.conn.netns, self.conn.dst).await?,
+                    );
                     let (s, c) = http2::handshake(TokioExecutor::new(), io).await?;
                     tokio::spawn(c);
                     *slot = Some(s.clone());

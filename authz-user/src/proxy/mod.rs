@@ -8,18 +8,21 @@ use std::{
 
 use authz_common::SockKey;
 use bytes::BytesMut;
-use tokio::{io::AsyncReadExt, net::{TcpListener, TcpStream}};
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+};
 
 use std::sync::RwLock;
 
 use crate::{
     config::AgentSettings,
     engine::Engine,
-    registry::Registry,
     kernel::{addr_key, key_addr, Kernel},
     metrics::Metrics,
     netns::NetNs,
     registry::Pod,
+    registry::Registry,
 };
 
 pub mod http;
@@ -70,17 +73,34 @@ impl PodListeners {
     /// Binds 127.0.0.1:port (and [::1]:port where the pod has IPv6) inside the pod's netns.
     pub fn open(pod: Arc<Pod>, port: u16) -> anyhow::Result<PodListeners> {
         use anyhow::Context;
-        let netns = Arc::new(NetNs::open(&pod.netns).with_context(|| format!("pod {}/{}: netns {}", pod.workload.namespace, pod.workload.name, pod.netns.display()))?);
+        let netns = Arc::new(NetNs::open(&pod.netns).with_context(|| {
+            format!(
+                "pod {}/{}: netns {}",
+                pod.workload.namespace,
+                pod.workload.name,
+                pod.netns.display()
+            )
+        })?);
         let v4 = netns
             .listen(SocketAddr::from(([127, 0, 0, 1], port)))
-            .with_context(|| format!("pod {}/{}: listening on 127.0.0.1:{port} in its netns", pod.workload.namespace, pod.workload.name))?;
+            .with_context(|| {
+                format!(
+                    "pod {}/{}: listening on 127.0.0.1:{port} in its netns",
+                    pod.workload.namespace, pod.workload.name
+                )
+            })?;
         let netns_cookie = crate::netns::netns_cookie(&v4).context("SO_NETNS_COOKIE")?;
         let mut listeners = vec![TcpListener::from_std(v4)?];
         match netns.listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))) {
             Ok(v6) => listeners.push(TcpListener::from_std(v6)?),
             Err(e) => tracing::debug!(pod = %pod.workload.name, "no IPv6 listener: {e}"),
         }
-        Ok(PodListeners { pod, netns, netns_cookie, listeners })
+        Ok(PodListeners {
+            pod,
+            netns,
+            netns_cookie,
+            listeners,
+        })
     }
 }
 
@@ -108,7 +128,9 @@ pub async fn serve(px: Arc<Proxy>, pl: PodListeners) {
 }
 
 async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, peer: SocketAddr) {
-    let Ok(local) = stream.local_addr() else { return };
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
     let key = SockKey {
         netns: pl.netns_cookie,
         local: addr_key(local.ip()),
@@ -126,20 +148,33 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
     px.metrics.connections_active.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
     let dst = SocketAddr::new(key_addr(orig.addr), orig.port);
-    let src_ip = pl.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(pl.pod.ips.first().copied());
+    let src_ip = pl
+        .pod
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .or(pl.pod.ips.first().copied());
     let destination = px.registry().workload_at(dst.ip()).cloned();
-    let conn = Arc::new(ConnCtx { pod: pl.pod.clone(), destination, netns: pl.netns.clone(), src_ip, dst });
+    let conn = Arc::new(ConnCtx {
+        pod: pl.pod.clone(),
+        destination,
+        netns: pl.netns.clone(),
+        src_ip,
+        dst,
+    });
 
     let mut first = BytesMut::with_capacity(4096);
-    let sniffed = match tokio::time::timeout(px.settings.sniff_timeout, stream.read_buf(&mut first)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => {
-            px.metrics.connections_active.fetch_sub(1, Relaxed);
-            return;
-        }
-        Ok(Ok(_)) => io::sniff(&first),
-        // Server-speaks-first protocols.
-        Err(_) => io::Sniffed::Tcp,
-    };
+    let sniffed =
+        match tokio::time::timeout(px.settings.sniff_timeout, stream.read_buf(&mut first)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                px.metrics.connections_active.fetch_sub(1, Relaxed);
+                return;
+            }
+            Ok(Ok(_)) => io::sniff(&first),
+            // Server-speaks-first protocols.
+            Err(_) => io::Sniffed::Tcp,
+        };
     let stream = io::Prefixed::new(first.freeze(), stream);
     match sniffed {
         io::Sniffed::Http1 | io::Sniffed::Http2 => http::serve(px.clone(), conn, stream).await,
@@ -149,7 +184,10 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
 }
 
 impl ConnCtx {
-    pub fn engine_conn<'a>(&'a self, dest: &'a crate::registry::Workload) -> crate::engine::Conn<'a> {
+    pub fn engine_conn<'a>(
+        &'a self,
+        dest: &'a crate::registry::Workload,
+    ) -> crate::engine::Conn<'a> {
         crate::engine::Conn {
             destination: dest,
             source: Some(&self.pod.workload),

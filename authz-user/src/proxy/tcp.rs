@@ -12,7 +12,8 @@ where
     px.metrics.connections_tcp.fetch_add(1, Relaxed);
     if let Some(dest) = &conn.destination {
         let d = px.engine().decide_tcp(&conn.engine_conn(dest));
-        px.metrics.request(if d.allowed { "allow" } else { "deny" }, &d.reason);
+        px.metrics
+            .request(if d.allowed { "allow" } else { "deny" }, &d.reason);
         if !d.allowed {
             tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %format!("{}/{}", conn.pod.workload.namespace, conn.pod.workload.name), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "tcp connection denied");
             return;

@@ -1,6 +1,6 @@
 //! Connections to the original destination, made from inside the source pod's network
 //! namespace so the destination sees the pod's own address and routes.
-use std::{io, net::SocketAddr, os::fd::IntoRawFd, os::fd::FromRawFd, sync::Arc};
+use std::{io, net::SocketAddr, os::fd::FromRawFd, os::fd::IntoRawFd, sync::Arc};
 
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -1,0 +1,489 @@
+//! The systems under test, each enforcing the FAQ's skip-path policy in front of the same
+//! backend: nothing (direct), the agent (transparent, through the kernel path), HAProxy and Envoy
+//! (as a sidecar would: in the client's network namespace, on loopback).
+//!
+//! CPU layout: the enforcer runs on CPU 0, the client and the backend on CPU 1.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use authz_tests::{data_dir, pod_yaml, wait_listening, workload_yaml, Agent, Host, Net};
+
+use crate::pem;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    Agent {
+        threads: usize,
+        cache: bool,
+        extra_policies: usize,
+    },
+    Haproxy,
+    Envoy {
+        cache: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub about: &'static str,
+}
+
+pub fn all() -> Vec<Target> {
+    use Kind::*;
+    vec![
+        Target {
+            name: "direct",
+            kind: Direct,
+            about: "client -> backend, nothing in between (lower bound)",
+        },
+        Target {
+            name: "agent",
+            kind: Agent {
+                threads: 1,
+                cache: true,
+                extra_policies: 0,
+            },
+            about: "this agent, 1 worker, verified-token cache on",
+        },
+        Target {
+            name: "agent-nocache",
+            kind: Agent {
+                threads: 1,
+                cache: false,
+                extra_policies: 0,
+            },
+            about: "this agent, 1 worker, verified-token cache off",
+        },
+        Target {
+            name: "agent-10k",
+            kind: Agent {
+                threads: 1,
+                cache: true,
+                extra_policies: 10_000,
+            },
+            about: "this agent, 1 worker, 10,000 more policies loaded",
+        },
+        Target {
+            name: "agent-2t",
+            kind: Agent {
+                threads: 2,
+                cache: true,
+                extra_policies: 0,
+            },
+            about: "this agent, 2 workers on CPUs 0-1 (scaling)",
+        },
+        Target {
+            name: "haproxy",
+            kind: Haproxy,
+            about: "HAProxy, 1 thread, jwt_verify (no token cache)",
+        },
+        Target {
+            name: "envoy",
+            kind: Envoy { cache: false },
+            about: "Envoy, 1 worker, Istio's jwt_authn + rbac",
+        },
+        Target {
+            name: "envoy-jwtcache",
+            kind: Envoy { cache: true },
+            about: "Envoy, 1 worker, with jwt_cache_config",
+        },
+    ]
+}
+
+/// Paths of the programs the benchmark drives.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub wrk: PathBuf,
+    pub oha: PathBuf,
+    pub haproxy: PathBuf,
+    pub envoy: PathBuf,
+    pub nginx: PathBuf,
+}
+
+/// The pods: `client` (enrolled in the agent runs), `server` (the backend) and nine idle pods,
+/// so the agent's idle RSS is measured with ten enrolled pods.
+pub struct Topology {
+    // Dropped in this order: the backend, then the namespaces and cgroups.
+    backend: Proc,
+    _net: Net,
+    pub client: Host,
+    pub server: Host,
+    pub idle: Vec<Host>,
+    pub dir: PathBuf,
+}
+
+pub const BACKEND_PORT: u16 = 8080;
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pinned(host: &Host, in_pod: bool, cpus: &str, program: &Path, args: &[&str]) -> Command {
+    let mut a = vec!["-c", cpus, program.to_str().unwrap()];
+    a.extend_from_slice(args);
+    Net::command(host, in_pod, "taskset", &a)
+}
+
+impl Topology {
+    pub fn new(tools: &Tools, dir: &Path) -> Result<Topology> {
+        let mut net = Net::new()?;
+        let client = net.host("client", 2)?;
+        let server = net.host("server", 3)?;
+        let idle = (0..9)
+            .map(|i| net.host(&format!("idle{i}"), 10 + i))
+            .collect::<Result<Vec<_>>>()?;
+        // The backend: nginx, one process, 200 and a short body on every path.
+        let conf = dir.join("backend-nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
+                 events {{ worker_connections 4096; multi_accept on; }}\n\
+                 http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 300s;\n\
+                 client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  fastcgi_temp_path {dir}/tmp;\n  uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n\
+                 server {{\n    listen {ip}:{BACKEND_PORT} reuseport backlog=4096;\n    default_type text/plain;\n\
+                 location / {{ return 200 \"hello from backend\\n\"; }}\n  }}\n}}\n",
+                dir = dir.display(),
+                ip = server.ip
+            ),
+        )?;
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let child = pinned(
+            &server,
+            false,
+            "1",
+            &tools.nginx,
+            &[
+                "-e",
+                &dir.join("nginx-error.log").to_string_lossy(),
+                "-c",
+                &conf.to_string_lossy(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting nginx")?;
+        let backend = Proc(child);
+        wait_listening(&server, BACKEND_PORT)?;
+        Ok(Topology {
+            backend,
+            _net: net,
+            client,
+            server,
+            idle,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn backend_pid(&self) -> u32 {
+        self.backend.0.id()
+    }
+}
+
+/// A started target: where the client sends requests, and the enforcer's pid.
+pub struct Running {
+    /// `http://host:port` the client uses.
+    pub base: String,
+    /// Whether the client runs in the enrolled pod's cgroup (the agent's interception).
+    pub client_in_pod: bool,
+    pub pid: Option<u32>,
+    _agent: Option<Agent>,
+    _proc: Option<Proc>,
+}
+
+fn wait_port_in(host: &Host, port: u16, child: &mut Child, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if wait_listening(host, port).is_ok() {
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("{what} exited with {st}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} not listening on {port}");
+        }
+    }
+}
+
+fn policies(extra: usize) -> Result<Vec<(String, String)>> {
+    let dir = data_dir().join("faq/skip-path");
+    let mut files = vec![
+        (
+            "policies/ra.yaml".to_string(),
+            std::fs::read_to_string(dir.join("requestauthentication.yaml"))?,
+        ),
+        (
+            "policies/ap.yaml".to_string(),
+            std::fs::read_to_string(dir.join("authorizationpolicy.yaml"))?,
+        ),
+    ];
+    if extra > 0 {
+        // Root-namespace policies with selectors: each one is matched against every workload's
+        // labels when the policy set is indexed, none selects the benchmark's backend.
+        let mut text = String::with_capacity(extra * 300);
+        for i in 0..extra {
+            text.push_str(&format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: extra-{i}, namespace: istio-system}}\n\
+                 spec:\n  selector: {{matchLabels: {{app: svc-{i}}}}}\n  action: ALLOW\n  rules:\n  - to: [{{operation: {{paths: [\"/svc-{i}/*\"], methods: [GET]}}}}]\n---\n"
+            ));
+        }
+        files.push(("policies/extra.yaml".to_string(), text));
+    }
+    Ok(files)
+}
+
+pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
+    let server = &topo.server;
+    match t.kind {
+        Kind::Direct => Ok(Running {
+            base: format!("http://{}:{BACKEND_PORT}", server.ip),
+            client_in_pod: false,
+            pid: None,
+            _agent: None,
+            _proc: None,
+        }),
+        Kind::Agent {
+            threads,
+            cache,
+            extra_policies,
+        } => {
+            let mut pods = pod_yaml(&topo.client, "foo", "{app: sleep}", "sleep");
+            for h in &topo.idle {
+                pods.push_str(&pod_yaml(
+                    h,
+                    "foo",
+                    &format!("{{app: {}}}", h.name),
+                    "default",
+                ));
+            }
+            let cfg = format!(
+                "agent: {{port: 15001, admin: \"{{ADMIN}}\", workerThreads: {threads}, tokenCacheSize: {}}}\npods:\n{pods}workloads:\n{}policies: [policies]\n",
+                if cache { 10_000 } else { 0 },
+                workload_yaml(server, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
+            );
+            let files = policies(extra_policies)?;
+            let refs: Vec<(&str, &str)> = files
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            let agent = Agent::start_with_files(&cfg, &refs)?;
+            let pid = agent.child.id();
+            // Pin every thread the agent has (its runtime's threads exist once it is healthy).
+            let cpus = if threads > 1 { "0,1" } else { "0" };
+            authz_tests::sh("taskset", &["-a", "-cp", cpus, &pid.to_string()])?;
+            Ok(Running {
+                base: format!("http://{}:{BACKEND_PORT}", server.ip),
+                client_in_pod: true,
+                pid: Some(pid),
+                _agent: Some(agent),
+                _proc: None,
+            })
+        }
+        Kind::Haproxy => {
+            let jwks = std::fs::read_to_string(data_dir().join("istio-samples/jwks.json"))?;
+            let pem_path = topo.dir.join("pub.pem");
+            std::fs::write(&pem_path, pem::rsa_pem_from_jwks(&jwks)?)?;
+            let cfg = topo.dir.join("haproxy.cfg");
+            std::fs::write(&cfg, haproxy_cfg(&pem_path, &server.ip))?;
+            let mut child = pinned(
+                &topo.client,
+                false,
+                "0",
+                &tools.haproxy,
+                &["-db", "-f", &cfg.to_string_lossy()],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting haproxy")?;
+            wait_port_in(&topo.client, 10001, &mut child, "haproxy")?;
+            let pid = child.id();
+            Ok(Running {
+                base: "http://127.0.0.1:10001".into(),
+                client_in_pod: false,
+                pid: Some(pid),
+                _agent: None,
+                _proc: Some(Proc(child)),
+            })
+        }
+        Kind::Envoy { cache } => {
+            let jwks = topo.dir.join("jwks.json");
+            std::fs::copy(data_dir().join("istio-samples/jwks.json"), &jwks)?;
+            let cfg = topo.dir.join("envoy.yaml");
+            std::fs::write(&cfg, envoy_cfg(&jwks, &server.ip, cache))?;
+            let mut child = pinned(
+                &topo.client,
+                false,
+                "0",
+                &tools.envoy,
+                &[
+                    "-c",
+                    &cfg.to_string_lossy(),
+                    "--concurrency",
+                    "1",
+                    "--log-level",
+                    "warn",
+                    "--disable-hot-restart",
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting envoy")?;
+            wait_port_in(&topo.client, 10002, &mut child, "envoy")?;
+            let pid = child.id();
+            Ok(Running {
+                base: "http://127.0.0.1:10002".into(),
+                client_in_pod: false,
+                pid: Some(pid),
+                _agent: None,
+                _proc: Some(Proc(child)),
+            })
+        }
+    }
+}
+
+/// HAProxy emulating RequestAuthentication + the DENY policy, as far as HAProxy can: one PEM
+/// key, no kid, claims checked by ACLs.
+fn haproxy_cfg(pem: &Path, backend_ip: &str) -> String {
+    let pem = pem.display();
+    let www =
+        r#"hdr www-authenticate 'Bearer realm="%[req.hdr(host)]%[path]", error="invalid_token"'"#;
+    format!(
+        r#"global
+    nbthread 1
+    maxconn 8000
+    tune.bufsize 16384
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    option http-keep-alive
+frontend jwt_in
+    bind 127.0.0.1:10001
+    http-request set-var(txn.bearer) http_auth_bearer
+    acl has_token var(txn.bearer) -m found
+    acl has_token_nonempty var(txn.bearer) -m len gt 0
+    http-request set-var(txn.now) date if has_token
+    http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg') if has_token
+    http-request set-var(txn.iss) var(txn.bearer),jwt_payload_query('$.iss') if has_token
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int') if has_token
+    http-request set-var(txn.nbf) var(txn.bearer),jwt_payload_query('$.nbf','int') if has_token
+    acl alg_ok var(txn.alg) -m str RS256
+    acl iss_ok var(txn.iss) -m str testing@secure.istio.io
+    acl expired var(txn.exp),sub(txn.now) -m int le 0
+    acl not_yet var(txn.nbf),sub(txn.now) -m int gt 60
+    acl sig_ok var(txn.bearer),jwt_verify("RS256","{pem}") -m int 1
+    acl path_public path /productpage
+    http-request return status 401 content-type text/plain string "Jwt verification fails" {www} if has_token !has_token_nonempty
+    http-request return status 401 content-type text/plain string "Jwt verification fails" {www} if has_token !alg_ok or has_token !iss_ok
+    http-request return status 401 content-type text/plain string "Jwt is expired" {www} if has_token expired or has_token not_yet
+    http-request return status 401 content-type text/plain string "Jwt verification fails" {www} if has_token !sig_ok
+    http-request return status 403 content-type text/plain string "RBAC: access denied" if !has_token !path_public
+    http-request del-header Authorization if has_token
+    default_backend app
+backend app
+    http-reuse always
+    server b1 {backend_ip}:{BACKEND_PORT} maxconn 1000
+"#
+    )
+}
+
+/// The filter chain Istio generates for the same two objects (jwt_authn + rbac DENY).
+fn envoy_cfg(jwks: &Path, backend_ip: &str, cache: bool) -> String {
+    let cache = if cache {
+        "\n                  jwt_cache_config: {jwt_cache_size: 100}"
+    } else {
+        ""
+    };
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}
+static_resources:
+  listeners:
+  - name: inbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 10002}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          codec_type: AUTO
+          generate_request_id: false
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: app
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: app}}
+          http_filters:
+          - name: envoy.filters.http.jwt_authn
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              providers:
+                origins-0:
+                  issuer: testing@secure.istio.io
+                  local_jwks:
+                    filename: {jwks}
+                  payload_in_metadata: testing@secure.istio.io
+                  forward: false{cache}
+              rules:
+              - match: {{prefix: "/"}}
+                requires:
+                  requires_any:
+                    requirements:
+                    - provider_name: origins-0
+                    - allow_missing: {{}}
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: DENY
+                policies:
+                  ns[istio-system]-policy[test-exclude]-rule[0]:
+                    permissions:
+                    - not_rule:
+                        url_path: {{path: {{exact: /productpage}}}}
+                    principals:
+                    - not_id:
+                        sourced_metadata:
+                          metadata_matcher:
+                            filter: envoy.filters.http.jwt_authn
+                            path: [{{key: testing@secure.istio.io}}, {{key: iss}}]
+                            value: {{present_match: true}}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: app
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: app
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {backend_ip}, port_value: {BACKEND_PORT}}}}}}}
+"#,
+        jwks = jwks.display()
+    )
+}
