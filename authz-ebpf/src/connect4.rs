@@ -3,8 +3,7 @@
 //! socket cookie for sock_ops.
 use authz_common::{counter, v4_mapped, OrigDst, AF_INET};
 use aya_ebpf::{
-    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 
@@ -56,6 +55,9 @@ pub fn authz_connect4(ctx: SockAddrContext) -> i32 {
     sa.user_ip4 = LOOPBACK_BE;
     sa.user_port = u32::from(pod.agent_port.to_be());
     count(counter::CONNECT_REDIRECTED, 1);
-    debug!(&ctx, "connect4 redirected pod {} port {}", pod.pod_id, orig.port);
+    debug!(
+        &ctx,
+        "connect4 redirected pod {} port {}", pod.pod_id, orig.port
+    );
     ALLOW
 }

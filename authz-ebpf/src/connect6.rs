@@ -4,8 +4,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use authz_common::{counter, OrigDst, AF_INET, AF_INET6};
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 

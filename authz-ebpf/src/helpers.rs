@@ -1,7 +1,5 @@
 //! Small helpers shared by the programs.
-use authz_common::{
-    AgentState, Addr, FAIL_OPEN, MAX_CGROUP_DEPTH, PodInfo, SockKey,
-};
+use authz_common::{Addr, AgentState, PodInfo, SockKey, FAIL_OPEN, MAX_CGROUP_DEPTH};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
 };
@@ -117,4 +115,3 @@ pub fn sock_key(
         remote_port: u32::from_be(remote_port_raw),
     }
 }
-

@@ -29,9 +29,16 @@ pub fn require_root() -> bool {
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> Result<Output> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out)
 }
@@ -83,7 +90,16 @@ impl Net {
         let hub = format!("azt{tag}hub");
         sh("ip", &["netns", "add", &hub])?;
         let cg_base = cgroup2_root().join(format!("authz-test-{tag}"));
-        let net = Net { tag, subnet: seq % 250, host_link: None, hub: hub.clone(), cg_base: cg_base.clone(), hosts: vec![], children: vec![], n: 0 };
+        let net = Net {
+            tag,
+            subnet: seq % 250,
+            host_link: None,
+            hub: hub.clone(),
+            cg_base: cg_base.clone(),
+            hosts: vec![],
+            children: vec![],
+            n: 0,
+        };
         std::fs::create_dir_all(&cg_base)?;
         sh("ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
         sh("ip", &["-n", &hub, "link", "set", "br0", "up"])?;
@@ -95,10 +111,25 @@ impl Net {
     /// 10.77.<subnet>.254, as a node reaches its pods.
     pub fn attach_host(&mut self) -> Result<()> {
         let (a, b) = (format!("h{}", self.tag), format!("g{}", self.tag));
-        sh("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        sh(
+            "ip",
+            &["link", "add", &a, "type", "veth", "peer", "name", &b],
+        )?;
         sh("ip", &["link", "set", &b, "netns", &self.hub])?;
-        sh("ip", &["-n", &self.hub, "link", "set", &b, "master", "br0", "up"])?;
-        sh("ip", &["addr", "add", &format!("10.77.{}.254/24", self.subnet), "dev", &a])?;
+        sh(
+            "ip",
+            &["-n", &self.hub, "link", "set", &b, "master", "br0", "up"],
+        )?;
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("10.77.{}.254/24", self.subnet),
+                "dev",
+                &a,
+            ],
+        )?;
         sh("ip", &["link", "set", &a, "up"])?;
         self.host_link = Some(a);
         Ok(())
@@ -110,18 +141,43 @@ impl Net {
         let netns = format!("azt{}{}", self.tag, name);
         let ip = format!("10.77.{}.{last}", self.subnet);
         sh("ip", &["netns", "add", &netns])?;
-        let (a, b) = (format!("a{}x{}", self.tag, self.n), format!("b{}x{}", self.tag, self.n));
-        sh("ip", &["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        let (a, b) = (
+            format!("a{}x{}", self.tag, self.n),
+            format!("b{}x{}", self.tag, self.n),
+        );
+        sh(
+            "ip",
+            &["link", "add", &a, "type", "veth", "peer", "name", &b],
+        )?;
         sh("ip", &["link", "set", &a, "netns", &netns])?;
         sh("ip", &["link", "set", &b, "netns", &self.hub])?;
-        sh("ip", &["-n", &self.hub, "link", "set", &b, "master", "br0", "up"])?;
+        sh(
+            "ip",
+            &["-n", &self.hub, "link", "set", &b, "master", "br0", "up"],
+        )?;
         sh("ip", &["-n", &netns, "link", "set", &a, "name", "eth0"])?;
-        sh("ip", &["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sh(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
         sh("ip", &["-n", &netns, "link", "set", "eth0", "up"])?;
         sh("ip", &["-n", &netns, "link", "set", "lo", "up"])?;
         let cgroup = self.cg_base.join(name);
         std::fs::create_dir_all(&cgroup)?;
-        let h = Host { name: name.into(), netns, ip, cgroup };
+        let h = Host {
+            name: name.into(),
+            netns,
+            ip,
+            cgroup,
+        };
         self.hosts.push(h.clone());
         Ok(h)
     }
@@ -143,12 +199,17 @@ impl Net {
     }
 
     pub fn run(host: &Host, in_pod: bool, program: &str, args: &[&str]) -> Result<Output> {
-        Net::command(host, in_pod, program, args).output().with_context(|| format!("{program} in {}", host.name))
+        Net::command(host, in_pod, program, args)
+            .output()
+            .with_context(|| format!("{program} in {}", host.name))
     }
 
     /// Starts a long-running process in `host` (outside its pod cgroup), killed on drop.
     pub fn spawn(&mut self, host: &Host, program: &str, args: &[&str]) -> Result<()> {
-        let child = Net::command(host, false, program, args).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn()?;
+        let child = Net::command(host, false, program, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
         self.children.push(child);
         Ok(())
     }
@@ -198,7 +259,9 @@ impl Drop for Net {
         if let Some(l) = &self.host_link {
             let _ = Command::new("ip").args(["link", "del", l]).output();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.hub]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.hub])
+            .output();
     }
 }
 
@@ -219,7 +282,9 @@ pub fn agent_bin() -> PathBuf {
             return p;
         }
     }
-    panic!("authz-agent not built: run `cargo build --release -p authz-user` (cargo xtask test does)")
+    panic!(
+        "authz-agent not built: run `cargo build --release -p authz-user` (cargo xtask test does)"
+    )
 }
 
 /// The test server binary, built beside the agent (`cargo build --release -p authz-tests`).
@@ -238,7 +303,11 @@ pub fn testsrv() -> String {
 
 /// A free TCP port on the loopback of the test process's namespace.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running agent (a child process), stopped with SIGTERM on drop.
@@ -259,7 +328,11 @@ impl Agent {
     pub fn start_with_files(config: &str, files: &[(&str, &str)]) -> Result<Agent> {
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let dir = std::env::temp_dir().join(format!("authz-agent-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst)));
+        let dir = std::env::temp_dir().join(format!(
+            "authz-agent-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
         std::fs::create_dir_all(&dir)?;
         for (name, text) in files {
             let p = dir.join(name);
@@ -274,11 +347,19 @@ impl Agent {
         let child = Command::new(agent_bin())
             .args(["run", "--config"])
             .arg(&cfg)
-            .env("AUTHZ_LOG", std::env::var("AUTHZ_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "AUTHZ_LOG",
+                std::env::var("AUTHZ_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        let mut agent = Agent { child, admin, dir, log };
+        let mut agent = Agent {
+            child,
+            admin,
+            dir,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok((200, _)) = http_get(agent.admin, "/healthz") {
@@ -350,7 +431,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -372,7 +456,11 @@ pub fn loaded_bpf_programs() -> Result<Vec<String>> {
     let out = sh("bpftool", &["-j", "prog", "show"])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     Ok(v.as_array()
-        .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default())
 }
 
@@ -388,7 +476,10 @@ pub fn pod_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
 }
 
 pub fn workload_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
-    format!("  - {{name: {}, namespace: {ns}, labels: {labels}, serviceAccount: {sa}, ips: [{}]}}\n", h.name, h.ip)
+    format!(
+        "  - {{name: {}, namespace: {ns}, labels: {labels}, serviceAccount: {sa}, ips: [{}]}}\n",
+        h.name, h.ip
+    )
 }
 
 /// The repository's test data folder.
@@ -398,7 +489,10 @@ pub fn data_dir() -> PathBuf {
 
 /// The Istio sample token (RS256, iss = sub = testing@secure.istio.io).
 pub fn demo_jwt() -> String {
-    std::fs::read_to_string(data_dir().join("istio-samples/demo.jwt")).unwrap().trim().to_string()
+    std::fs::read_to_string(data_dir().join("istio-samples/demo.jwt"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// The same token with its signature altered.
@@ -426,7 +520,8 @@ impl HttpsFile {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = ca_params.self_signed(&ca_key)?;
         let leaf_key = KeyPair::generate()?;
-        let leaf = CertificateParams::new(vec!["localhost".to_string()])?.signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))?;
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])?
+            .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))?;
         std::fs::create_dir_all(dir)?;
         let ca_file = dir.join("jwks-ca.pem");
         std::fs::write(&ca_file, ca.pem())?;
@@ -434,7 +529,10 @@ impl HttpsFile {
         let cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))?;
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
@@ -443,7 +541,10 @@ impl HttpsFile {
         let path = path.to_string();
         let body = bytes::Bytes::from(body);
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 loop {
@@ -467,7 +568,12 @@ impl HttpsFile {
                 }
             });
         });
-        Ok(HttpsFile { port, ca_file, stop: Some(tx), thread: Some(thread) })
+        Ok(HttpsFile {
+            port,
+            ca_file,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// The server goes away (an outage).

@@ -3,7 +3,11 @@
 use authz_tests::*;
 
 fn ours() -> Vec<String> {
-    loaded_bpf_programs().unwrap().into_iter().filter(|n| n.starts_with("authz_")).collect()
+    loaded_bpf_programs()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("authz_"))
+        .collect()
 }
 
 fn agent_for(net: &mut Net) -> Agent {
@@ -24,7 +28,12 @@ fn nothing_left_attached_after_sigterm_or_sigkill() {
     }
     let mut net = Net::new().unwrap();
     let mut agent = agent_for(&mut net);
-    assert_eq!(ours().len(), 4, "connect4, connect6, sock_ops, sk_msg loaded: {:?}", ours());
+    assert_eq!(
+        ours().len(),
+        4,
+        "connect4, connect6, sock_ops, sk_msg loaded: {:?}",
+        ours()
+    );
     let cg = cgroup2_root();
     let attached = sh("bpftool", &["cgroup", "show", cg.to_str().unwrap()]).unwrap();
     assert!(String::from_utf8_lossy(&attached.stdout).contains("authz_connect4"));

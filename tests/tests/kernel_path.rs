@@ -24,7 +24,12 @@ fn setup() -> Setup {
         workload_yaml(&server, "foo", "{app: httpbin}", "httpbin"),
     );
     let agent = Agent::start(&cfg).unwrap();
-    Setup { net, client, server, agent }
+    Setup {
+        net,
+        client,
+        server,
+        agent,
+    }
 }
 
 fn json(body: &str) -> serde_json::Value {
@@ -41,13 +46,24 @@ fn enrolled_pod_goes_through_agent_with_its_own_source_ip() {
     let url = format!("http://{}:8000/headers", s.server.ip);
     let (code, body) = curl(&s.client, true, &[&url]).unwrap();
     assert_eq!(code, 200, "{body}\n{}", s.agent.log_text());
-    assert_eq!(json(&body)["client"], s.client.ip.as_str(), "destination must see the pod's own IP");
+    assert_eq!(
+        json(&body)["client"],
+        s.client.ip.as_str(),
+        "destination must see the pod's own IP"
+    );
     let after = s.agent.metrics();
     let d = |k: &str| after.get(k).unwrap_or(&0.0) - before.get(k).unwrap_or(&0.0);
     assert_eq!(d("authz_connections_redirected_total"), 1.0);
     assert_eq!(d("authz_kernel_connect_redirected_total"), 1.0);
-    assert_eq!(d("authz_kernel_sockets_mapped_total"), 2.0, "app and agent ends both mapped");
-    assert!(d("authz_kernel_skmsg_redirected_total") >= 2.0, "request and response carried by sk_msg");
+    assert_eq!(
+        d("authz_kernel_sockets_mapped_total"),
+        2.0,
+        "app and agent ends both mapped"
+    );
+    assert!(
+        d("authz_kernel_skmsg_redirected_total") >= 2.0,
+        "request and response carried by sk_msg"
+    );
 }
 
 #[test]
@@ -71,7 +87,11 @@ fn large_streamed_body_arrives_intact_and_sk_msg_carries_it() {
     }
     drop(f);
     let expect = sh("sha256sum", &[path.to_str().unwrap()]).unwrap();
-    let expect = String::from_utf8_lossy(&expect.stdout).split_whitespace().next().unwrap().to_string();
+    let expect = String::from_utf8_lossy(&expect.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     let before = s.agent.metric("authz_kernel_skmsg_redirected_bytes_total");
     let url = format!("http://{}:8000/upload", s.server.ip);
     let data = format!("@{}", path.display());
@@ -79,7 +99,17 @@ fn large_streamed_body_arrives_intact_and_sk_msg_carries_it() {
     let (code, body) = curl(
         &s.client,
         true,
-        &["-H", "Transfer-Encoding: chunked", "--data-binary", &data, &url, "--next", "-w", "\n%{http_code}", &format!("http://{}:8000/second", s.server.ip)],
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &data,
+            &url,
+            "--next",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{}:8000/second", s.server.ip),
+        ],
     )
     .unwrap();
     assert_eq!(code, 200);
@@ -87,10 +117,20 @@ fn large_streamed_body_arrives_intact_and_sk_msg_carries_it() {
     let v = json(first);
     assert_eq!(v["body_len"], 64 * 1024 * 1024);
     assert_eq!(v["body_sha256"], expect.as_str());
-    assert!(body.contains("\"path\":\"/second\""), "keep-alive second request answered: {body}");
-    assert_eq!(s.agent.metric("authz_connections_redirected_total"), 1.0, "both requests on one connection");
+    assert!(
+        body.contains("\"path\":\"/second\""),
+        "keep-alive second request answered: {body}"
+    );
+    assert_eq!(
+        s.agent.metric("authz_connections_redirected_total"),
+        1.0,
+        "both requests on one connection"
+    );
     let moved = s.agent.metric("authz_kernel_skmsg_redirected_bytes_total") - before;
-    assert!(moved >= 64.0 * 1024.0 * 1024.0, "sk_msg carried the body between app and agent: {moved}");
+    assert!(
+        moved >= 64.0 * 1024.0 * 1024.0,
+        "sk_msg carried the body between app and agent: {moved}"
+    );
 }
 
 #[test]
@@ -104,7 +144,12 @@ fn non_http_is_relayed_at_l4() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.as_mut().unwrap().write_all(b"\x00\x01binary hello\n").unwrap();
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"\x00\x01binary hello\n")
+        .unwrap();
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.stdout, b"\x00\x01binary hello\n");
@@ -160,14 +205,25 @@ fn two_pods_with_the_same_ports_do_not_mix() {
     for round in 0..5 {
         let port = (41000 + round).to_string();
         let spawn = |h: &Host| {
-            Net::command(h, true, "curl", &["-sS", "-m", "10", "--local-port", &port, &url])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
+            Net::command(
+                h,
+                true,
+                "curl",
+                &["-sS", "-m", "10", "--local-port", &port, &url],
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
         };
         let (ca, cb) = (spawn(&a), spawn(&b));
-        let (oa, ob) = (ca.wait_with_output().unwrap(), cb.wait_with_output().unwrap());
-        let (ja, jb) = (json(&String::from_utf8_lossy(&oa.stdout)), json(&String::from_utf8_lossy(&ob.stdout)));
+        let (oa, ob) = (
+            ca.wait_with_output().unwrap(),
+            cb.wait_with_output().unwrap(),
+        );
+        let (ja, jb) = (
+            json(&String::from_utf8_lossy(&oa.stdout)),
+            json(&String::from_utf8_lossy(&ob.stdout)),
+        );
         assert_eq!(ja["client"], a.ip.as_str());
         assert_eq!(jb["client"], b.ip.as_str());
     }
@@ -181,9 +237,21 @@ fn dialing_the_agent_port_directly_forwards_nothing() {
         return;
     }
     let s = setup();
-    let out = Net::run(&s.client, true, "curl", &["-sS", "-m", "5", "http://127.0.0.1:15001/"]).unwrap();
-    assert!(!out.status.success(), "a connection with no recorded destination is closed");
-    assert_eq!(s.agent.metric("authz_connections_unknown_origin_total"), 1.0);
+    let out = Net::run(
+        &s.client,
+        true,
+        "curl",
+        &["-sS", "-m", "5", "http://127.0.0.1:15001/"],
+    )
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "a connection with no recorded destination is closed"
+    );
+    assert_eq!(
+        s.agent.metric("authz_connections_unknown_origin_total"),
+        1.0
+    );
 }
 
 #[test]
@@ -196,7 +264,10 @@ fn stopping_the_agent_releases_its_pods() {
     assert!(st.success(), "clean exit: {}", s.agent.log_text());
     let url = format!("http://{}:8000/headers", s.server.ip);
     let (code, body) = curl(&s.client, true, &[&url]).unwrap();
-    assert_eq!(code, 200, "pod reaches the server directly after the agent is gone");
+    assert_eq!(
+        code, 200,
+        "pod reaches the server directly after the agent is gone"
+    );
     assert_eq!(json(&body)["client"], s.client.ip.as_str());
     let out = Net::run(&s.client, false, "ss", &["-Hltn", "sport = :15001"]).unwrap();
     assert!(out.stdout.is_empty(), "listener removed from the pod netns");

@@ -44,13 +44,22 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
         workload_yaml(&web, "foo", "{app: web}", "web"),
     );
     let cfg = format!("{base}policies: [policies]\n");
-    let agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", &deny_path("/admin"))]).unwrap();
-    let code = |h: &Host, path: &str| curl(&sleep, true, &[&format!("http://{}:8000{path}", h.ip)]).unwrap().0;
+    let agent =
+        Agent::start_with_files(&cfg, &[("policies/ap.yaml", &deny_path("/admin"))]).unwrap();
+    let code = |h: &Host, path: &str| {
+        curl(&sleep, true, &[&format!("http://{}:8000{path}", h.ip)])
+            .unwrap()
+            .0
+    };
     assert_eq!(code(&web, "/admin"), 403);
     assert_eq!(code(&web, "/other"), 200);
 
     // A long-lived connection through the agent (L4 echo), kept across every reload below.
-    let mut nc = Net::command(&sleep, true, "nc", &[&web.ip, "9000"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut nc = Net::command(&sleep, true, "nc", &[&web.ip, "9000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut nc_in = nc.stdin.take().unwrap();
     let mut nc_out = BufReader::new(nc.stdout.take().unwrap());
     let mut echo = |s: &str| {
@@ -65,14 +74,25 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
     // A valid change applies within a second.
     let policy = agent.dir.join("policies/ap.yaml");
     std::fs::write(&policy, deny_path("/other")).unwrap();
-    assert!(within(Duration::from_secs(1), || code(&web, "/other") == 403), "new policy in force within 1 s");
+    assert!(
+        within(Duration::from_secs(1), || code(&web, "/other") == 403),
+        "new policy in force within 1 s"
+    );
     assert_eq!(code(&web, "/admin"), 200);
     assert_eq!(echo("two"), "two", "open connection survived the reload");
 
     // An invalid change is reported with file:line and the previous policy stays.
     std::fs::write(&policy, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-path, namespace: foo}\nspec:\n  action: DENY\n").unwrap();
-    assert!(within(Duration::from_secs(2), || agent.metric("authz_reload_failures_total") >= 1.0));
-    assert!(agent.log_text().contains("policies/ap.yaml:5: AuthorizationPolicy foo/deny-path: a DENY policy without rules"), "{}", agent.log_text());
+    assert!(within(Duration::from_secs(2), || agent
+        .metric("authz_reload_failures_total")
+        >= 1.0));
+    assert!(
+        agent.log_text().contains(
+            "policies/ap.yaml:5: AuthorizationPolicy foo/deny-path: a DENY policy without rules"
+        ),
+        "{}",
+        agent.log_text()
+    );
     assert_eq!(code(&web, "/other"), 403);
     assert_eq!(code(&web, "/admin"), 200);
     assert_eq!(echo("two-b"), "two-b");
@@ -80,17 +100,35 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
     // A config change: a new workload becomes enforced (its traffic now goes through the agent).
     let before = agent.metric("authz_kernel_connect_redirected_total");
     assert_eq!(code(&extra, "/"), 200);
-    assert_eq!(agent.metric("authz_kernel_connect_redirected_total"), before, "not a workload yet");
+    assert_eq!(
+        agent.metric("authz_kernel_connect_redirected_total"),
+        before,
+        "not a workload yet"
+    );
     std::fs::write(&policy, deny_path("/other")).unwrap();
-    assert!(within(Duration::from_secs(1), || agent.metric("authz_reloads_total") >= 2.0));
-    let cfg2 = format!("{base}{}policies: [policies]\n", workload_yaml(&extra, "foo", "{app: extra}", "extra")).replace("{ADMIN}", &agent.admin.to_string());
+    assert!(within(Duration::from_secs(1), || agent
+        .metric("authz_reloads_total")
+        >= 2.0));
+    let cfg2 = format!(
+        "{base}{}policies: [policies]\n",
+        workload_yaml(&extra, "foo", "{app: extra}", "extra")
+    )
+    .replace("{ADMIN}", &agent.admin.to_string());
     std::fs::write(agent.dir.join("agent.yaml"), cfg2).unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(echo("three"), "three", "open connection survived the config reload");
-    assert!(within(Duration::from_secs(1), || {
-        let b = agent.metric("authz_kernel_connect_redirected_total");
-        code(&extra, "/") == 200 && agent.metric("authz_kernel_connect_redirected_total") > b
-    }), "new workload enforced within 1 s: {}", agent.log_text());
+    assert_eq!(
+        echo("three"),
+        "three",
+        "open connection survived the config reload"
+    );
+    assert!(
+        within(Duration::from_secs(1), || {
+            let b = agent.metric("authz_kernel_connect_redirected_total");
+            code(&extra, "/") == 200 && agent.metric("authz_kernel_connect_redirected_total") > b
+        }),
+        "new workload enforced within 1 s: {}",
+        agent.log_text()
+    );
     let _ = nc.kill();
     let _ = nc.wait();
 }

@@ -5,7 +5,11 @@ use std::{io::Write, process::Stdio};
 use authz_tests::*;
 
 fn raw(client: &Host, ip: &str, bytes: &[u8]) -> String {
-    let mut c = Net::command(client, true, "nc", &["-q", "1", "-w", "3", ip, "8000"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut c = Net::command(client, true, "nc", &["-q", "1", "-w", "3", ip, "8000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     c.stdin.as_mut().unwrap().write_all(bytes).unwrap();
     drop(c.stdin.take());
     String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).to_string()
@@ -43,26 +47,49 @@ fn smuggling_and_malformed_requests() {
     ];
     for (name, bytes, want) in cases {
         let resp = raw(&sleep, ip, &bytes);
-        assert!(status_line(&resp).contains(want), "{name}: got {:?}", status_line(&resp));
-        assert!(!resp.contains("\"path\":\"/admin"), "{name}: a smuggled request reached the upstream: {resp}");
+        assert!(
+            status_line(&resp).contains(want),
+            "{name}: got {:?}",
+            status_line(&resp)
+        );
+        assert!(
+            !resp.contains("\"path\":\"/admin"),
+            "{name}: a smuggled request reached the upstream: {resp}"
+        );
     }
     // Content-Length with Transfer-Encoding: chunked framing wins and the connection is closed
     // after the answer (RFC 9112; Envoy answers 400 instead). Either way the bytes after the
     // chunked body are never read as a request, and the upstream saw a re-framed request only.
     let resp = raw(&sleep, ip, b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: w\r\n\r\n");
     assert!(status_line(&resp).contains("200"), "{resp}");
-    assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
     assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
-    assert!(resp.contains("\"body_len\":0") && !resp.contains("content-length\":"), "{resp}");
+    assert!(
+        resp.contains("\"body_len\":0") && !resp.contains("content-length\":"),
+        "{resp}"
+    );
 
     // A client that half-closes after its request still gets the answer.
-    let resp = raw(&sleep, ip, b"GET /ok HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n");
+    let resp = raw(
+        &sleep,
+        ip,
+        b"GET /ok HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n",
+    );
     assert!(status_line(&resp).contains("200"), "{resp:?}");
 
     // A request hidden in a body stays a body: the upstream answers one request, with that body.
     let body = "GET /admin HTTP/1.1\r\nHost: w\r\n\r\n";
-    let req = format!("POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let req = format!(
+        "POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     let resp = raw(&sleep, ip, req.as_bytes());
     assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
-    assert!(resp.contains(&format!("\"body_len\":{}", body.len())), "{resp}");
+    assert!(
+        resp.contains(&format!("\"body_len\":{}", body.len())),
+        "{resp}"
+    );
 }

@@ -10,13 +10,20 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sha2::{Digest, Sha256};
-use tokio::{io::{AsyncReadExt, AsyncWriteExt}, net::TcpListener};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("http");
-    let addr: SocketAddr = args.get(2).map(String::as_str).unwrap_or("0.0.0.0:8000").parse()?;
+    let addr: SocketAddr = args
+        .get(2)
+        .map(String::as_str)
+        .unwrap_or("0.0.0.0:8000")
+        .parse()?;
     if mode == "h2get" {
         return h2get(addr, &args[3..]).await;
     }
@@ -55,13 +62,25 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn reply(peer: SocketAddr, mut req: Request<Incoming>, file: Option<(String, Bytes)>) -> Response<Full<Bytes>> {
+async fn reply(
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    file: Option<(String, Bytes)>,
+) -> Response<Full<Bytes>> {
     if let Some((path, body)) = file {
         let status = if req.uri().path() == path { 200 } else { 404 };
         let body = if status == 200 { body } else { Bytes::new() };
-        return Response::builder().status(status).header("content-type", "application/json").body(Full::new(body)).unwrap();
+        return Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .unwrap();
     }
-    if req.headers().get("upgrade").is_some_and(|v| v == "websocket") {
+    if req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v == "websocket")
+    {
         // Minimal upgrade: switch protocols, then echo bytes.
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -75,7 +94,12 @@ async fn reply(peer: SocketAddr, mut req: Request<Incoming>, file: Option<(Strin
                 }
             }
         });
-        return Response::builder().status(101).header("connection", "upgrade").header("upgrade", "websocket").body(Full::new(Bytes::new())).unwrap();
+        return Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
     }
     let method = req.method().to_string();
     let path = req.uri().to_string();
@@ -111,15 +135,20 @@ async fn reply(peer: SocketAddr, mut req: Request<Incoming>, file: Option<(Strin
         "body_len": len,
         "body_sha256": format!("{:x}", sha.finalize()),
     });
-    Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(out.to_string()))).unwrap()
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(out.to_string())))
+        .unwrap()
 }
 
 async fn h2get(addr: SocketAddr, paths: &[String]) -> anyhow::Result<()> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
     for p in paths {
-        let req = Request::get(format!("http://{addr}{p}")).body(http_body_util::Empty::<Bytes>::new())?;
+        let req =
+            Request::get(format!("http://{addr}{p}")).body(http_body_util::Empty::<Bytes>::new())?;
         let resp = send.send_request(req).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
