@@ -82,7 +82,6 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
         .into());
     }
     drop(set);
-    release_freed_memory();
     tracing::info!(
         request_authentications = eng.index().request_authentications,
         authorization_policies = eng.index().authorization_policies,
@@ -116,6 +115,7 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
     };
     // At start every pod must enroll; on reload a pod that cannot is reported and skipped.
     apply_registry(&px, &mut state, &cfg, &registry, true)?;
+    release_freed_memory();
 
     let hb_kernel = kernel.clone();
     let fail_mode = cfg.agent.fail_mode;
@@ -187,8 +187,8 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// Loading policies parses whole YAML documents; hand the freed parse trees back to the system
-/// so the agent's footprint is what it keeps, not what it once needed.
+/// Start and reload parse whole YAML documents and the kernel's BTF; hand the freed memory back
+/// to the system so the agent's footprint is what it keeps, not what it once needed.
 fn release_freed_memory() {
     // SAFETY: malloc_trim only releases free heap pages.
     unsafe { libc::malloc_trim(0) };
