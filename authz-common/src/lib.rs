@@ -74,7 +74,9 @@ pub struct AgentState {
     pub stale_after_ns: u64,
     /// `FAIL_CLOSED` or `FAIL_OPEN`.
     pub fail_mode: u32,
-    pub _pad: u32,
+    /// pid of the agent that wrote the heartbeat (user space only: at a clean exit an agent
+    /// marks itself gone only if no successor has taken over).
+    pub agent_pid: u32,
 }
 
 pub const FAIL_CLOSED: u32 = 0;

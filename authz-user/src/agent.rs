@@ -27,8 +27,10 @@ use crate::{
 };
 
 /// How often the agent proves it is alive to the programs, and when they stop trusting it.
-const HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
-const HEARTBEAT_STALE: Duration = Duration::from_secs(2);
+/// The programs apply the fail mode once the heartbeat is older than HEARTBEAT_STALE: well
+/// within a second of the agent dying, with room for a heartbeat thread delayed by load.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
+const HEARTBEAT_STALE: Duration = Duration::from_millis(700);
 /// How often config and policy files are checked for changes.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
 
@@ -88,8 +90,16 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
         "policies loaded"
     );
     let metrics = Arc::new(Metrics::default());
-    let kernel = Arc::new(Kernel::load(cfg.agent.cgroup_root.as_deref())?);
-    tracing::info!(cgroup = %kernel.cgroup_root.display(), "eBPF programs attached");
+    let kernel = Arc::new(Kernel::load(
+        cfg.agent.cgroup_root.as_deref(),
+        &cfg.agent.bpffs,
+    )?);
+    tracing::info!(
+        cgroup = %kernel.cgroup_root.display(),
+        bpffs = %cfg.agent.bpffs.display(),
+        adopted = kernel.adopted,
+        "eBPF programs attached"
+    );
     kernel.spawn_log_pump();
     kernel.heartbeat(cfg.agent.fail_mode, HEARTBEAT_STALE)?;
 
@@ -115,6 +125,9 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
     };
     // At start every pod must enroll; on reload a pod that cannot is reported and skipped.
     apply_registry(&px, &mut state, &cfg, &registry, true)?;
+    if kernel.adopted {
+        forget_stale(&kernel, &state);
+    }
     release_freed_memory();
 
     let hb_kernel = kernel.clone();
@@ -165,26 +178,62 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
         }
     }
     admin.ready.store(false, Ordering::Release);
-    // Stop steering first, then close the listeners, then detach the programs.
-    for (_, p) in state.pods.drain() {
-        let _ = kernel.release(p.cgroup_id);
-        p.server.abort();
-    }
-    for ip in state.enforced.drain() {
-        let _ = kernel.unenforce(ip);
-    }
+    // The programs, maps and enrollments stay pinned: from here the fail mode applies to new
+    // connections (or a successor agent takes them). Close the listeners, then let open
+    // connections finish.
     stop_heartbeat.store(true, Ordering::Relaxed);
     let _ = hb.join();
-    // Let aborted tasks drop their listeners.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Still serving: a successor agent on the same pins shows up as a heartbeat not ours.
+    tokio::time::sleep(2 * HEARTBEAT_EVERY).await;
+    if let Err(e) = kernel.stop_heartbeat(current.agent.fail_mode) {
+        tracing::warn!("marking the agent gone: {e:#}");
+    }
+    for (_, p) in state.pods.drain() {
+        p.server.abort();
+    }
+    drain(&metrics, current.agent.drain_timeout).await;
     drop(px);
     drop(admin);
-    match Arc::try_unwrap(kernel) {
-        Ok(k) => drop(k),
-        Err(_) => tracing::debug!("kernel handle still shared at exit; detached by process exit"),
-    }
-    tracing::info!("detached; bye");
+    drop(kernel);
+    tracing::info!(
+        bpffs = %current.agent.bpffs.display(),
+        "stopped; enforcement stays pinned (`authz-agent cleanup` removes it)"
+    );
     Ok(())
+}
+
+/// Waits for open connections to finish, at most `timeout`.
+async fn drain(metrics: &Metrics, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let open = metrics.connections_active.load(Ordering::Relaxed);
+        if open == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(open, "drain timeout: closing the remaining connections");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// After adopting a previous agent's maps: pods and workloads it had that this configuration
+/// does not have are released.
+fn forget_stale(kernel: &Kernel, state: &State) {
+    let ours: HashSet<u64> = state.pods.values().map(|p| p.cgroup_id).collect();
+    for id in kernel.enrolled_ids() {
+        if !ours.contains(&id) {
+            let _ = kernel.release(id);
+            tracing::info!(cgroup_id = id, "released a pod left by the previous agent");
+        }
+    }
+    for ip in kernel.enforced_ips() {
+        if !state.enforced.contains(&ip) {
+            let _ = kernel.unenforce(ip);
+            tracing::info!(%ip, "unenforced a workload left by the previous agent");
+        }
+    }
 }
 
 /// Start and reload parse whole YAML documents and the kernel's BTF; hand the freed memory back
@@ -331,4 +380,16 @@ fn fingerprint(config_path: &Path, cfg: &Config) -> Vec<(PathBuf, Option<(System
             (f, m)
         })
         .collect()
+}
+
+/// `authz-agent cleanup`: detaches and unpins what agents left under `bpffs`.
+pub fn cleanup(bpffs: &Path) -> Result<()> {
+    let removed = crate::kernel::pin::cleanup(bpffs)?;
+    println!(
+        "{}: detached {} links, unpinned {} maps",
+        bpffs.display(),
+        removed.links,
+        removed.maps
+    );
+    Ok(())
 }

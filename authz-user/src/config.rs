@@ -72,6 +72,12 @@ pub struct AgentSettings {
     pub worker_threads: usize,
     /// Allow jwksUri hosts on link-local and cloud-metadata addresses.
     pub allow_link_local_jwks: bool,
+    /// bpffs directory where the programs' maps and links are pinned, so enforcement (and the
+    /// fail mode) outlives the agent process and a new agent adopts it. One per agent on a node.
+    pub bpffs: PathBuf,
+    /// On SIGTERM: how long open connections may finish before the agent exits.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for AgentSettings {
@@ -90,6 +96,8 @@ impl Default for AgentSettings {
             sniff_timeout: Duration::from_millis(300),
             worker_threads: 0,
             allow_link_local_jwks: false,
+            bpffs: PathBuf::from("/sys/fs/bpf/authz"),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -206,6 +214,9 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         if self.agent.port == 0 {
             return Err("agent.port: must not be 0".into());
+        }
+        if !self.agent.bpffs.is_absolute() || self.agent.bpffs.parent().is_none() {
+            return Err("agent.bpffs: must be an absolute directory below a bpffs mount".into());
         }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.pods.iter().enumerate() {

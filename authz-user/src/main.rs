@@ -44,6 +44,16 @@ enum Cmd {
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
     },
+    /// Detach and unpin everything an agent left in bpffs (its programs stay attached after it
+    /// exits, applying the fail mode, until a new agent adopts them or this runs).
+    Cleanup {
+        /// Take `agent.bpffs` from this config.
+        #[arg(long, short, conflicts_with = "bpffs")]
+        config: Option<PathBuf>,
+        /// The pin directory [default: /sys/fs/bpf/authz].
+        #[arg(long)]
+        bpffs: Option<PathBuf>,
+    },
     /// Check config and policy files; every problem as file:line: message.
     Validate {
         #[arg(long, short)]
@@ -102,6 +112,23 @@ fn main() -> ExitCode {
             }
             ExitCode::from(if ok { 0 } else { 2 })
         }
+        Cmd::Cleanup { config, bpffs } => {
+            let dir = match (config, bpffs) {
+                (_, Some(d)) => Ok(d),
+                (Some(c), None) => authz::config::Config::load(&c).map(|c| c.agent.bpffs),
+                (None, None) => Ok(authz::config::AgentSettings::default().bpffs),
+            };
+            match dir
+                .map_err(anyhow::Error::from)
+                .and_then(|d| authz::agent::cleanup(&d))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("authz-agent cleanup: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run { config } => match authz::agent::run(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -120,8 +147,10 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("AUTHZ_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("AUTHZ_LOG_FORMAT").is_ok_and(|v| v == "json");
+    use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         b.json().init();

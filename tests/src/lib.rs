@@ -316,16 +316,32 @@ pub struct Agent {
     pub admin: SocketAddr,
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// This agent's pin directory (its own, so agents of parallel tests do not adopt each other).
+    pub bpffs: PathBuf,
+    /// Run `authz-agent cleanup` on drop (off for an agent whose pins a successor adopts).
+    pub cleanup_on_drop: bool,
 }
 
 impl Agent {
-    /// Writes `config` (which must use `{ADMIN}` for the admin address) and starts the agent.
+    /// Writes `config` (which must use `admin: "{ADMIN}"` inside the `agent:` flow mapping) and
+    /// starts the agent.
     pub fn start(config: &str) -> Result<Agent> {
         Agent::start_with_files(config, &[])
     }
 
     /// As `start`, with extra files written beside the config (e.g. policies).
     pub fn start_with_files(config: &str, files: &[(&str, &str)]) -> Result<Agent> {
+        let bpffs = PathBuf::from(format!(
+            "/sys/fs/bpf/authz-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        Agent::start_pinned(config, files, &bpffs)
+    }
+
+    /// As `start_with_files`, with the given pin directory: a second agent on the same one
+    /// adopts the first's maps (hot restart).
+    pub fn start_pinned(config: &str, files: &[(&str, &str)], bpffs: &Path) -> Result<Agent> {
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let dir = std::env::temp_dir().join(format!(
@@ -342,7 +358,7 @@ impl Agent {
             std::fs::write(p, text)?;
         }
         let cfg = dir.join("agent.yaml");
-        std::fs::write(&cfg, config.replace("{ADMIN}", &admin.to_string()))?;
+        std::fs::write(&cfg, fill_config(config, admin, bpffs))?;
         let log = dir.join("agent.log");
         let child = Command::new(agent_bin())
             .args(["run", "--config"])
@@ -359,6 +375,8 @@ impl Agent {
             admin,
             dir,
             log,
+            bpffs: bpffs.to_path_buf(),
+            cleanup_on_drop: true,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -377,6 +395,23 @@ impl Agent {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `config` as this agent reads it (for tests that rewrite the config file).
+    pub fn fill(&self, config: &str) -> String {
+        fill_config(config, self.admin, &self.bpffs)
+    }
+
+    /// `authz-agent cleanup` on this agent's pin directory.
+    pub fn cleanup(&self) -> Result<()> {
+        let out = Command::new(agent_bin())
+            .args(["cleanup", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()?;
+        if !out.status.success() {
+            bail!("cleanup: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     }
 
     /// Prometheus samples: `name{labels}` -> value.
@@ -417,10 +452,22 @@ impl Drop for Agent {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.stop();
         }
+        if self.cleanup_on_drop {
+            if let Err(e) = self.cleanup() {
+                eprintln!("{e:#}");
+            }
+        }
         if std::env::var_os("AUTHZ_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+fn fill_config(config: &str, admin: SocketAddr, bpffs: &Path) -> String {
+    config.replace(
+        "\"{ADMIN}\"",
+        &format!("\"{admin}\", bpffs: \"{}\"", bpffs.display()),
+    )
 }
 
 /// A minimal HTTP/1.0 GET for the admin port (test process namespace).
@@ -449,6 +496,48 @@ pub fn curl(host: &Host, in_pod: bool, args: &[&str]) -> Result<(u16, String)> {
         bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// A JSON body (the test server's echo), or a panic naming what came instead.
+pub fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// How a connection attempt from a pod ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempt {
+    /// An HTTP answer: (status, body).
+    Answer(u16, String),
+    /// connect() failed at once (curl exit 7: refused).
+    Refused,
+    /// Anything else: curl's exit code and message.
+    Failed(i32, String),
+}
+
+/// One curl from `host` (in its pod cgroup) with a 3 s cap, and how long it took.
+pub fn attempt(host: &Host, url: &str) -> (Attempt, Duration) {
+    let t = Instant::now();
+    let out = Net::run(
+        host,
+        true,
+        "curl",
+        &["-sS", "-m", "3", "-w", "\n%{http_code}", url],
+    )
+    .expect("running curl");
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let a = match out.status.code() {
+        Some(0) => {
+            let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+            Attempt::Answer(code.trim().parse().unwrap_or(0), body.to_string())
+        }
+        Some(7) => Attempt::Refused,
+        c => Attempt::Failed(
+            c.unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ),
+    };
+    (a, took)
 }
 
 /// Names of loaded BPF programs (bpftool), to prove nothing is left behind.

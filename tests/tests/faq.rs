@@ -2,10 +2,6 @@
 //! the kernel steers it into the agent, the destination's Istio policies decide.
 use authz_tests::*;
 
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
 fn get(client: &Host, url: &str, resolve: &str, token: Option<&str>) -> (u16, String) {
     let mut args = vec!["--resolve", resolve, url];
     let h;

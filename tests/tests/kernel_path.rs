@@ -1,6 +1,6 @@
 //! The transparent kernel path, for real: pods are netns + cgroups, the agent is the real
 //! binary, traffic goes through connect4, sock_ops and sk_msg.
-use std::{io::Write, process::Stdio};
+use std::{io::Write, process::Stdio, time::Duration};
 
 use authz_tests::*;
 
@@ -30,10 +30,6 @@ fn setup() -> Setup {
         server,
         agent,
     }
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 #[test]
@@ -255,7 +251,7 @@ fn dialing_the_agent_port_directly_forwards_nothing() {
 }
 
 #[test]
-fn stopping_the_agent_releases_its_pods() {
+fn a_stopped_agent_fails_closed_until_cleanup() {
     if !require_root() {
         return;
     }
@@ -263,12 +259,18 @@ fn stopping_the_agent_releases_its_pods() {
     let st = s.agent.stop().unwrap();
     assert!(st.success(), "clean exit: {}", s.agent.log_text());
     let url = format!("http://{}:8000/headers", s.server.ip);
-    let (code, body) = curl(&s.client, true, &[&url]).unwrap();
-    assert_eq!(
-        code, 200,
-        "pod reaches the server directly after the agent is gone"
+    let (a, took) = attempt(&s.client, &url);
+    assert_eq!(a, Attempt::Refused, "fail closed after the agent stopped");
+    assert!(
+        took < Duration::from_secs(1),
+        "refused at once, not hung: {took:?}"
     );
-    assert_eq!(json(&body)["client"], s.client.ip.as_str());
     let out = Net::run(&s.client, false, "ss", &["-Hltn", "sport = :15001"]).unwrap();
     assert!(out.stdout.is_empty(), "listener removed from the pod netns");
+
+    s.agent.cleanup().unwrap();
+    assert!(!s.agent.bpffs.exists(), "pin directory removed");
+    let (code, body) = curl(&s.client, true, &[&url]).unwrap();
+    assert_eq!(code, 200, "pod reaches the server directly after cleanup");
+    assert_eq!(json(&body)["client"], s.client.ip.as_str());
 }

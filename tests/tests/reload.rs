@@ -112,8 +112,8 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
     let cfg2 = format!(
         "{base}{}policies: [policies]\n",
         workload_yaml(&extra, "foo", "{app: extra}", "extra")
-    )
-    .replace("{ADMIN}", &agent.admin.to_string());
+    );
+    let cfg2 = agent.fill(&cfg2);
     std::fs::write(agent.dir.join("agent.yaml"), cfg2).unwrap();
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(

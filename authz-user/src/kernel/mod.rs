@@ -1,5 +1,6 @@
 //! Loading and attaching the eBPF programs, and the agent's side of their maps.
-//! Everything attached here is detached when `Kernel` is dropped.
+//! Maps and links are pinned in bpffs (`pin`): they outlive the process, so when the agent dies
+//! the programs keep applying the fail mode, and the next agent adopts the maps.
 use std::{
     fs::File,
     net::IpAddr,
@@ -15,14 +16,33 @@ use authz_common::{
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
-    Ebpf,
+    programs::{
+        links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+    },
+    Ebpf, EbpfLoader,
 };
 
 use crate::config::FailMode;
 
 mod addr;
+pub mod pin;
 pub use addr::{addr_key, key_addr};
+
+/// The maps pinned under `<bpffs>/maps`, with the key and value sizes this build expects of
+/// them: an adopted map of another layout is refused rather than misread.
+const PINNED_MAPS: [(&str, usize, usize); 7] = [
+    (maps::ENROLLED_PODS, 8, std::mem::size_of::<PodInfo>()),
+    (maps::ENFORCED_IPS, 16, std::mem::size_of::<Enforced>()),
+    (maps::ORIG_DST, 8, std::mem::size_of::<OrigDst>()),
+    (
+        maps::CONN_ORIG,
+        std::mem::size_of::<SockKey>(),
+        std::mem::size_of::<OrigDst>(),
+    ),
+    (maps::NO_REDIRECT, std::mem::size_of::<SockKey>(), 1),
+    (maps::SOCK_HASH, std::mem::size_of::<SockKey>(), 4),
+    (maps::AGENT_STATE, 4, std::mem::size_of::<AgentState>()),
+];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/authz"));
 
@@ -48,19 +68,43 @@ pub struct Kernel {
     state: Mutex<Array<MapData, AgentState>>,
     _sock_hash: SockHash<MapData, SockKey>,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+    // Pinned: dropping these closes our fds only; the attachments stay.
+    _links: Vec<PinnedLink>,
     ebpf: Ebpf,
     pub cgroup_root: PathBuf,
+    /// Whether the maps were adopted from a previous agent (hot restart or recovery).
+    pub adopted: bool,
 }
 
 impl Kernel {
-    /// Loads the programs and attaches them to `cgroup_root` (default: the cgroup2 mount).
-    pub fn load(cgroup_root: Option<&Path>) -> Result<Kernel> {
+    /// Loads the programs, adopting the maps pinned under `bpffs` by a previous agent (or pinning
+    /// new ones), attaches them to `cgroup_root` (default: the cgroup2 mount) and pins the links,
+    /// replacing a previous agent's only after ours are attached.
+    pub fn load(cgroup_root: Option<&Path>, bpffs: &Path) -> Result<Kernel> {
         raise_memlock();
         let cgroup_root = match cgroup_root {
             Some(p) => p.to_path_buf(),
             None => cgroup2_mount()?,
         };
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object")?;
+        pin::prepare(bpffs)?;
+        let maps_dir = pin::maps_dir(bpffs);
+        let adopted = maps_dir.join(maps::ENROLLED_PODS).exists();
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|(n, _, _)| (*n, maps_dir.join(n)))
+            .chain([(maps::COUNTERS, maps_dir.join(maps::COUNTERS))])
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).with_context(|| {
+            format!(
+                "loading the eBPF object (maps pinned under {}; if another version left them, run `authz-agent cleanup`)",
+                maps_dir.display()
+            )
+        })?;
+        check_layouts(&ebpf, &maps_dir)?;
         // The logger owns the log ring buffer: it must live as long as the programs.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -72,23 +116,39 @@ impl Kernel {
         let cg = File::open(&cgroup_root)
             .with_context(|| format!("opening cgroup {}", cgroup_root.display()))?;
 
+        // sk_msg must be on the sockhash before sock_ops inserts sockets into it. It attaches to
+        // the (pinned) map itself and replaces a previous agent's program there.
+        let sock_hash: SockHash<MapData, SockKey> = take(&mut ebpf, maps::SOCK_HASH)?;
+        let prog: &mut SkMsg = program(&mut ebpf, "authz_sk_msg")?.try_into()?;
+        prog.load().context("loading authz_sk_msg")?;
+        let id = prog
+            .attach(sock_hash.fd())
+            .context("attaching authz_sk_msg")?;
+        // Kept attached when we exit: the map holds it, and it goes with the map at cleanup.
+        std::mem::forget(prog.take_link(id)?);
+
+        let mut links = vec![];
         for name in ["authz_connect4", "authz_connect6"] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
-            prog.attach(&cg, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
+            let link = FdLink::try_from(prog.take_link(id)?)
+                .with_context(|| format!("{name}: the kernel has no bpf_link for cgroups"))?;
+            links.push(pin::pin_replacing(link, &pin::link_path(bpffs, name))?);
         }
         let prog: &mut SockOps = program(&mut ebpf, "authz_sock_ops")?.try_into()?;
         prog.load().context("loading authz_sock_ops")?;
-        prog.attach(&cg, CgroupAttachMode::Single)
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
             .with_context(|| format!("attaching authz_sock_ops to {}", cgroup_root.display()))?;
-
-        let sock_hash: SockHash<MapData, SockKey> = take(&mut ebpf, maps::SOCK_HASH)?;
-        // sk_msg must be on the sockhash before sock_ops inserts sockets into it.
-        let prog: &mut SkMsg = program(&mut ebpf, "authz_sk_msg")?.try_into()?;
-        prog.load().context("loading authz_sk_msg")?;
-        prog.attach(sock_hash.fd())
-            .context("attaching authz_sk_msg")?;
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .context("authz_sock_ops: the kernel has no bpf_link for cgroups")?;
+        links.push(pin::pin_replacing(
+            link,
+            &pin::link_path(bpffs, "authz_sock_ops"),
+        )?);
 
         Ok(Kernel {
             enrolled: Mutex::new(take(&mut ebpf, maps::ENROLLED_PODS)?),
@@ -98,9 +158,44 @@ impl Kernel {
             state: Mutex::new(take(&mut ebpf, maps::AGENT_STATE)?),
             _sock_hash: sock_hash,
             logger: Mutex::new(logger),
+            _links: links,
             ebpf,
             cgroup_root,
+            adopted,
         })
+    }
+
+    /// Enrolled cgroup ids (including a previous agent's, when adopted).
+    pub fn enrolled_ids(&self) -> Vec<u64> {
+        self.enrolled.lock().unwrap().keys().flatten().collect()
+    }
+
+    /// Enforced workload addresses (including a previous agent's, when adopted).
+    pub fn enforced_ips(&self) -> Vec<IpAddr> {
+        self.enforced
+            .lock()
+            .unwrap()
+            .keys()
+            .flatten()
+            .map(key_addr)
+            .collect()
+    }
+
+    /// Marks the agent gone at once (clean exit), so the fail mode applies without waiting for
+    /// the heartbeat to go stale; unless a successor's heartbeat has already taken over.
+    pub fn stop_heartbeat(&self, fail_mode: FailMode) -> Result<()> {
+        let mut map = self.state.lock().unwrap();
+        let me = std::process::id();
+        if map.get(&0, 0).is_ok_and(|s| s.agent_pid != me) {
+            return Ok(());
+        }
+        let state = AgentState {
+            heartbeat_ns: 0,
+            stale_after_ns: 1,
+            fail_mode: fail_code(fail_mode),
+            agent_pid: me,
+        };
+        map.set(0, state, 0).context("AGENT_STATE set")
     }
 
     /// Enrolls the pod whose cgroup is `cgroup`; returns the cgroup id.
@@ -160,11 +255,8 @@ impl Kernel {
         let state = AgentState {
             heartbeat_ns: boottime_ns(),
             stale_after_ns: stale_after.as_nanos() as u64,
-            fail_mode: match fail_mode {
-                FailMode::Closed => FAIL_CLOSED,
-                FailMode::Open => FAIL_OPEN,
-            },
-            _pad: 0,
+            fail_mode: fail_code(fail_mode),
+            agent_pid: std::process::id(),
         };
         self.state
             .lock()
@@ -222,6 +314,40 @@ impl Kernel {
     pub fn program_names(&self) -> Vec<String> {
         self.ebpf.programs().map(|(n, _)| n.to_string()).collect()
     }
+}
+
+fn fail_code(m: FailMode) -> u32 {
+    match m {
+        FailMode::Closed => FAIL_CLOSED,
+        FailMode::Open => FAIL_OPEN,
+    }
+}
+
+/// Refuses adopted maps whose key or value size differs from this build's.
+fn check_layouts(ebpf: &Ebpf, maps_dir: &Path) -> Result<()> {
+    for (name, key, value) in PINNED_MAPS {
+        let map = ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+        let data: &MapData = match map {
+            aya::maps::Map::HashMap(d)
+            | aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::SockHash(d) => d,
+            _ => bail!("map {name} has an unexpected type"),
+        };
+        let info = data.info()?;
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            bail!(
+                "pinned map {} has key/value sizes {}/{}, this agent needs {key}/{value}: \
+                 it was left by an incompatible version; run `authz-agent cleanup`",
+                maps_dir.join(name).display(),
+                info.key_size(),
+                info.value_size()
+            );
+        }
+    }
+    Ok(())
 }
 
 struct Fd(std::os::fd::RawFd);

@@ -104,14 +104,17 @@ impl PodListeners {
     }
 }
 
-pub async fn serve(px: Arc<Proxy>, pl: PodListeners) {
+pub async fn serve(px: Arc<Proxy>, mut pl: PodListeners) {
+    // The accept loops own the listeners, so aborting this task closes them at once (a stopping
+    // agent takes no new connections) while open connections, which share the rest, go on.
+    let listeners = std::mem::take(&mut pl.listeners);
     let pl = Arc::new(pl);
     let mut tasks = tokio::task::JoinSet::new();
-    for l in 0..pl.listeners.len() {
+    for listener in listeners {
         let (px, pl) = (px.clone(), pl.clone());
         tasks.spawn(async move {
             loop {
-                match pl.listeners[l].accept().await {
+                match listener.accept().await {
                     Ok((stream, peer)) => {
                         let (px, pl) = (px.clone(), pl.clone());
                         tokio::spawn(async move { handle(px, pl, stream, peer).await });

@@ -1,0 +1,121 @@
+//! bpffs pinning: the maps and links live under one directory so enforcement outlives the agent
+//! process (the heartbeat turns a dead agent into the configured fail mode), a new agent adopts
+//! them, and `authz-agent cleanup` removes them.
+//!
+//! Layout: `<dir>/maps/<MAP>` and `<dir>/links/<program>`.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use aya::programs::links::{FdLink, PinnedLink};
+
+/// statfs magic of a bpf file system.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is mounted when nothing is.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+pub fn maps_dir(dir: &Path) -> PathBuf {
+    dir.join("maps")
+}
+
+pub fn link_path(dir: &Path, program: &str) -> PathBuf {
+    dir.join("links").join(program)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Creates `dir` (and its `maps/`, `links/`) on a bpf file system; mounts bpffs on /sys/fs/bpf
+/// first when `dir` is under it and nothing is mounted there yet.
+pub fn prepare(dir: &Path) -> Result<()> {
+    let mount = Path::new(BPFFS_MOUNT);
+    if dir.starts_with(mount) && !is_bpffs(mount) {
+        std::fs::create_dir_all(mount).with_context(|| format!("creating {BPFFS_MOUNT}"))?;
+        nix::mount::mount(
+            Some("bpf"),
+            mount,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting bpffs on {BPFFS_MOUNT}"))?;
+        tracing::info!("mounted bpffs on {BPFFS_MOUNT}");
+    }
+    for d in [maps_dir(dir), dir.join("links")] {
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    if !is_bpffs(dir) {
+        bail!(
+            "{} is not on a bpf file system (set agent.bpffs to a directory under a bpffs mount)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Pins `link` at `path`, replacing (and detaching) a link a previous agent pinned there.
+/// The new link is attached before the old one goes, so enforcement has no gap.
+pub fn pin_replacing(link: FdLink, path: &Path) -> Result<PinnedLink> {
+    if path.exists() {
+        detach_pinned(path)?;
+    }
+    link.pin(path)
+        .with_context(|| format!("pinning link at {}", path.display()))
+}
+
+/// Detaches the link pinned at `path` (even while another process holds it) and unpins it.
+fn detach_pinned(path: &Path) -> Result<()> {
+    let old = PinnedLink::from_pin(path)
+        .with_context(|| format!("opening pinned link {}", path.display()))?;
+    let fd: FdLink = old
+        .unpin()
+        .with_context(|| format!("unpinning {}", path.display()))?;
+    use aya::programs::links::Link as _;
+    fd.detach()
+        .with_context(|| format!("detaching {}", path.display()))?;
+    Ok(())
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Detaches every pinned link and unpins every map under `dir`, then removes `dir`.
+/// Idempotent: a missing directory is nothing to do.
+pub fn cleanup(dir: &Path) -> Result<Removed> {
+    let mut removed = Removed::default();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    if !is_bpffs(dir) {
+        bail!(
+            "{} is not on a bpf file system; not touching it",
+            dir.display()
+        );
+    }
+    // Links first: once they are gone no program steers traffic into maps we then drop.
+    if let Ok(entries) = std::fs::read_dir(dir.join("links")) {
+        for e in entries.flatten() {
+            detach_pinned(&e.path())?;
+            removed.links += 1;
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(maps_dir(dir)) {
+        for e in entries.flatten() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("unpinning {}", e.path().display()))?;
+            removed.maps += 1;
+        }
+    }
+    for d in [dir.join("links"), maps_dir(dir), dir.to_path_buf()] {
+        match std::fs::remove_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", d.display())),
+        }
+    }
+    Ok(removed)
+}

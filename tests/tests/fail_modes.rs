@@ -1,0 +1,170 @@
+//! Fail modes: the programs and maps are pinned, so a dead agent's pods get the configured fail
+//! mode within a second (refused at once, or direct), a new agent adopts the pins and serves, and
+//! `authz-agent cleanup` leaves nothing loaded or attached. Its own test binary, so no other
+//! agent's programs are loaded meanwhile (cargo runs test binaries one after another).
+use std::time::{Duration, Instant};
+
+use authz_tests::*;
+
+fn ours() -> Vec<String> {
+    loaded_bpf_programs()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("authz_"))
+        .collect()
+}
+
+fn attached_to_root() -> String {
+    let cg = cgroup2_root();
+    let out = sh("bpftool", &["cgroup", "show", cg.to_str().unwrap()]).unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn config(pod: &Host, w: &Host, fail_mode: &str) -> String {
+    format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", failMode: {fail_mode}}}\npods:\n{}workloads:\n{}",
+        pod_yaml(pod, "foo", "{app: p}", "p"),
+        workload_yaml(w, "foo", "{app: w}", "w"),
+    )
+}
+
+fn sigkill(agent: &mut Agent) -> Instant {
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    Instant::now()
+}
+
+/// Polls until `want` holds for an attempt, for at most `limit` after `since`; every attempt
+/// must end within a second (a connect never hangs).
+fn until(
+    pod: &Host,
+    url: &str,
+    since: Instant,
+    limit: Duration,
+    want: impl Fn(&Attempt) -> bool,
+) -> Attempt {
+    loop {
+        let (a, took) = attempt(pod, url);
+        assert!(
+            took < Duration::from_secs(1),
+            "attempt hung for {took:?}: {a:?}"
+        );
+        if want(&a) {
+            assert!(
+                since.elapsed() < limit,
+                "took {:?} to reach {a:?}",
+                since.elapsed()
+            );
+            return a;
+        }
+        assert!(
+            since.elapsed() < limit,
+            "still {a:?} after {:?}",
+            since.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn fail_modes_adoption_and_cleanup() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let pod = net.host("p", 2).unwrap();
+    let w = net.host("w", 3).unwrap();
+    net.serve(&w, "http", 8000).unwrap();
+    let url = format!("http://{}:8000/headers", w.ip);
+    let through_agent = |a: &Agent| {
+        let before = a.metric("authz_kernel_connect_redirected_total");
+        let (code, body) = curl(&pod, true, &[&url]).unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(
+            json(&body)["client"],
+            pod.ip.as_str(),
+            "the pod's own source IP"
+        );
+        assert!(
+            a.metric("authz_kernel_connect_redirected_total") > before,
+            "went through the agent"
+        );
+    };
+
+    // Closed (the default): a killed agent's pods are refused at once, never hung.
+    let mut a = Agent::start(&config(&pod, &w, "closed")).unwrap();
+    a.cleanup_on_drop = false;
+    through_agent(&a);
+    assert_eq!(
+        ours().len(),
+        4,
+        "connect4, connect6, sock_ops, sk_msg: {:?}",
+        ours()
+    );
+    let killed = sigkill(&mut a);
+    let got = until(&pod, &url, killed, Duration::from_secs(1), |a| {
+        *a == Attempt::Refused
+    });
+    assert_eq!(got, Attempt::Refused);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        attempt(&pod, &url).0,
+        Attempt::Refused,
+        "stays closed once the heartbeat is stale"
+    );
+    assert_eq!(ours().len(), 4, "still loaded after SIGKILL: {:?}", ours());
+    assert!(attached_to_root().contains("authz_connect4"));
+
+    // A new agent adopts the pins: it serves, and the dead agent's programs are gone.
+    let mut b = Agent::start_pinned(&config(&pod, &w, "closed"), &[], &a.bpffs).unwrap();
+    assert!(b.log_text().contains("adopted=true"), "{}", b.log_text());
+    through_agent(&b);
+    assert_eq!(
+        ours().len(),
+        4,
+        "the old programs were replaced, not added to: {:?}",
+        ours()
+    );
+
+    // A clean stop keeps failing closed, at once.
+    assert!(b.stop().unwrap().success(), "{}", b.log_text());
+    let (got, took) = attempt(&pod, &url);
+    assert_eq!(got, Attempt::Refused, "closed right after SIGTERM");
+    assert!(took < Duration::from_secs(1));
+
+    // Cleanup: nothing loaded, nothing attached, pods go direct.
+    b.cleanup().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ours().is_empty(), "left loaded after cleanup: {:?}", ours());
+    assert!(
+        !attached_to_root().contains("authz_"),
+        "{}",
+        attached_to_root()
+    );
+    assert!(!b.bpffs.exists());
+    let (code, body) = curl(&pod, true, &[&url]).unwrap();
+    assert_eq!(
+        (code, json(&body)["client"].clone()),
+        (200, pod.ip.as_str().into())
+    );
+    b.cleanup().unwrap(); // idempotent
+
+    // Open: a killed agent's pods go direct within a second.
+    let mut c = Agent::start(&config(&pod, &w, "open")).unwrap();
+    through_agent(&c);
+    let killed = sigkill(&mut c);
+    let got = until(&pod, &url, killed, Duration::from_secs(1), |a| {
+        matches!(a, Attempt::Answer(200, _))
+    });
+    let Attempt::Answer(_, body) = got else {
+        unreachable!()
+    };
+    assert_eq!(
+        json(&body)["client"],
+        pod.ip.as_str(),
+        "direct, from the pod itself"
+    );
+    drop(c); // cleanup
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ours().is_empty(), "left loaded: {:?}", ours());
+}

@@ -1,0 +1,111 @@
+//! Hot restart: a new agent on the same pins takes over while requests keep coming; none fails,
+//! and a connection open on the old agent keeps flowing while the old agent drains.
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::Stdio,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use authz_tests::*;
+
+#[test]
+fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let pod = net.host("p", 2).unwrap();
+    let w = net.host("w", 3).unwrap();
+    net.serve(&w, "http", 8000).unwrap();
+    net.serve(&w, "echo", 9000).unwrap();
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", drainTimeout: 2s}}\npods:\n{}workloads:\n{}",
+        pod_yaml(&pod, "foo", "{app: p}", "p"),
+        workload_yaml(&w, "foo", "{app: w}", "w"),
+    );
+    let mut old = Agent::start(&cfg).unwrap();
+    old.cleanup_on_drop = false;
+
+    // A long-lived connection through the old agent.
+    let mut nc = Net::command(&pod, true, "nc", &[&w.ip, "9000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut nc_in = nc.stdin.take().unwrap();
+    let mut nc_out = BufReader::new(nc.stdout.take().unwrap());
+    let mut echo = |s: &str| {
+        nc_in.write_all(format!("{s}\n").as_bytes()).ok()?;
+        nc_in.flush().ok()?;
+        let mut l = String::new();
+        nc_out.read_line(&mut l).ok()?;
+        Some(l.trim().to_string())
+    };
+    assert_eq!(echo("one").as_deref(), Some("one"));
+
+    // Requests all along the handover.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, pod, url) = (stop.clone(), pod.clone(), format!("http://{}:8000/", w.ip));
+        std::thread::spawn(move || {
+            let mut bad = vec![];
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (a, _) = attempt(&pod, &url);
+                if !matches!(a, Attempt::Answer(200, _)) {
+                    bad.push(a);
+                }
+                n += 1;
+            }
+            (n, bad)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let new = Agent::start_pinned(&cfg, &[], &old.bpffs).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let redirected_by_new = new.metric("authz_connections_redirected_total");
+
+    // SIGTERM the old agent: it stops accepting, the open connection keeps flowing while it drains.
+    let t = Instant::now();
+    unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(old.child.try_wait().unwrap().is_none(), "still draining");
+    assert_eq!(
+        echo("two").as_deref(),
+        Some("two"),
+        "open connection not cut while draining"
+    );
+    let st = old.stop().unwrap();
+    assert!(st.success(), "{}", old.log_text());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "drain bounded by drainTimeout"
+    );
+    assert!(
+        old.log_text().contains("drain timeout"),
+        "{}",
+        old.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    stop.store(true, Ordering::Relaxed);
+    let (n, bad) = load.join().unwrap();
+    assert!(n >= 10, "requests made during the handover: {n}");
+    assert!(
+        bad.is_empty(),
+        "{} of {n} requests failed: {bad:?}",
+        bad.len()
+    );
+    assert!(
+        new.metric("authz_connections_redirected_total") > redirected_by_new,
+        "the new agent serves"
+    );
+    let (code, _) = curl(&pod, true, &[&format!("http://{}:8000/", w.ip)]).unwrap();
+    assert_eq!(code, 200);
+    let _ = nc.kill();
+    let _ = nc.wait();
+}
