@@ -1,5 +1,6 @@
 //! Remote JWKS against an in-process server on loopback: first fetch, key rotation without a 401,
-//! rate-limited refetch, outage (last good keys kept), never-fetched, timeout, SSRF guard.
+//! rate-limited refetch, outage (last good keys kept), never-fetched, timeout, SSRF guard, and
+//! servers that answer 5xx, redirect (never followed) or send more than the size cap.
 #![cfg(feature = "testkeys")]
 use std::{
     collections::BTreeMap,
@@ -209,4 +210,75 @@ async fn bad_documents_and_metadata_addresses_are_refused() {
         .await
         .unwrap_err();
     assert!(err.contains("link-local or metadata"), "{err}");
+}
+
+/// Answers every connection with `head` (status line and headers) and `body_len` bytes of a
+/// JSON-looking body.
+async fn raw_server(head: &'static str, body_len: usize) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let mut body = String::from("{\"keys\":[");
+                body.push_str(&" ".repeat(body_len.saturating_sub(body.len() + 2)));
+                body.push_str("]}");
+                let msg = format!("{head}Content-Length: {}\r\n\r\n", body.len());
+                let _ = s.write_all(msg.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn huge_redirecting_and_failing_servers_are_refused() {
+    let k = TestKey::new("HS256", "k");
+    let good = jwks_server(TestKey::jwks(&[&k]), Duration::ZERO).await;
+    let fetcher = Fetcher::new(None, Arc::new(|_: &str, _: &str| None), false).unwrap();
+    let redirect: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 302 Found\r\nLocation: http://{}/jwks\r\n",
+            good.addr
+        )
+        .into_boxed_str(),
+    );
+    let cases = [
+        (
+            "5xx",
+            raw_server("HTTP/1.1 503 Service Unavailable\r\n", 10).await,
+            "503",
+        ),
+        ("redirect", raw_server(redirect, 10).await, "302"),
+        (
+            "huge",
+            raw_server("HTTP/1.1 200 OK\r\n", authz::jwt::keys::MAX_JWKS_BYTES + 1).await,
+            "length limit",
+        ),
+    ];
+    for (name, addr, want) in cases {
+        let uri = format!("http://{addr}/jwks");
+        let err = fetcher
+            .get(&uri, "foo", Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(err.contains(want), "{name}: {err}");
+        let st = store(Duration::from_secs(3600));
+        let e = engine(&uri, "2s", &st);
+        let d = decide(&e, &tok(&k)).await;
+        assert_eq!(
+            (d.status, d.body.as_str()),
+            (401, "Jwks remote fetch is failed"),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        good.hits.load(Ordering::SeqCst),
+        0,
+        "the redirect was not followed"
+    );
 }

@@ -230,6 +230,8 @@ fn measure_target(
             "-q",
             &rate.to_string(),
             "--latency-correction",
+            // Requests in flight at the deadline finish instead of counting as errors.
+            "-w",
             "-c",
             OHA_CONNECTIONS,
         ]
