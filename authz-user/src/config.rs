@@ -78,6 +78,12 @@ pub struct AgentSettings {
     /// On SIGTERM: how long open connections may finish before the agent exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Connections one pod may have open through the agent; more are closed at once, so one
+    /// noisy pod cannot starve the others on the node.
+    pub max_connections_per_pod: u64,
+    /// How long a client may take to send a request head (also between keep-alive requests).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for AgentSettings {
@@ -98,6 +104,8 @@ impl Default for AgentSettings {
             allow_link_local_jwks: false,
             bpffs: PathBuf::from("/sys/fs/bpf/authz"),
             drain_timeout: Duration::from_secs(5),
+            max_connections_per_pod: 4096,
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -214,6 +222,12 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         if self.agent.port == 0 {
             return Err("agent.port: must not be 0".into());
+        }
+        if self.agent.max_connections_per_pod == 0 {
+            return Err("agent.maxConnectionsPerPod: must be at least 1".into());
+        }
+        if self.agent.header_read_timeout.is_zero() {
+            return Err("agent.headerReadTimeout: must not be 0".into());
         }
         if !self.agent.bpffs.is_absolute() || self.agent.bpffs.parent().is_none() {
             return Err("agent.bpffs: must be an absolute directory below a bpffs mount".into());

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub connections_redirected: AtomicU64,
     pub connections_unknown_origin: AtomicU64,
     pub connections_active: AtomicU64,
+    /// Connections closed at once because their pod was at `maxConnectionsPerPod`.
+    pub connections_over_pod_limit: AtomicU64,
     pub connections_tcp: AtomicU64,
     pub connections_http: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
@@ -50,6 +52,11 @@ impl Metrics {
             "authz_connections_unknown_origin_total",
             "Connections to the agent port with no recorded original destination (closed).",
             self.connections_unknown_origin.load(Relaxed),
+        );
+        counter(
+            "authz_connections_over_pod_limit_total",
+            "Redirected connections closed at once: their pod had maxConnectionsPerPod open.",
+            self.connections_over_pod_limit.load(Relaxed),
         );
         counter(
             "authz_connections_tcp_total",

@@ -2,7 +2,13 @@
 //! mode within a second (refused at once, or direct), a new agent adopts the pins and serves, and
 //! `authz-agent cleanup` leaves nothing loaded or attached. Its own test binary, so no other
 //! agent's programs are loaded meanwhile (cargo runs test binaries one after another).
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use authz_tests::*;
 
@@ -26,6 +32,34 @@ fn config(pod: &Host, w: &Host, fail_mode: &str) -> String {
         pod_yaml(pod, "foo", "{app: p}", "p"),
         workload_yaml(w, "foo", "{app: w}", "w"),
     )
+}
+
+/// Attempts from a pod in a loop until stopped: (started, outcome, duration) of each.
+struct Load {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Attempt, Duration)>>,
+}
+
+impl Load {
+    fn start(pod: &Host, url: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, pod, url) = (stop.clone(), pod.clone(), url.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut log = vec![];
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let (a, took) = attempt(&pod, &url);
+                log.push((at, a, took));
+            }
+            log
+        });
+        Load { stop, thread }
+    }
+
+    fn stop(self) -> Vec<(Instant, Attempt, Duration)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 fn sigkill(agent: &mut Agent) -> Instant {
@@ -101,11 +135,30 @@ fn fail_modes_adoption_and_cleanup() {
         "connect4, connect6, sock_ops, sk_msg: {:?}",
         ours()
     );
+    // Killed during a load run: from 1 s after the kill every attempt is refused, and no attempt
+    // ever hangs (those in flight at the kill end at once with an error).
+    let load = Load::start(&pod, &url);
+    std::thread::sleep(Duration::from_millis(500));
     let killed = sigkill(&mut a);
-    let got = until(&pod, &url, killed, Duration::from_secs(1), |a| {
-        *a == Attempt::Refused
-    });
-    assert_eq!(got, Attempt::Refused);
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = load.stop();
+    assert!(log
+        .iter()
+        .any(|(at, a, _)| *at < killed && matches!(a, Attempt::Answer(200, _))));
+    let after: Vec<_> = log
+        .iter()
+        .filter(|(at, _, _)| *at > killed + Duration::from_secs(1))
+        .collect();
+    assert!(after.len() >= 3, "attempts after the kill: {}", after.len());
+    for (_, a, took) in &log {
+        assert!(
+            *took < Duration::from_secs(1),
+            "an attempt hung for {took:?}: {a:?}"
+        );
+    }
+    for (_, a, _) in after {
+        assert_eq!(*a, Attempt::Refused, "fail closed within 1 s of the kill");
+    }
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(
         attempt(&pod, &url).0,
@@ -119,6 +172,10 @@ fn fail_modes_adoption_and_cleanup() {
     let mut b = Agent::start_pinned(&config(&pod, &w, "closed"), &[], &a.bpffs).unwrap();
     assert!(b.log_text().contains("adopted=true"), "{}", b.log_text());
     through_agent(&b);
+    assert!(
+        b.metric("authz_kernel_connect_refused_total") >= 3.0,
+        "the pinned counters kept the refusals made while no agent ran"
+    );
     assert_eq!(
         ours().len(),
         4,

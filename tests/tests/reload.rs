@@ -132,3 +132,89 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
     let _ = nc.kill();
     let _ = nc.wait();
 }
+
+/// Policies rewritten every 100 ms while requests keep coming on keep-alive connections: no
+/// request fails or gets another path's decision. `/admin` is denied by every version, `/ok` by
+/// none, `/flip` by every other one.
+#[test]
+fn policies_changed_every_100ms_under_load() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let sleep = net.host("sleep", 2).unwrap();
+    let web = net.host("web", 3).unwrap();
+    net.serve(&web, "http", 8000).unwrap();
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
+        workload_yaml(&web, "foo", "{app: web}", "web"),
+    );
+    let version = |i: usize| {
+        let paths = if i.is_multiple_of(2) {
+            "[\"/admin\", \"/flip\"]"
+        } else {
+            "[\"/admin\"]"
+        };
+        deny_path("X").replace("[\"X\"]", paths)
+    };
+    let agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", &version(0))]).unwrap();
+    let policy = agent.dir.join("policies/ap.yaml");
+    let reloads_before = agent.metric("authz_reloads_total");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, policy, tmp) = (stop.clone(), policy.clone(), agent.dir.join("ap.yaml.tmp"));
+        std::thread::spawn(move || {
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::write(&tmp, version(i)).unwrap();
+                std::fs::rename(&tmp, &policy).unwrap();
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let paths = ["/ok", "/admin", "/flip"];
+    let mut seen = std::collections::HashMap::<(&str, String), usize>::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        // One curl, one keep-alive connection, 30 requests.
+        let mut args = vec!["-s", "-w", "%{http_code}\\n"];
+        let urls: Vec<String> = (0..10)
+            .flat_map(|_| paths.iter().map(|p| format!("http://{}:8000{p}", web.ip)))
+            .collect();
+        for u in &urls {
+            args.extend(["-o", "/dev/null", u.as_str()]);
+        }
+        let out = Net::run(&sleep, true, "curl", &args).unwrap();
+        let codes = String::from_utf8_lossy(&out.stdout).to_string();
+        let codes: Vec<&str> = codes.lines().collect();
+        assert_eq!(codes.len(), urls.len(), "every request answered: {codes:?}");
+        for (i, c) in codes.iter().enumerate() {
+            *seen.entry((paths[i % 3], c.to_string())).or_default() += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let keys: Vec<_> = seen.keys().cloned().collect();
+    for (path, code) in &keys {
+        let ok = match *path {
+            "/ok" => code == "200",
+            "/admin" => code == "403",
+            _ => code == "200" || code == "403",
+        };
+        assert!(ok, "{path} answered {code}: {seen:?}");
+    }
+    assert!(
+        seen.contains_key(&("/flip", "200".into())) && seen.contains_key(&("/flip", "403".into())),
+        "both versions were in force during the run: {seen:?}"
+    );
+    assert!(agent.metric("authz_reloads_total") - reloads_before >= 5.0);
+    assert_eq!(
+        agent.metric("authz_reload_failures_total"),
+        0.0,
+        "{}",
+        agent.log_text()
+    );
+}

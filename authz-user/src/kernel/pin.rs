@@ -29,6 +29,13 @@ fn is_bpffs(path: &Path) -> bool {
 /// first when `dir` is under it and nothing is mounted there yet.
 pub fn prepare(dir: &Path) -> Result<()> {
     let mount = Path::new(BPFFS_MOUNT);
+    // Agents starting together must not each mount bpffs: a second mount would hide the first
+    // one's pins. Check and mount under a lock.
+    let _lock = if dir.starts_with(mount) {
+        Some(lock_file("/run/authz-agent-bpffs.lock")?)
+    } else {
+        None
+    };
     if dir.starts_with(mount) && !is_bpffs(mount) {
         std::fs::create_dir_all(mount).with_context(|| format!("creating {BPFFS_MOUNT}"))?;
         nix::mount::mount(
@@ -51,6 +58,22 @@ pub fn prepare(dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// An exclusive flock on `path`, released when the file is dropped.
+fn lock_file(path: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {path}"))?;
+    // SAFETY: flock on an open file descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {path}"));
+    }
+    Ok(f)
 }
 
 /// Pins `link` at `path`, replacing (and detaching) a link a previous agent pinned there.

@@ -19,8 +19,6 @@ use super::{ConnCtx, Proxy};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 pub async fn serve<S>(px: Arc<Proxy>, conn: Arc<ConnCtx>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -31,6 +29,7 @@ where
         h1: Mutex::new(None),
         h2: Mutex::new(None),
     });
+    let header_read_timeout = px.settings.header_read_timeout;
     let service = hyper::service::service_fn(move |req| {
         let px = px.clone();
         let upstream = upstream.clone();
@@ -38,15 +37,22 @@ where
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Clients may shut down their write side while they wait for the answer (half-close); a slow
-    // client gets HEADER_READ_TIMEOUT to send a request head.
+    // client gets headerReadTimeout to send a request head.
     builder
         .http1()
         .keep_alive(true)
         .half_close(true)
         .max_buf_size(64 * 1024)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().max_concurrent_streams(256);
+        .header_read_timeout(header_read_timeout);
+    // Rapid Reset and CONTINUATION floods: a client that cancels streams faster than they are
+    // served, or sends a header block past the size cap, gets GOAWAY (ENHANCE_YOUR_CALM).
+    builder
+        .http2()
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(64)
+        .max_header_list_size(64 * 1024);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await

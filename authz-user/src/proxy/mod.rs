@@ -2,7 +2,10 @@
 //! going, sniff the protocol, then decide and forward (HTTP) or relay (TCP).
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering::Relaxed, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -67,6 +70,8 @@ pub struct PodListeners {
     pub netns: Arc<NetNs>,
     pub netns_cookie: u64,
     pub listeners: Vec<TcpListener>,
+    /// Connections of this pod open through the agent (for maxConnectionsPerPod).
+    pub open: AtomicU64,
 }
 
 impl PodListeners {
@@ -100,6 +105,7 @@ impl PodListeners {
             netns,
             netns_cookie,
             listeners,
+            open: AtomicU64::new(0),
         })
     }
 }
@@ -148,7 +154,10 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
         return;
     };
     px.metrics.connections_redirected.fetch_add(1, Relaxed);
-    px.metrics.connections_active.fetch_add(1, Relaxed);
+    let Some(_open) = OpenGuard::take(&px, &pl) else {
+        px.metrics.connections_over_pod_limit.fetch_add(1, Relaxed);
+        return;
+    };
     let _ = stream.set_nodelay(true);
     let dst = SocketAddr::new(key_addr(orig.addr), orig.port);
     let src_ip = pl
@@ -170,10 +179,7 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
     let mut first = BytesMut::with_capacity(4096);
     let sniffed =
         match tokio::time::timeout(px.settings.sniff_timeout, stream.read_buf(&mut first)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                px.metrics.connections_active.fetch_sub(1, Relaxed);
-                return;
-            }
+            Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(_)) => io::sniff(&first),
             // Server-speaks-first protocols.
             Err(_) => io::Sniffed::Tcp,
@@ -183,7 +189,32 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
         io::Sniffed::Http1 | io::Sniffed::Http2 => http::serve(px.clone(), conn, stream).await,
         io::Sniffed::Tcp => tcp::relay(&px, &conn, stream).await,
     }
-    px.metrics.connections_active.fetch_sub(1, Relaxed);
+}
+
+/// One open connection, counted for the agent and its pod while it lives.
+struct OpenGuard<'a> {
+    px: &'a Proxy,
+    pl: &'a PodListeners,
+}
+
+impl<'a> OpenGuard<'a> {
+    /// None when the pod is at its limit.
+    fn take(px: &'a Proxy, pl: &'a PodListeners) -> Option<Self> {
+        let limit = px.settings.max_connections_per_pod;
+        if pl.open.fetch_add(1, Relaxed) >= limit {
+            pl.open.fetch_sub(1, Relaxed);
+            return None;
+        }
+        px.metrics.connections_active.fetch_add(1, Relaxed);
+        Some(OpenGuard { px, pl })
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.pl.open.fetch_sub(1, Relaxed);
+        self.px.metrics.connections_active.fetch_sub(1, Relaxed);
+    }
 }
 
 impl ConnCtx {

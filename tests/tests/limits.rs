@@ -1,0 +1,103 @@
+//! Per-pod limits: a pod at maxConnectionsPerPod gets further connections closed at once and
+//! counted, while another pod on the node keeps being served.
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+};
+
+use authz_tests::*;
+
+struct Echo {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl Echo {
+    fn open(pod: &Host, ip: &str) -> Echo {
+        let mut child = Net::command(pod, true, "nc", &[ip, "9000"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = BufReader::new(child.stdout.take().unwrap());
+        Echo {
+            child,
+            input,
+            output,
+        }
+    }
+
+    /// The echoed line, or None when the connection was closed.
+    fn echo(&mut self, s: &str) -> Option<String> {
+        self.input.write_all(format!("{s}\n").as_bytes()).ok()?;
+        self.input.flush().ok()?;
+        let mut l = String::new();
+        match self.output.read_line(&mut l) {
+            Ok(n) if n > 0 => Some(l.trim().to_string()),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One short connection: sends a line, returns what came back ("" when the connection was
+/// closed without an answer).
+fn probe(pod: &Host, ip: &str) -> String {
+    let out = Net::run(
+        pod,
+        true,
+        "sh",
+        &["-c", &format!("echo probe | nc -q 1 -w 2 {ip} 9000")],
+    )
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_pod_at_its_connection_limit_does_not_starve_others() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let noisy = net.host("noisy", 2).unwrap();
+    let quiet = net.host("quiet", 3).unwrap();
+    let w = net.host("w", 4).unwrap();
+    net.serve(&w, "echo", 9000).unwrap();
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", maxConnectionsPerPod: 2}}\npods:\n{}{}workloads:\n{}",
+        pod_yaml(&noisy, "foo", "{app: noisy}", "noisy"),
+        pod_yaml(&quiet, "foo", "{app: quiet}", "quiet"),
+        workload_yaml(&w, "foo", "{app: w}", "w"),
+    );
+    let agent = Agent::start(&cfg).unwrap();
+    let mut a = Echo::open(&noisy, &w.ip);
+    let mut b = Echo::open(&noisy, &w.ip);
+    assert_eq!(a.echo("a").as_deref(), Some("a"));
+    assert_eq!(b.echo("b").as_deref(), Some("b"));
+    assert_eq!(
+        probe(&noisy, &w.ip),
+        "",
+        "a third connection of the pod is closed"
+    );
+    assert_eq!(agent.metric("authz_connections_over_pod_limit_total"), 1.0);
+
+    assert_eq!(probe(&quiet, &w.ip), "probe", "another pod is served");
+    assert_eq!(
+        a.echo("a2").as_deref(),
+        Some("a2"),
+        "open ones keep flowing"
+    );
+
+    drop(a);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(probe(&noisy, &w.ip), "probe", "a freed slot is reusable");
+    assert_eq!(b.echo("b2").as_deref(), Some("b2"));
+}
