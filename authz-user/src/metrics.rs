@@ -17,6 +17,8 @@ pub struct Metrics {
     pub connections_active: AtomicU64,
     /// Connections closed at once because their pod was at `maxConnectionsPerPod`.
     pub connections_over_pod_limit: AtomicU64,
+    /// HTTP connections closed because a request head did not arrive within headerReadTimeout.
+    pub header_timeouts: AtomicU64,
     pub connections_tcp: AtomicU64,
     pub connections_http: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
@@ -57,6 +59,11 @@ impl Metrics {
             "authz_connections_over_pod_limit_total",
             "Redirected connections closed at once: their pod had maxConnectionsPerPod open.",
             self.connections_over_pod_limit.load(Relaxed),
+        );
+        counter(
+            "authz_http_header_timeouts_total",
+            "HTTP connections closed: no complete request head within headerReadTimeout.",
+            self.header_timeouts.load(Relaxed),
         );
         counter(
             "authz_connections_tcp_total",

@@ -30,11 +30,11 @@ fn smuggling_and_malformed_requests() {
     net.serve(&web, "http", 8000).unwrap();
     let ap = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: foo}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]\n";
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", headerReadTimeout: 1s}}\npods:\n{}workloads:\n{}policies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&web, "foo", "{app: web}", "web"),
     );
-    let _agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", ap)]).unwrap();
+    let agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", ap)]).unwrap();
     let ip = web.ip.as_str();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("duplicate CL", b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 3\r\nContent-Length: 40\r\n\r\nabcGET /admin HTTP/1.1\r\nHost: w\r\n\r\n".to_vec(), "400"),
@@ -92,4 +92,28 @@ fn smuggling_and_malformed_requests() {
         resp.contains(&format!("\"body_len\":{}", body.len())),
         "{resp}"
     );
+
+    // A slow client (half a request head, then nothing) is cut off after headerReadTimeout.
+    let t = std::time::Instant::now();
+    let out = Net::run(
+        &sleep,
+        true,
+        "bash",
+        &[
+            "-c",
+            &format!("exec 3<>/dev/tcp/{ip}/8000; printf 'GET /x HTTP/1.1\\r\\nHost: w\\r\\n' >&3; timeout 5 cat <&3; echo exit=$?"),
+        ],
+    )
+    .unwrap();
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("exit=0"),
+        "closed by the agent, not by timeout(1): {text}"
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(4),
+        "cut off after about 1 s: {took:?}"
+    );
+    assert_eq!(agent.metric("authz_http_header_timeouts_total"), 1.0);
 }

@@ -30,6 +30,7 @@ where
         h2: Mutex::new(None),
     });
     let header_read_timeout = px.settings.header_read_timeout;
+    let metrics = px.metrics.clone();
     let service = hyper::service::service_fn(move |req| {
         let px = px.clone();
         let upstream = upstream.clone();
@@ -57,6 +58,11 @@ where
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
     {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_timeout())
+        {
+            metrics.header_timeouts.fetch_add(1, Relaxed);
+        }
         tracing::debug!(dst = %conn.dst, "http connection ended: {e}");
     }
 }
