@@ -44,4 +44,5 @@ fn l4_connection_keeps_flowing_while_other_connections_come_and_go() {
         assert_eq!(echo(&format!("n{i}")), format!("n{i}"));
     }
     let _ = nc.kill();
+    let _ = nc.wait();
 }
