@@ -112,12 +112,14 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
     let admin_listener = admin::bind(cfg.agent.admin).await?;
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
 
+    let (drain_tx, draining) = tokio::sync::watch::channel(false);
     let px = Arc::new(Proxy {
         kernel: kernel.clone(),
         metrics: metrics.clone(),
         settings: cfg.agent.clone(),
         engine: RwLock::new(Arc::new(eng)),
         registry: shared_registry.clone(),
+        draining,
     });
     let mut state = State {
         pods: HashMap::new(),
@@ -191,6 +193,8 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
     for (_, p) in state.pods.drain() {
         p.server.abort();
     }
+    // Idle HTTP connections close now, busy ones after their request; TCP relays run on.
+    let _ = drain_tx.send(true);
     drain(&metrics, current.agent.drain_timeout).await;
     drop(px);
     drop(admin);

@@ -109,3 +109,73 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     let _ = nc.kill();
     let _ = nc.wait();
 }
+
+/// On SIGTERM an idle keep-alive HTTP connection is closed at once (not held until drainTimeout)
+/// and a request in flight still gets its answer.
+#[test]
+fn a_stopping_agent_closes_idle_http_connections_and_finishes_requests() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let pod = net.host("p", 2).unwrap();
+    let w = net.host("w", 3).unwrap();
+    net.serve(&w, "http", 8000).unwrap();
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", drainTimeout: 20s}}\npods:\n{}workloads:\n{}",
+        pod_yaml(&pod, "foo", "{app: p}", "p"),
+        workload_yaml(&w, "foo", "{app: w}", "w"),
+    );
+    let mut agent = Agent::start(&cfg).unwrap();
+    // One request on a keep-alive connection, then the connection stays idle; `cat` ends when
+    // the agent closes it.
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/8000; printf 'GET /idle HTTP/1.1\\r\\nHost: w\\r\\n\\r\\n' >&3; timeout 15 cat <&3",
+        w.ip
+    );
+    let idle = Net::command(&pod, true, "bash", &["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A request in flight when the agent stops: a 2 MB upload that trickles in.
+    let url = format!("http://{}:8000/upload", w.ip);
+    let upload = Net::command(
+        &pod,
+        true,
+        "bash",
+        &[
+            "-c",
+            &format!("head -c 2000000 /dev/zero | curl -sS -m 10 --limit-rate 1M -o /dev/null -w '%{{http_code}}' --data-binary @- {url}"),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    let st = agent.stop().unwrap();
+    assert!(st.success(), "{}", agent.log_text());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the agent did not wait for the idle connection: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !agent.log_text().contains("drain timeout"),
+        "{}",
+        agent.log_text()
+    );
+    let out = idle.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        out.status.success(),
+        "closed by the agent, not by timeout(1)"
+    );
+    let out = upload.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "the request in flight finished"
+    );
+}

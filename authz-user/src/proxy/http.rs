@@ -31,6 +31,7 @@ where
     });
     let header_read_timeout = px.settings.header_read_timeout;
     let metrics = px.metrics.clone();
+    let px_draining = px.draining.clone();
     let service = hyper::service::service_fn(move |req| {
         let px = px.clone();
         let upstream = upstream.clone();
@@ -54,10 +55,20 @@ where
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(64)
         .max_header_list_size(64 * 1024);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let mut draining = px_draining;
+    let mut asked = false;
+    let result = loop {
+        tokio::select! {
+            r = served.as_mut() => break r,
+            _ = draining.wait_for(|d| *d), if !asked => {
+                asked = true;
+                served.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    if let Err(e) = result {
         if e.downcast_ref::<hyper::Error>()
             .is_some_and(|h| h.is_timeout())
         {

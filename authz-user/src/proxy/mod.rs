@@ -41,6 +41,8 @@ pub struct Proxy {
     pub settings: AgentSettings,
     pub engine: RwLock<Arc<Engine>>,
     pub registry: Arc<RwLock<Arc<Registry>>>,
+    /// Turns true when the agent stops: HTTP connections finish the request in flight and close.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Proxy {
