@@ -84,6 +84,9 @@ pub struct AgentSettings {
     /// How long a client may take to send a request head (also between keep-alive requests).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A TCP relay with no byte either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for AgentSettings {
@@ -106,6 +109,7 @@ impl Default for AgentSettings {
             drain_timeout: Duration::from_secs(5),
             max_connections_per_pod: 4096,
             header_read_timeout: Duration::from_secs(30),
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -228,6 +232,9 @@ impl Config {
         }
         if self.agent.header_read_timeout.is_zero() {
             return Err("agent.headerReadTimeout: must not be 0".into());
+        }
+        if self.agent.tcp_idle_timeout.is_zero() {
+            return Err("agent.tcpIdleTimeout: must not be 0".into());
         }
         if !self.agent.bpffs.is_absolute() || self.agent.bpffs.parent().is_none() {
             return Err("agent.bpffs: must be an absolute directory below a bpffs mount".into());

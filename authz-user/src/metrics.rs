@@ -19,6 +19,8 @@ pub struct Metrics {
     pub connections_over_pod_limit: AtomicU64,
     /// HTTP connections closed because a request head did not arrive within headerReadTimeout.
     pub header_timeouts: AtomicU64,
+    /// TCP relays closed after tcpIdleTimeout without a byte either way.
+    pub tcp_idle_timeouts: AtomicU64,
     pub connections_tcp: AtomicU64,
     pub connections_http: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
@@ -64,6 +66,11 @@ impl Metrics {
             "authz_http_header_timeouts_total",
             "HTTP connections closed: no complete request head within headerReadTimeout.",
             self.header_timeouts.load(Relaxed),
+        );
+        counter(
+            "authz_tcp_idle_timeouts_total",
+            "TCP relays closed after tcpIdleTimeout without a byte either way.",
+            self.tcp_idle_timeouts.load(Relaxed),
         );
         counter(
             "authz_connections_tcp_total",

@@ -101,3 +101,35 @@ fn a_pod_at_its_connection_limit_does_not_starve_others() {
     assert_eq!(probe(&noisy, &w.ip), "probe", "a freed slot is reusable");
     assert_eq!(b.echo("b2").as_deref(), Some("b2"));
 }
+
+#[test]
+fn an_idle_tcp_relay_is_closed_after_tcp_idle_timeout() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let pod = net.host("p", 2).unwrap();
+    let w = net.host("w", 3).unwrap();
+    net.serve(&w, "echo", 9000).unwrap();
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", tcpIdleTimeout: 1s}}\npods:\n{}workloads:\n{}",
+        pod_yaml(&pod, "foo", "{app: p}", "p"),
+        workload_yaml(&w, "foo", "{app: w}", "w"),
+    );
+    let agent = Agent::start(&cfg).unwrap();
+    // Traffic every 0.5 s keeps the relay open past the timeout; then 2 s of silence closes it.
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/9000
+         for i in 1 2 3 4; do echo ping$i >&3; read -t 2 l <&3; echo got=$l; sleep 0.5; done
+         sleep 2; echo late >&3 2>/dev/null; read -t 2 l <&3; echo late=$l",
+        w.ip
+    );
+    let out = Net::run(&pod, true, "bash", &["-c", &script]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("got=ping1") && text.contains("got=ping4"),
+        "active relay kept: {text}"
+    );
+    assert!(!text.contains("late=late"), "idle relay closed: {text}");
+    assert_eq!(agent.metric("authz_tcp_idle_timeouts_total"), 1.0);
+}
