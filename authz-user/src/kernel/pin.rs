@@ -22,7 +22,7 @@ pub fn link_path(dir: &Path, program: &str) -> PathBuf {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
 }
 
 /// Creates `dir` (and its `maps/`, `links/`) on a bpf file system; mounts bpffs on /sys/fs/bpf
