@@ -38,6 +38,16 @@ fn enrolled_pod_goes_through_agent_with_its_own_source_ip() {
         return;
     }
     let s = setup();
+    let migrate = |h: &Host| {
+        let out = Net::run(h, false, "cat", &["/proc/sys/net/ipv4/tcp_migrate_req"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        migrate(&s.client),
+        "1",
+        "set in the enrolled pod's netns (hot restart)"
+    );
+    assert_eq!(migrate(&s.server), "0", "and only there");
     let before = s.agent.metrics();
     let url = format!("http://{}:8000/headers", s.server.ip);
     let (code, body) = curl(&s.client, true, &[&url]).unwrap();

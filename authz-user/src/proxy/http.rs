@@ -32,7 +32,10 @@ where
     let header_read_timeout = px.settings.header_read_timeout;
     let metrics = px.metrics.clone();
     let px_draining = px.draining.clone();
+    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = requests.clone();
     let service = hyper::service::service_fn(move |req| {
+        counted.fetch_add(1, Relaxed);
         let px = px.clone();
         let upstream = upstream.clone();
         async move { Ok::<_, Infallible>(handle(&px, &upstream, req).await) }
@@ -57,14 +60,21 @@ where
         .max_header_list_size(64 * 1024);
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
+    // When the agent stops: a connection that has had a request closes once that request is
+    // answered (at once if idle). A connection whose first request has not been read yet gets to
+    // send it: closing it now would answer a request already on its way with an empty reply.
     let mut draining = px_draining;
-    let mut asked = false;
+    let (mut stopping, mut asked) = (false, false);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
     let result = loop {
         tokio::select! {
             r = served.as_mut() => break r,
-            _ = draining.wait_for(|d| *d), if !asked => {
-                asked = true;
-                served.as_mut().graceful_shutdown();
+            _ = draining.wait_for(|d| *d), if !stopping => stopping = true,
+            _ = tick.tick(), if stopping && !asked => {
+                if requests.load(Relaxed) > 0 {
+                    asked = true;
+                    served.as_mut().graceful_shutdown();
+                }
             }
         }
     };

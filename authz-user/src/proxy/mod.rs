@@ -97,6 +97,15 @@ impl PodListeners {
                 )
             })?;
         let netns_cookie = crate::netns::netns_cookie(&v4).context("SO_NETNS_COOKIE")?;
+        // During a hot restart the old agent closes its listener while the new one listens on the
+        // same port (SO_REUSEPORT): connections still in the old one's accept queue move to the
+        // new one instead of being reset (kernel >= 5.14).
+        match netns.enter(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                tracing::debug!(pod = %pod.workload.name, "tcp_migrate_req not set: {e}")
+            }
+        }
         let mut listeners = vec![TcpListener::from_std(v4)?];
         match netns.listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))) {
             Ok(v6) => listeners.push(TcpListener::from_std(v6)?),
