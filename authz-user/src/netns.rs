@@ -76,69 +76,14 @@ impl NetNs {
     /// A listening socket bound in this namespace, with SO_REUSEPORT so a new agent can listen
     /// beside the old one during a hot restart.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        use nix::sys::socket::{bind, listen, setsockopt, sockopt, Backlog, SockaddrStorage};
         let fd = self.tcp_socket(&addr)?;
-        let raw = fd.as_raw_fd();
-        let one: libc::c_int = 1;
-        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
-            // SAFETY: a valid socket and a c_int option value.
-            let r = unsafe {
-                libc::setsockopt(
-                    raw,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        let (sa, len) = sockaddr(&addr);
-        // SAFETY: `sa` is a sockaddr_storage holding `addr` with its true length.
-        if unsafe { libc::bind(raw, (&sa as *const libc::sockaddr_storage).cast(), len) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if unsafe { libc::listen(raw, 1024) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+        listen(&fd, Backlog::new(1024)?)?;
         Ok(std::net::TcpListener::from(fd))
     }
-}
-
-fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
 }
 
 /// The netns cookie of a socket (SO_NETNS_COOKIE), as the eBPF programs see it.

@@ -571,6 +571,77 @@ pub fn workload_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
     )
 }
 
+/// An agent config with one enrolled pod and one workload, both in namespace foo with
+/// `app: <host name>` and their host name as service account; `agent_extra` goes inside the
+/// `agent:` mapping (e.g. `", failMode: open"`).
+pub fn one_pod_config(pod: &Host, workload: &Host, agent_extra: &str) -> String {
+    format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\"{agent_extra}}}\npods:\n{}workloads:\n{}",
+        pod_yaml(pod, "foo", &format!("{{app: {}}}", pod.name), &pod.name),
+        workload_yaml(
+            workload,
+            "foo",
+            &format!("{{app: {}}}", workload.name),
+            &workload.name
+        ),
+    )
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+/// A long-lived line-echo connection from a pod (nc inside its cgroup), killed on drop.
+pub struct Echo {
+    child: Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Echo {
+    pub fn open(pod: &Host, ip: &str, port: u16) -> Echo {
+        let mut child = Net::command(pod, true, "nc", &[ip, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting nc");
+        let input = child.stdin.take().unwrap();
+        let output = std::io::BufReader::new(child.stdout.take().unwrap());
+        Echo {
+            child,
+            input,
+            output,
+        }
+    }
+
+    /// Sends a line and returns the echoed one, or None when the connection is gone. (nc keeps
+    /// its stdout open after the network side closes, so only use this where an answer is due.)
+    pub fn echo(&mut self, s: &str) -> Option<String> {
+        use std::io::BufRead;
+        self.input.write_all(format!("{s}\n").as_bytes()).ok()?;
+        self.input.flush().ok()?;
+        let mut l = String::new();
+        match self.output.read_line(&mut l) {
+            Ok(n) if n > 0 => Some(l.trim().to_string()),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The repository's test data folder.
 pub fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data")

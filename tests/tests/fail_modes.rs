@@ -27,11 +27,7 @@ fn attached_to_root() -> String {
 }
 
 fn config(pod: &Host, w: &Host, fail_mode: &str) -> String {
-    format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", failMode: {fail_mode}}}\npods:\n{}workloads:\n{}",
-        pod_yaml(pod, "foo", "{app: p}", "p"),
-        workload_yaml(w, "foo", "{app: w}", "w"),
-    )
+    one_pod_config(pod, w, &format!(", failMode: {fail_mode}"))
 }
 
 /// Attempts from a pod in a loop until stopped: (started, outcome, duration) of each.

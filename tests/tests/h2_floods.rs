@@ -27,14 +27,7 @@ fn flood(client: &Host, ip: &str, kind: &str, n: usize) -> serde_json::Value {
 }
 
 fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
+    rss_kib(pid).unwrap() as f64 / 1024.0
 }
 
 #[test]
@@ -46,11 +39,7 @@ fn rapid_reset_and_continuation_floods_are_cut_off() {
     let sleep = net.host("sleep", 2).unwrap();
     let web = net.host("web", 3).unwrap();
     net.serve(&web, "http", 8000).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}",
-        pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
-        workload_yaml(&web, "foo", "{app: web}", "web"),
-    );
+    let cfg = one_pod_config(&sleep, &web, "");
     let agent = Agent::start(&cfg).unwrap();
     let pid = agent.child.id();
 

@@ -1,7 +1,6 @@
 //! Hot restart: a new agent on the same pins takes over while requests keep coming; none fails,
 //! and a connection open on the old agent keeps flowing while the old agent drains.
 use std::{
-    io::{BufRead, BufReader, Write},
     process::Stdio,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -22,30 +21,13 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     let w = net.host("w", 3).unwrap();
     net.serve(&w, "http", 8000).unwrap();
     net.serve(&w, "echo", 9000).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", drainTimeout: 2s}}\npods:\n{}workloads:\n{}",
-        pod_yaml(&pod, "foo", "{app: p}", "p"),
-        workload_yaml(&w, "foo", "{app: w}", "w"),
-    );
+    let cfg = one_pod_config(&pod, &w, ", drainTimeout: 2s");
     let mut old = Agent::start(&cfg).unwrap();
     old.cleanup_on_drop = false;
 
     // A long-lived connection through the old agent.
-    let mut nc = Net::command(&pod, true, "nc", &[&w.ip, "9000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut nc_in = nc.stdin.take().unwrap();
-    let mut nc_out = BufReader::new(nc.stdout.take().unwrap());
-    let mut echo = |s: &str| {
-        nc_in.write_all(format!("{s}\n").as_bytes()).ok()?;
-        nc_in.flush().ok()?;
-        let mut l = String::new();
-        nc_out.read_line(&mut l).ok()?;
-        Some(l.trim().to_string())
-    };
-    assert_eq!(echo("one").as_deref(), Some("one"));
+    let mut nc = Echo::open(&pod, &w.ip, 9000);
+    assert_eq!(nc.echo("one").as_deref(), Some("one"));
 
     // Requests all along the handover.
     let stop = Arc::new(AtomicBool::new(false));
@@ -75,7 +57,7 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     std::thread::sleep(Duration::from_millis(700));
     assert!(old.child.try_wait().unwrap().is_none(), "still draining");
     assert_eq!(
-        echo("two").as_deref(),
+        nc.echo("two").as_deref(),
         Some("two"),
         "open connection not cut while draining"
     );
@@ -106,8 +88,6 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     );
     let (code, _) = curl(&pod, true, &[&format!("http://{}:8000/", w.ip)]).unwrap();
     assert_eq!(code, 200);
-    let _ = nc.kill();
-    let _ = nc.wait();
 }
 
 /// On SIGTERM an idle keep-alive HTTP connection is closed at once (not held until drainTimeout)
@@ -121,11 +101,7 @@ fn a_stopping_agent_closes_idle_http_connections_and_finishes_requests() {
     let pod = net.host("p", 2).unwrap();
     let w = net.host("w", 3).unwrap();
     net.serve(&w, "http", 8000).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", drainTimeout: 20s}}\npods:\n{}workloads:\n{}",
-        pod_yaml(&pod, "foo", "{app: p}", "p"),
-        workload_yaml(&w, "foo", "{app: w}", "w"),
-    );
+    let cfg = one_pod_config(&pod, &w, ", drainTimeout: 20s");
     let mut agent = Agent::start(&cfg).unwrap();
     // One request on a keep-alive connection, then the connection stays idle; `cat` ends when
     // the agent closes it.

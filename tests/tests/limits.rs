@@ -1,52 +1,6 @@
 //! Per-pod limits: a pod at maxConnectionsPerPod gets further connections closed at once and
 //! counted, while another pod on the node keeps being served.
-use std::{
-    io::{BufRead, BufReader, Write},
-    process::{Child, ChildStdin, ChildStdout, Stdio},
-};
-
 use authz_tests::*;
-
-struct Echo {
-    child: Child,
-    input: ChildStdin,
-    output: BufReader<ChildStdout>,
-}
-
-impl Echo {
-    fn open(pod: &Host, ip: &str) -> Echo {
-        let mut child = Net::command(pod, true, "nc", &[ip, "9000"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let input = child.stdin.take().unwrap();
-        let output = BufReader::new(child.stdout.take().unwrap());
-        Echo {
-            child,
-            input,
-            output,
-        }
-    }
-
-    /// The echoed line, or None when the connection was closed.
-    fn echo(&mut self, s: &str) -> Option<String> {
-        self.input.write_all(format!("{s}\n").as_bytes()).ok()?;
-        self.input.flush().ok()?;
-        let mut l = String::new();
-        match self.output.read_line(&mut l) {
-            Ok(n) if n > 0 => Some(l.trim().to_string()),
-            _ => None,
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One short connection: sends a line, returns what came back ("" when the connection was
 /// closed without an answer).
@@ -78,8 +32,8 @@ fn a_pod_at_its_connection_limit_does_not_starve_others() {
         workload_yaml(&w, "foo", "{app: w}", "w"),
     );
     let agent = Agent::start(&cfg).unwrap();
-    let mut a = Echo::open(&noisy, &w.ip);
-    let mut b = Echo::open(&noisy, &w.ip);
+    let mut a = Echo::open(&noisy, &w.ip, 9000);
+    let mut b = Echo::open(&noisy, &w.ip, 9000);
     assert_eq!(a.echo("a").as_deref(), Some("a"));
     assert_eq!(b.echo("b").as_deref(), Some("b"));
     assert_eq!(
@@ -111,11 +65,7 @@ fn an_idle_tcp_relay_is_closed_after_tcp_idle_timeout() {
     let pod = net.host("p", 2).unwrap();
     let w = net.host("w", 3).unwrap();
     net.serve(&w, "echo", 9000).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", tcpIdleTimeout: 1s}}\npods:\n{}workloads:\n{}",
-        pod_yaml(&pod, "foo", "{app: p}", "p"),
-        workload_yaml(&w, "foo", "{app: w}", "w"),
-    );
+    let cfg = one_pod_config(&pod, &w, ", tcpIdleTimeout: 1s");
     let agent = Agent::start(&cfg).unwrap();
     // Traffic every 0.5 s keeps the relay open past the timeout; then 2 s of silence closes it.
     let script = format!(

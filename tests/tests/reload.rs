@@ -1,10 +1,6 @@
 //! Hot reload: policy and config changes apply to new requests within a second, open
 //! connections stay up, and an invalid change keeps the previous policy in force.
-use std::{
-    io::{BufRead, BufReader, Write},
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use authz_tests::*;
 
@@ -55,20 +51,8 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
     assert_eq!(code(&web, "/other"), 200);
 
     // A long-lived connection through the agent (L4 echo), kept across every reload below.
-    let mut nc = Net::command(&sleep, true, "nc", &[&web.ip, "9000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut nc_in = nc.stdin.take().unwrap();
-    let mut nc_out = BufReader::new(nc.stdout.take().unwrap());
-    let mut echo = |s: &str| {
-        nc_in.write_all(format!("{s}\n").as_bytes()).unwrap();
-        nc_in.flush().unwrap();
-        let mut line = String::new();
-        nc_out.read_line(&mut line).unwrap();
-        line.trim().to_string()
-    };
+    let mut nc = Echo::open(&sleep, &web.ip, 9000);
+    let mut echo = |s: &str| nc.echo(s).expect("the echo connection is open");
     assert_eq!(echo("one"), "one");
 
     // A valid change applies within a second.
@@ -129,8 +113,6 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
         "new workload enforced within 1 s: {}",
         agent.log_text()
     );
-    let _ = nc.kill();
-    let _ = nc.wait();
 }
 
 /// Policies rewritten every 100 ms while requests keep coming on keep-alive connections: no
@@ -145,11 +127,7 @@ fn policies_changed_every_100ms_under_load() {
     let sleep = net.host("sleep", 2).unwrap();
     let web = net.host("web", 3).unwrap();
     net.serve(&web, "http", 8000).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
-        pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
-        workload_yaml(&web, "foo", "{app: web}", "web"),
-    );
+    let cfg = format!("{}policies: [policies]\n", one_pod_config(&sleep, &web, ""));
     let version = |i: usize| {
         let paths = if i.is_multiple_of(2) {
             "[\"/admin\", \"/flip\"]"

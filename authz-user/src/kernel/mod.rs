@@ -90,13 +90,8 @@ impl Kernel {
         let maps_dir = pin::maps_dir(bpffs);
         let adopted = maps_dir.join(maps::ENROLLED_PODS).exists();
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
-            .iter()
-            .map(|(n, _, _)| (*n, maps_dir.join(n)))
-            .chain([(maps::COUNTERS, maps_dir.join(maps::COUNTERS))])
-            .collect();
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+        for name in PINNED_MAPS.iter().map(|m| m.0).chain([maps::COUNTERS]) {
+            loader.map_pin_path(name, maps_dir.join(name));
         }
         let mut ebpf = loader.load(OBJECT).with_context(|| {
             format!(
@@ -134,21 +129,14 @@ impl Kernel {
             let id = prog
                 .attach(&cg, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
-            let link = FdLink::try_from(prog.take_link(id)?)
-                .with_context(|| format!("{name}: the kernel has no bpf_link for cgroups"))?;
-            links.push(pin::pin_replacing(link, &pin::link_path(bpffs, name))?);
+            links.push(pin_link(prog.take_link(id)?, bpffs, name)?);
         }
         let prog: &mut SockOps = program(&mut ebpf, "authz_sock_ops")?.try_into()?;
         prog.load().context("loading authz_sock_ops")?;
         let id = prog
             .attach(&cg, CgroupAttachMode::Single)
             .with_context(|| format!("attaching authz_sock_ops to {}", cgroup_root.display()))?;
-        let link = FdLink::try_from(prog.take_link(id)?)
-            .context("authz_sock_ops: the kernel has no bpf_link for cgroups")?;
-        links.push(pin::pin_replacing(
-            link,
-            &pin::link_path(bpffs, "authz_sock_ops"),
-        )?);
+        links.push(pin_link(prog.take_link(id)?, bpffs, "authz_sock_ops")?);
 
         Ok(Kernel {
             enrolled: Mutex::new(take(&mut ebpf, maps::ENROLLED_PODS)?),
@@ -314,6 +302,16 @@ impl Kernel {
     pub fn program_names(&self) -> Vec<String> {
         self.ebpf.programs().map(|(n, _)| n.to_string()).collect()
     }
+}
+
+/// Pins a cgroup attachment under `bpffs` as `program`'s link (replacing a previous agent's).
+fn pin_link<L>(link: L, bpffs: &Path, program: &str) -> Result<PinnedLink>
+where
+    FdLink: TryFrom<L>,
+{
+    let link = FdLink::try_from(link)
+        .map_err(|_| anyhow!("{program}: the kernel has no bpf_link for cgroups"))?;
+    pin::pin_replacing(link, &pin::link_path(bpffs, program))
 }
 
 fn fail_code(m: FailMode) -> u32 {

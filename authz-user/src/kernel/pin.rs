@@ -21,6 +21,8 @@ pub fn link_path(dir: &Path, program: &str) -> PathBuf {
     dir.join("links").join(program)
 }
 
+// f_type is i64 on x86-64 but narrower on some architectures.
+#[allow(clippy::useless_conversion)]
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
 }
@@ -29,24 +31,22 @@ fn is_bpffs(path: &Path) -> bool {
 /// first when `dir` is under it and nothing is mounted there yet.
 pub fn prepare(dir: &Path) -> Result<()> {
     let mount = Path::new(BPFFS_MOUNT);
-    // Agents starting together must not each mount bpffs: a second mount would hide the first
-    // one's pins. Check and mount under a lock.
-    let _lock = if dir.starts_with(mount) {
-        Some(lock_file("/run/authz-agent-bpffs.lock")?)
-    } else {
-        None
-    };
-    if dir.starts_with(mount) && !is_bpffs(mount) {
-        std::fs::create_dir_all(mount).with_context(|| format!("creating {BPFFS_MOUNT}"))?;
-        nix::mount::mount(
-            Some("bpf"),
-            mount,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mounting bpffs on {BPFFS_MOUNT}"))?;
-        tracing::info!("mounted bpffs on {BPFFS_MOUNT}");
+    if dir.starts_with(mount) {
+        // Agents starting together must not each mount bpffs: a second mount would hide the
+        // first one's pins. Check and mount under a lock.
+        let _lock = lock_file("/run/authz-agent-bpffs.lock")?;
+        if !is_bpffs(mount) {
+            std::fs::create_dir_all(mount).with_context(|| format!("creating {BPFFS_MOUNT}"))?;
+            nix::mount::mount(
+                Some("bpf"),
+                mount,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .with_context(|| format!("mounting bpffs on {BPFFS_MOUNT}"))?;
+            tracing::info!("mounted bpffs on {BPFFS_MOUNT}");
+        }
     }
     for d in [maps_dir(dir), dir.join("links")] {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;

@@ -65,12 +65,11 @@ where
     // send it: closing it now would answer a request already on its way with an empty reply.
     let mut draining = px_draining;
     let (mut stopping, mut asked) = (false, false);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
     let result = loop {
         tokio::select! {
             r = served.as_mut() => break r,
             _ = draining.wait_for(|d| *d), if !stopping => stopping = true,
-            _ = tick.tick(), if stopping && !asked => {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)), if stopping && !asked => {
                 if requests.load(Relaxed) > 0 {
                     asked = true;
                     served.as_mut().graceful_shutdown();

@@ -20,16 +20,7 @@ pub fn cpu_us(pid: u32) -> Result<u64> {
     Ok(ticks * 1_000_000 / hz)
 }
 
-/// Resident set size in KiB.
-pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
-}
+pub use authz_tests::rss_kib;
 
 fn cpu_busy_fraction(over: Duration) -> Result<f64> {
     let read = || -> Result<(u64, u64)> {
