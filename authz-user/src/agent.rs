@@ -33,9 +33,50 @@ const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
 const HEARTBEAT_STALE: Duration = Duration::from_millis(700);
 /// How often config and policy files are checked for changes.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// Kubernetes mode: how long events may keep arriving before the agent applies them together.
+const KUBE_SETTLE: Duration = Duration::from_millis(50);
+/// Kubernetes mode: how often pods of this node that could not be enrolled (not started yet,
+/// say) are tried again.
+const RETRY_ENROLL_EVERY: Duration = Duration::from_secs(1);
 
-pub fn run(config_path: &Path) -> Result<()> {
-    let cfg = Config::load(config_path)?;
+/// Where pods, services and policies come from.
+pub enum Source {
+    /// The config file and the policy files it names, watched for changes.
+    File(PathBuf),
+    /// The API server (`kubernetes:` in the config, or `run --kubernetes`).
+    Kubernetes,
+}
+
+/// `config`: the config file (optional in Kubernetes mode). `kubernetes`: force Kubernetes mode.
+pub fn run(config: Option<&Path>, kubernetes: bool, kubeconfig: Option<PathBuf>, node_name: Option<String>) -> Result<()> {
+    let mut cfg = match config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    cfg.kubernetes.enabled |= kubernetes;
+    if kubeconfig.is_some() {
+        cfg.kubernetes.kubeconfig = kubeconfig;
+    }
+    if node_name.is_some() {
+        cfg.kubernetes.node_name = node_name;
+    }
+    let source = if cfg.kubernetes.enabled {
+        {
+            if !(cfg.pods.is_empty() && cfg.workloads.is_empty() && cfg.services.is_empty() && cfg.policies.is_empty()) {
+                return Err(crate::config::ConfigError::Invalid {
+                    path: config.map(|p| p.display().to_string()).unwrap_or_default(),
+                    message: "Kubernetes mode: pods, workloads, services and policies come from the API server; remove them from the file".into(),
+                }
+                .into());
+            }
+            Source::Kubernetes
+        }
+    } else {
+        match config {
+            Some(p) => Source::File(p.to_path_buf()),
+            None => anyhow::bail!("--config is required outside Kubernetes mode"),
+        }
+    };
     netns::init().context("opening the agent's own netns")?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if cfg.agent.worker_threads > 0 {
@@ -43,7 +84,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     }
     rt.enable_all()
         .build()?
-        .block_on(run_async(config_path.to_path_buf(), cfg))
+        .block_on(run_async(source, cfg))
 }
 
 /// An enrolled pod and the task serving its listeners.
@@ -69,27 +110,39 @@ fn log_problems(set: &crate::policy::PolicySet) {
     }
 }
 
-async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
+async fn run_async(source: Source, cfg: Config) -> Result<()> {
+    // What to enforce first: from the files, or from the API server's first full lists.
+    let (mut kube, config_path) = match source {
+        Source::Kubernetes => (Some(KubeInput::connect(&cfg).await?), PathBuf::new()),
+        Source::File(path) => (None, path),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (cfg, set) = match &mut kube {
+        Some(k) => k.snapshot(&cfg, &metrics),
+        None => {
+            let set = crate::policy::load_paths(&cfg.policies);
+            log_problems(&set);
+            if !set.is_valid() {
+                return Err(crate::config::ConfigError::Invalid {
+                    path: "policies".into(),
+                    message: "invalid policies (see above)".into(),
+                }
+                .into());
+            }
+            (cfg, set)
+        }
+    };
     let registry = Arc::new(Registry::from_config(&cfg));
     let shared_registry = Arc::new(RwLock::new(registry.clone()));
     let store = engine::jwks_store(&cfg, &shared_registry)?;
     let cache = Arc::new(TokenCache::new(cfg.agent.token_cache_size));
-    let (eng, set) = engine::build(&cfg, Some(&store), cache.clone());
-    log_problems(&set);
-    if !set.is_valid() {
-        return Err(crate::config::ConfigError::Invalid {
-            path: "policies".into(),
-            message: "invalid policies (see above)".into(),
-        }
-        .into());
-    }
+    let eng = engine::build_from(&cfg.agent, &set, Some(&store), cache.clone());
     drop(set);
     tracing::info!(
         request_authentications = eng.index().request_authentications,
         authorization_policies = eng.index().authorization_policies,
         "policies loaded"
     );
-    let metrics = Arc::new(Metrics::default());
     let kernel = Arc::new(Kernel::load(
         cfg.agent.cgroup_root.as_deref(),
         &cfg.agent.bpffs,
@@ -125,11 +178,13 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
         pods: HashMap::new(),
         enforced: HashSet::new(),
     };
-    // At start every pod must enroll; on reload a pod that cannot is reported and skipped.
-    apply_registry(&px, &mut state, &cfg, &registry, true)?;
+    // From files, every pod must enroll at start; on reload, and always in Kubernetes mode
+    // (pods come and go), a pod that cannot is reported and retried, never half-enrolled.
+    apply_registry(&px, &mut state, &cfg, &registry, kube.is_none())?;
     if kernel.adopted {
         forget_stale(&kernel, &state);
     }
+    metrics.pods_enrolled.store(state.pods.len() as u64, Ordering::Relaxed);
     release_freed_memory();
 
     let hb_kernel = kernel.clone();
@@ -152,13 +207,20 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut watch = tokio::time::interval(WATCH_EVERY);
+    let mut retry = tokio::time::interval(RETRY_ENROLL_EVERY);
     let mut seen = fingerprint(&config_path, &cfg);
     let mut current = cfg;
     loop {
+        let changed = async {
+            match &kube {
+                Some(k) => k.cluster.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = watch.tick() => {
+            _ = watch.tick(), if kube.is_none() => {
                 let now = fingerprint(&config_path, &current);
                 if now == seen {
                     continue;
@@ -177,8 +239,20 @@ async fn run_async(config_path: PathBuf, cfg: Config) -> Result<()> {
                     }
                 }
             }
+            _ = changed => {
+                // Let a burst of events (a relist, `kubectl apply -f dir/`) settle into one update.
+                tokio::time::sleep(KUBE_SETTLE).await;
+                let k = kube.as_mut().expect("changed fires only in Kubernetes mode");
+                current = apply_snapshot(k, &current, &px, &mut state, &store, &cache, &metrics);
+                *admin.dump.write().unwrap() = serde_yaml::to_string(&current).unwrap_or_default();
+            }
+            _ = retry.tick(), if kube.as_ref().is_some_and(|k| k.pending(&state)) => {
+                let k = kube.as_mut().expect("retry runs only in Kubernetes mode");
+                current = apply_snapshot(k, &current, &px, &mut state, &store, &cache, &metrics);
+            }
         }
     }
+    metrics.pods_enrolled.store(0, Ordering::Relaxed);
     admin.ready.store(false, Ordering::Release);
     // The programs, maps and enrollments stay pinned: from here the fail mode applies to new
     // connections (or a successor agent takes them). Close the listeners, then let open
@@ -262,25 +336,198 @@ fn reload(
     }
     let mut cfg = cfg;
     cfg.agent = old.agent.clone();
-    let (eng, set) = engine::build(&cfg, Some(store), cache.clone());
+    let set = crate::policy::load_paths(&cfg.policies);
     log_problems(&set);
     if !set.is_valid() {
         anyhow::bail!("invalid policies (see above)");
     }
-    drop(set);
-    let registry = Arc::new(Registry::from_config(&cfg));
+    apply(px, state, &cfg, &set, store, cache)?;
+    Ok(cfg)
+}
+
+/// Swaps in the engine and registry of `cfg` and `set`, then brings the kernel and the
+/// listeners in line with them.
+fn apply(
+    px: &Arc<Proxy>,
+    state: &mut State,
+    cfg: &Config,
+    set: &crate::policy::PolicySet,
+    store: &Arc<JwksStore>,
+    cache: &Arc<TokenCache>,
+) -> Result<()> {
+    let eng = engine::build_from(&cfg.agent, set, Some(store), cache.clone());
+    let registry = Arc::new(Registry::from_config(cfg));
     *px.registry.write().unwrap() = registry.clone();
     *px.engine.write().unwrap() = Arc::new(eng);
-    apply_registry(px, state, &cfg, &registry, false)?;
+    apply_registry(px, state, cfg, &registry, false)?;
+    px.metrics
+        .pods_enrolled
+        .store(state.pods.len() as u64, Ordering::Relaxed);
     release_freed_memory();
     tracing::info!(
         pods = state.pods.len(),
         workloads = state.enforced.len(),
         request_authentications = px.engine().index().request_authentications,
         authorization_policies = px.engine().index().authorization_policies,
-        "reloaded"
+        "applied"
     );
-    Ok(cfg)
+    Ok(())
+}
+
+/// Kubernetes mode: the API server's stores, and what the agent remembers between snapshots.
+struct KubeInput {
+    cluster: crate::kubernetes::Cluster,
+    node: String,
+    cgroup_root: PathBuf,
+    policies: crate::kubernetes::snapshot::Policies,
+    /// Pod UID -> (addresses, cgroup, netns) found on the host. Kept so a pod keeps the same
+    /// netns path (the same process) for as long as its addresses do not change.
+    located: HashMap<String, (Vec<IpAddr>, PathBuf, PathBuf)>,
+    /// Pods not enrolled, with the reason last logged.
+    not_enrolled: HashMap<String, String>,
+    events: Option<crate::kubernetes::events::Events>,
+    /// Pods the last snapshot wanted enrolled (some may have failed to enroll).
+    last_wanted: usize,
+}
+
+impl KubeInput {
+    async fn connect(cfg: &Config) -> Result<KubeInput> {
+        use crate::kubernetes;
+        let node = cfg
+            .kubernetes
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .filter(|n| !n.is_empty())
+            .context("Kubernetes mode needs this node's name: --node-name, kubernetes.nodeName or $NODE_NAME")?;
+        // The kubepods hierarchy is found below the cgroup the programs attach to.
+        let cgroup_root = match &cfg.agent.cgroup_root {
+            Some(p) => p.clone(),
+            None => crate::kernel::cgroup2_mount()?,
+        };
+        let client = kubernetes::client(cfg.kubernetes.kubeconfig.as_deref()).await?;
+        tracing::info!(node = %node, "connecting to the API server");
+        let cluster = kubernetes::Cluster::start(client.clone(), None).await?;
+        tracing::info!(
+            pods = cluster.pods.state().len(),
+            api = %cluster.istio_api_version,
+            "first lists received from the API server"
+        );
+        let events = cfg
+            .kubernetes
+            .events
+            .then(|| kubernetes::events::Events::new(client, &node));
+        Ok(KubeInput {
+            cluster,
+            node,
+            cgroup_root,
+            policies: Default::default(),
+            located: HashMap::new(),
+            not_enrolled: HashMap::new(),
+            events,
+            last_wanted: 0,
+        })
+    }
+
+    /// `base` with this moment's pods, workloads and services, and the valid policies.
+    fn snapshot(&mut self, base: &Config, metrics: &Metrics) -> (Config, crate::policy::PolicySet) {
+        let pods = self.cluster.pods.state();
+        let live: HashMap<&str, Vec<IpAddr>> = pods
+            .iter()
+            .filter_map(|p| {
+                let ips = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pod_ips.as_ref())
+                    .map(|v| v.iter().filter_map(|i| i.ip.parse().ok()).collect())
+                    .unwrap_or_default();
+                Some((p.metadata.uid.as_deref()?, ips))
+            })
+            .collect();
+        self.located.retain(|uid, (ips, _, _)| live.get(uid.as_str()) == Some(ips));
+        let root = self.cgroup_root.clone();
+        let located = &mut self.located;
+        let mut locate = |uid: &str| {
+            if let Some((_, cg, ns)) = located.get(uid) {
+                return Ok((cg.clone(), ns.clone()));
+            }
+            let (cg, ns) = crate::kubernetes::discover::locate(&root, uid).map_err(|e| e.to_string())?;
+            let ips = live.get(uid).cloned().unwrap_or_default();
+            located.insert(uid.to_string(), (ips, cg.clone(), ns.clone()));
+            Ok((cg, ns))
+        };
+        let d = self.cluster.desired(&self.node, &mut locate);
+        let now: HashMap<String, String> = d.not_enrolled.iter().cloned().collect();
+        for (pod, reason) in &now {
+            if self.not_enrolled.get(pod) != Some(reason) {
+                tracing::warn!(pod = %pod, "pod not enrolled yet, retrying: {reason}");
+            }
+        }
+        self.not_enrolled = now;
+        metrics
+            .pods_not_enrolled
+            .store(self.not_enrolled.len() as u64, Ordering::Relaxed);
+
+        let (set, reports) = self.policies.update(
+            &self.cluster.istio_api_version,
+            &self.cluster.request_authentications.state(),
+            &self.cluster.authorization_policies.state(),
+        );
+        for r in reports {
+            let bad = r.problems.iter().any(|p| !p.warning);
+            for p in &r.problems {
+                if p.warning {
+                    tracing::warn!("{p}");
+                } else {
+                    tracing::error!("{p}");
+                }
+            }
+            if bad {
+                metrics.policies_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    object = %format!("{} {}/{}", r.kind, r.namespace, r.name),
+                    "{}",
+                    if r.kept_previous { "not enforced; its previous valid version stays in force" } else { "not enforced" }
+                );
+            }
+            if let Some(ev) = &self.events {
+                let ev = ev.clone();
+                tokio::spawn(async move { ev.publish(&r).await });
+            }
+        }
+        let mut cfg = base.clone();
+        cfg.pods = d.pods;
+        cfg.workloads = d.workloads;
+        cfg.services = d.services;
+        (cfg, set)
+    }
+
+    /// Some pod of this node waits to be enrolled.
+    fn pending(&self, state: &State) -> bool {
+        !self.not_enrolled.is_empty() || state.pods.len() < self.last_wanted
+    }
+}
+
+/// Kubernetes mode: applies what the stores hold now.
+fn apply_snapshot(
+    k: &mut KubeInput,
+    current: &Config,
+    px: &Arc<Proxy>,
+    state: &mut State,
+    store: &Arc<JwksStore>,
+    cache: &Arc<TokenCache>,
+    metrics: &Metrics,
+) -> Config {
+    let (cfg, set) = k.snapshot(current, metrics);
+    k.last_wanted = cfg.pods.len();
+    match apply(px, state, &cfg, &set, store, cache) {
+        Ok(()) => metrics.reloads_ok.fetch_add(1, Ordering::Relaxed),
+        Err(e) => {
+            tracing::error!("applying the API server's state: {e:#}");
+            metrics.reloads_failed.fetch_add(1, Ordering::Relaxed)
+        }
+    };
+    cfg
 }
 
 /// Makes the kernel and the listeners match the registry: pods enrolled or released, workload

@@ -23,6 +23,33 @@ pub struct Config {
     /// Files or folders of Istio YAML, relative to the config file.
     #[serde(default)]
     pub policies: Vec<PathBuf>,
+    /// Kubernetes mode: pods, services and policies come from the API server instead.
+    #[serde(default)]
+    pub kubernetes: KubernetesSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct KubernetesSettings {
+    /// Same as `authz-agent run --kubernetes`.
+    pub enabled: bool,
+    /// This node's name, as pods' `spec.nodeName` has it; default: `$NODE_NAME` (downward API).
+    pub node_name: Option<String>,
+    /// Default: the in-cluster service account, else `$KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Report invalid policies as Events on the objects.
+    pub events: bool,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        KubernetesSettings {
+            enabled: false,
+            node_name: None,
+            kubeconfig: None,
+            events: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -200,6 +227,11 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(k) = &mut cfg.kubernetes.kubeconfig {
+            if k.is_relative() {
+                *k = base.join(&*k);
+            }
+        }
         Ok(cfg)
     }
 
@@ -238,6 +270,14 @@ impl Config {
         }
         if !self.agent.bpffs.is_absolute() || self.agent.bpffs.parent().is_none() {
             return Err("agent.bpffs: must be an absolute directory below a bpffs mount".into());
+        }
+        if self.kubernetes.enabled
+            && !(self.pods.is_empty()
+                && self.workloads.is_empty()
+                && self.services.is_empty()
+                && self.policies.is_empty())
+        {
+            return Err("kubernetes.enabled: pods, workloads, services and policies come from the API server; remove them from the file".into());
         }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.pods.iter().enumerate() {

@@ -456,16 +456,23 @@ pub fn build(
     cache: Arc<TokenCache>,
 ) -> (Engine, crate::policy::PolicySet) {
     let set = crate::policy::load_paths(&cfg.policies);
-    let index = PolicyIndex::build(&set, &cfg.agent.root_namespace, store);
-    (
-        Engine::new(
-            index,
-            cache,
-            store.cloned(),
-            cfg.agent.path_normalization,
-            &cfg.agent.trust_domain,
-        ),
-        set,
+    (build_from(&cfg.agent, &set, store, cache), set)
+}
+
+/// Compiles an engine from loaded policies (files or the API server).
+pub fn build_from(
+    agent: &crate::config::AgentSettings,
+    set: &crate::policy::PolicySet,
+    store: Option<&Arc<JwksStore>>,
+    cache: Arc<TokenCache>,
+) -> Engine {
+    let index = PolicyIndex::build(set, &agent.root_namespace, store);
+    Engine::new(
+        index,
+        cache,
+        store.cloned(),
+        agent.path_normalization,
+        &agent.trust_domain,
     )
 }
 

@@ -11,6 +11,8 @@ pub mod engine;
 pub mod jwt;
 #[cfg(feature = "kernel")]
 pub mod kernel;
+#[cfg(feature = "kube")]
+pub mod kubernetes;
 #[cfg(feature = "kernel")]
 pub mod metrics;
 #[cfg(feature = "kernel")]

@@ -17,8 +17,19 @@ struct Cli {
 enum Cmd {
     /// Run the node agent (needs root: loads eBPF programs, enters pod namespaces).
     Run {
+        /// The agent config; in Kubernetes mode optional (its `agent:` settings apply).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Read pods, services, namespaces and Istio policies from the API server (also
+        /// `kubernetes.enabled` in the config).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Kubernetes mode: this kubeconfig instead of the in-cluster service account.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Kubernetes mode: this node's name [default: $NODE_NAME].
+        #[arg(long)]
+        node_name: Option<String>,
     },
     /// Decide one request against the policies (no privileges needed); prints JSON.
     Check {
@@ -129,7 +140,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Run { config } => match authz::agent::run(&config) {
+        Cmd::Run {
+            config,
+            kubernetes,
+            kubeconfig,
+            node_name,
+        } => match authz::agent::run(config.as_deref(), kubernetes, kubeconfig, node_name) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("authz-agent: {e:#}");

@@ -30,6 +30,11 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, String), u64>>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Pods enrolled now, and pods that should be but cannot be yet (Kubernetes mode).
+    pub pods_enrolled: AtomicU64,
+    pub pods_not_enrolled: AtomicU64,
+    /// Policy objects (or versions of them) found invalid and not enforced (Kubernetes mode).
+    pub policies_rejected: AtomicU64,
 }
 
 impl Metrics {
@@ -97,6 +102,11 @@ impl Metrics {
             "Rejected policy/config reloads (previous state kept).",
             self.reloads_failed.load(Relaxed),
         );
+        counter(
+            "authz_policies_rejected_total",
+            "Policy objects (or versions of them) from the API server found invalid and not enforced.",
+            self.policies_rejected.load(Relaxed),
+        );
         if let Some(k) = kernel {
             counter(
                 "authz_kernel_connect_redirected_total",
@@ -135,6 +145,8 @@ impl Metrics {
             );
         }
         let _ = writeln!(s, "# HELP authz_connections_active Connections open through the agent.\n# TYPE authz_connections_active gauge\nauthz_connections_active {}", self.connections_active.load(Relaxed));
+        let _ = writeln!(s, "# HELP authz_pods_enrolled Pods whose connections the agent steers.\n# TYPE authz_pods_enrolled gauge\nauthz_pods_enrolled {}", self.pods_enrolled.load(Relaxed));
+        let _ = writeln!(s, "# HELP authz_pods_not_enrolled Pods of this node that should be enrolled but cannot be yet.\n# TYPE authz_pods_not_enrolled gauge\nauthz_pods_not_enrolled {}", self.pods_not_enrolled.load(Relaxed));
         let _ = writeln!(s, "# HELP authz_requests_total HTTP requests by decision and reason.\n# TYPE authz_requests_total counter");
         for ((d, r), v) in self.requests.lock().unwrap().iter() {
             let _ = writeln!(

@@ -1,0 +1,81 @@
+//! Problems with a user's policy go back to the user as Kubernetes Events on the object
+//! (`kubectl describe authorizationpolicy ...`), with the same messages as `authz-agent validate`.
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::{
+    runtime::events::{Event, EventType, Recorder, Reporter},
+    Client,
+};
+
+use super::snapshot::Report;
+
+#[derive(Clone)]
+pub struct Events {
+    recorder: Recorder,
+}
+
+/// Events may hold at most 1 kB of message.
+const MAX_NOTE: usize = 1000;
+
+impl Events {
+    pub fn new(client: Client, node: &str) -> Events {
+        let reporter = Reporter {
+            controller: "authz-agent".into(),
+            instance: Some(format!("authz-agent-{node}")),
+        };
+        Events {
+            recorder: Recorder::new(client, reporter),
+        }
+    }
+
+    /// One Event per report: Warning `InvalidPolicy` when the object (or this version of it) is
+    /// not enforced, Normal `PolicyWarning` when it is, with warnings.
+    pub async fn publish(&self, r: &Report) {
+        let errors: Vec<&str> = r
+            .problems
+            .iter()
+            .filter(|p| !p.warning)
+            .map(|p| p.message.as_str())
+            .collect();
+        let (type_, reason, mut note) = if errors.is_empty() {
+            let warnings: Vec<&str> = r.problems.iter().map(|p| p.message.as_str()).collect();
+            (EventType::Normal, "PolicyWarning", warnings.join("; "))
+        } else {
+            let effect = if r.kept_previous {
+                "this version is not enforced; the previous valid version stays in force"
+            } else {
+                "not enforced"
+            };
+            (
+                EventType::Warning,
+                "InvalidPolicy",
+                format!("{}; {effect}", errors.join("; ")),
+            )
+        };
+        if note.len() > MAX_NOTE {
+            let mut cut = MAX_NOTE - 3;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str("...");
+        }
+        let reference = ObjectReference {
+            api_version: Some(r.api_version.clone()),
+            kind: Some(r.kind.clone()),
+            name: Some(r.name.clone()),
+            namespace: Some(r.namespace.clone()),
+            uid: Some(r.uid.clone()).filter(|u| !u.is_empty()),
+            ..Default::default()
+        };
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            tracing::warn!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), "cannot post an Event: {e}");
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! From what the API server holds to what the agent enforces: the pods of this node to enroll,
+//! the workload addresses to enforce, the services, and the policies. Pure: no I/O but the
+//! `locate` callback the caller passes for this node's pods.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::core::DynamicObject;
+
+use crate::{
+    config::{PodSpec, ServicePort, ServiceSpec, WorkloadSpec},
+    policy::{load_str, PolicySet, Problem},
+};
+
+/// Namespace or pod label that puts pods in the mesh: their connections to enforced workloads
+/// are steered through the agent, and their addresses are enforced destinations.
+pub const ENFORCE_LABEL: &str = "authz.io/enforce";
+pub const ENFORCE_VALUE: &str = "enabled";
+/// Pod annotation that keeps a pod out, whatever its namespace says.
+pub const EXCLUDE_ANNOTATION: &str = "authz.io/exclude";
+
+/// What to enforce, computed from the stores.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Desired {
+    /// Pods of this node to enroll, located on the host.
+    pub pods: Vec<PodSpec>,
+    /// Mesh pods anywhere in the cluster, by address.
+    pub workloads: Vec<WorkloadSpec>,
+    pub services: Vec<ServiceSpec>,
+    /// Pods of this node that should be enrolled but cannot be yet, and why.
+    pub not_enrolled: Vec<(String, String)>,
+}
+
+/// Where a pod of this node lives on the host: (cgroup, netns path).
+pub type Locate<'a> = dyn FnMut(&str) -> Result<(PathBuf, PathBuf), String> + 'a;
+
+fn name_of(p: &Pod) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or(""),
+        p.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Pods that take part: in a labelled namespace or labelled themselves, not excluded, with a
+/// network namespace of their own, and not finished (a finished pod's address is reused).
+pub fn in_mesh(pod: &Pod, enforced_namespaces: &HashSet<&str>) -> bool {
+    let m = &pod.metadata;
+    let labelled = m
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ENFORCE_LABEL))
+        .is_some_and(|v| v == ENFORCE_VALUE);
+    let ns_labelled = m
+        .namespace
+        .as_deref()
+        .is_some_and(|ns| enforced_namespaces.contains(ns));
+    let excluded = m
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(EXCLUDE_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    let spec = pod.spec.as_ref();
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    (labelled || ns_labelled) && !excluded && !host_network && !finished
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(st) = pod.status.as_ref() else {
+        return vec![];
+    };
+    let mut ips: Vec<IpAddr> = st
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if let Some(ip) = st.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips.retain(|ip: &IpAddr| !ip.is_loopback() && !ip.is_unspecified());
+    ips
+}
+
+pub fn desired(
+    node: &str,
+    pods: &[Arc<Pod>],
+    namespaces: &[Arc<Namespace>],
+    services: &[Arc<Service>],
+    locate: &mut Locate,
+) -> Desired {
+    let enforced_ns: HashSet<&str> = namespaces
+        .iter()
+        .filter(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ENFORCE_LABEL))
+                .is_some_and(|v| v == ENFORCE_VALUE)
+        })
+        .filter_map(|n| n.metadata.name.as_deref())
+        .collect();
+    let mut out = Desired::default();
+    let mut sorted: Vec<&Arc<Pod>> = pods.iter().collect();
+    sorted.sort_by_key(|p| name_of(p));
+    let mut taken: HashMap<IpAddr, String> = HashMap::new();
+    for pod in sorted {
+        if !in_mesh(pod, &enforced_ns) {
+            continue;
+        }
+        let m = &pod.metadata;
+        let (Some(name), Some(namespace)) = (m.name.clone(), m.namespace.clone()) else {
+            continue;
+        };
+        let labels: BTreeMap<String, String> = m.labels.clone().unwrap_or_default();
+        let service_account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let mut ips = pod_ips(pod);
+        // Two live pods claiming one address: neither gets it (it would be a guess), and
+        // traffic to it is not steered to the wrong policies.
+        ips.retain(|ip| match taken.get(ip) {
+            Some(other) => {
+                tracing::warn!(%ip, pod = %name_of(pod), other = %other, "address claimed by two pods; not enforced until one goes");
+                false
+            }
+            None => true,
+        });
+        for ip in &ips {
+            taken.insert(*ip, name_of(pod));
+        }
+        if !ips.is_empty() {
+            out.workloads.push(WorkloadSpec {
+                name: name.clone(),
+                namespace: namespace.clone(),
+                labels: labels.clone(),
+                service_account: service_account.clone(),
+                ips: ips.clone(),
+            });
+        }
+        let local = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+        if !local {
+            continue;
+        }
+        let uid = m.uid.clone().unwrap_or_default();
+        match locate(&uid) {
+            Ok((cgroup, netns)) => out.pods.push(PodSpec {
+                name,
+                namespace,
+                labels,
+                service_account,
+                netns,
+                cgroup,
+                ips,
+            }),
+            Err(reason) => out.not_enrolled.push((name_of(pod), reason)),
+        }
+    }
+    for s in services {
+        let (Some(name), Some(namespace)) = (&s.metadata.name, &s.metadata.namespace) else {
+            continue;
+        };
+        let Some(spec) = &s.spec else { continue };
+        let ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if ips.is_empty() {
+            continue;
+        }
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                let port = u16::try_from(p.port).ok()?;
+                let target_port = match &p.target_port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) => {
+                        u16::try_from(*t).ok()
+                    }
+                    _ => None,
+                };
+                Some(ServicePort { port, target_port })
+            })
+            .collect();
+        let mut ips = ips;
+        ips.sort();
+        out.services.push(ServiceSpec {
+            name: name.clone(),
+            namespace: namespace.clone(),
+            ips,
+            ports,
+        });
+    }
+    out.services
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// One Istio object as the agent last saw it.
+struct Entry {
+    uid: String,
+    resource_version: String,
+    /// The last version that was valid; it stays in force while a newer one is invalid.
+    good: Option<PolicySet>,
+}
+
+/// A policy object that was just found invalid (or valid with warnings).
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub kind: String,
+    pub api_version: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub problems: Vec<Problem>,
+    /// A previous valid version of the object stays in force.
+    pub kept_previous: bool,
+}
+
+/// Istio objects, parsed and validated once per resourceVersion, with the same loader and
+/// messages as files.
+#[derive(Default)]
+pub struct Policies {
+    entries: HashMap<(String, String, String), Entry>,
+}
+
+/// The object as the YAML a user wrote (spec and the metadata policies read).
+pub fn render(kind: &str, api_version: &str, obj: &DynamicObject) -> String {
+    let m = &obj.metadata;
+    let doc = serde_json::json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": m.name,
+            "namespace": m.namespace,
+            "labels": m.labels.clone().unwrap_or_default(),
+            "annotations": m.annotations.clone().unwrap_or_default(),
+        },
+        "spec": obj.data.get("spec").cloned().unwrap_or(serde_json::json!({})),
+    });
+    serde_yaml::to_string(&doc).unwrap_or_default()
+}
+
+impl Policies {
+    /// Brings the cache up to date with the stores; returns the combined set and a report for
+    /// every object that changed and has problems.
+    pub fn update(
+        &mut self,
+        api_version: &str,
+        request_authentications: &[Arc<DynamicObject>],
+        authorization_policies: &[Arc<DynamicObject>],
+    ) -> (PolicySet, Vec<Report>) {
+        let mut reports = Vec::new();
+        let mut seen = HashSet::new();
+        for (kind, objs) in [
+            ("RequestAuthentication", request_authentications),
+            ("AuthorizationPolicy", authorization_policies),
+        ] {
+            for obj in objs {
+                let m = &obj.metadata;
+                let ns = m.namespace.clone().unwrap_or_default();
+                let name = m.name.clone().unwrap_or_default();
+                let uid = m.uid.clone().unwrap_or_default();
+                let rv = m.resource_version.clone().unwrap_or_default();
+                let key = (kind.to_string(), ns.clone(), name.clone());
+                seen.insert(key.clone());
+                if self
+                    .entries
+                    .get(&key)
+                    .is_some_and(|e| e.uid == uid && e.resource_version == rv)
+                {
+                    continue;
+                }
+                let mut set = PolicySet::default();
+                load_str(
+                    &render(kind, api_version, obj),
+                    &format!("{kind} {ns}/{name}"),
+                    &mut set,
+                );
+                let valid = set.is_valid();
+                // A recreated object (new uid) does not inherit the old one's last good version.
+                let previous = self
+                    .entries
+                    .remove(&key)
+                    .filter(|e| e.uid == uid)
+                    .and_then(|e| e.good);
+                let kept_previous = !valid && previous.is_some();
+                if !set.problems.is_empty() {
+                    reports.push(Report {
+                        kind: kind.into(),
+                        api_version: api_version.into(),
+                        namespace: ns,
+                        name,
+                        uid: uid.clone(),
+                        problems: set.problems.clone(),
+                        kept_previous,
+                    });
+                }
+                let good = if valid {
+                    set.problems.clear();
+                    Some(set)
+                } else {
+                    previous
+                };
+                self.entries.insert(
+                    key,
+                    Entry {
+                        uid,
+                        resource_version: rv,
+                        good,
+                    },
+                );
+            }
+        }
+        self.entries.retain(|k, _| seen.contains(k));
+        let mut keys: Vec<&(String, String, String)> = self.entries.keys().collect();
+        keys.sort();
+        let mut all = PolicySet::default();
+        for k in keys {
+            if let Some(g) = &self.entries[k].good {
+                all.request_authentications
+                    .extend(g.request_authentications.iter().cloned());
+                all.authorization_policies
+                    .extend(g.authorization_policies.iter().cloned());
+            }
+        }
+        (all, reports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> Arc<Pod> {
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+    fn ns(name: &str, enforce: bool) -> Arc<Namespace> {
+        let labels = if enforce {
+            json!({ENFORCE_LABEL: ENFORCE_VALUE})
+        } else {
+            json!({})
+        };
+        Arc::new(serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap())
+    }
+    fn p(name: &str, ns: &str, node: &str, ip: &str, extra: serde_json::Value) -> Arc<Pod> {
+        let mut v = json!({
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": {"app": name}},
+            "spec": {"nodeName": node, "serviceAccountName": name, "containers": []},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        });
+        merge(&mut v, extra);
+        pod(v)
+    }
+    fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    #[test]
+    fn enrollment_table() {
+        let namespaces = [ns("mesh", true), ns("plain", false)];
+        let pods = [
+            p("a", "mesh", "n1", "10.0.0.1", json!({})),
+            p("b", "mesh", "n2", "10.0.0.2", json!({})),
+            p("c", "plain", "n1", "10.0.0.3", json!({})),
+            p("d", "plain", "n1", "10.0.0.4", json!({"metadata": {"labels": {ENFORCE_LABEL: ENFORCE_VALUE}}})),
+            p("e", "mesh", "n1", "10.0.0.5", json!({"metadata": {"annotations": {EXCLUDE_ANNOTATION: "true"}}})),
+            p("f", "mesh", "n1", "10.0.0.6", json!({"spec": {"hostNetwork": true}})),
+            p("g", "mesh", "n1", "10.0.0.7", json!({"status": {"phase": "Succeeded"}})),
+            p("h", "mesh", "n1", "10.0.0.8", json!({"metadata": {"uid": "missing"}})),
+        ];
+        let mut locate = |uid: &str| {
+            if uid == "missing" {
+                Err("no cgroup".to_string())
+            } else {
+                Ok((PathBuf::from(format!("/cg/{uid}")), PathBuf::from(format!("/ns/{uid}"))))
+            }
+        };
+        let d = desired("n1", &pods, &namespaces, &[], &mut locate);
+        let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(enrolled, ["a", "d"]);
+        let enforced: Vec<&str> = d.workloads.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(enforced, ["a", "b", "h", "d"]); // by namespace, then name
+        assert_eq!(d.not_enrolled, [("mesh/h".to_string(), "no cgroup".to_string())]);
+        assert_eq!(d.pods[0].service_account, "a");
+        assert_eq!(d.pods[0].cgroup, PathBuf::from("/cg/uid-a"));
+    }
+
+    #[test]
+    fn contested_address_is_not_enforced() {
+        let namespaces = [ns("mesh", true)];
+        let pods = [
+            p("a", "mesh", "n2", "10.0.0.1", json!({})),
+            p("b", "mesh", "n2", "10.0.0.1", json!({})),
+        ];
+        let d = desired("n1", &pods, &namespaces, &[], &mut |_| Err("x".into()));
+        assert_eq!(d.workloads.len(), 1, "{:?}", d.workloads);
+        assert_eq!(d.workloads[0].name, "a");
+    }
+
+    #[test]
+    fn services_keep_int_target_ports() {
+        let s: Arc<Service> = Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": "jwks", "namespace": "auth"},
+                "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [
+                    {"port": 80, "targetPort": 8080}, {"port": 443, "targetPort": "https"}]}
+            }))
+            .unwrap(),
+        );
+        let headless: Arc<Service> = Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "h", "namespace": "auth"}, "spec": {"clusterIP": "None"}}))
+                .unwrap(),
+        );
+        let d = desired("n1", &[], &[], &[s, headless], &mut |_| Err("x".into()));
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.services[0].ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            d.services[0].ports,
+            [
+                ServicePort { port: 80, target_port: Some(8080) },
+                ServicePort { port: 443, target_port: None }
+            ]
+        );
+    }
+
+    fn ap(name: &str, rv: &str, uid: &str, spec: serde_json::Value) -> Arc<DynamicObject> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": name, "namespace": "foo", "uid": uid, "resourceVersion": rv},
+                "spec": spec,
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn invalid_version_keeps_the_last_good_one() {
+        let mut pols = Policies::default();
+        let good = ap("deny", "1", "u1", json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}));
+        let (set, reports) = pols.update("security.istio.io/v1", &[], &[good]);
+        assert_eq!(set.authorization_policies.len(), 1);
+        assert!(reports.is_empty());
+
+        let bad = ap("deny", "2", "u1", json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"], "bogus": 1}}]}]}));
+        let (set, reports) = pols.update("security.istio.io/v1", &[], &[bad.clone()]);
+        assert_eq!(set.authorization_policies.len(), 1, "the last good version stays");
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].kept_previous);
+        assert!(reports[0].problems[0].message.contains("bogus"), "{:?}", reports[0].problems);
+
+        // Unchanged: not parsed or reported again.
+        let (_, reports) = pols.update("security.istio.io/v1", &[], &[bad]);
+        assert!(reports.is_empty());
+
+        // Recreated under a new uid, invalid: nothing from the old object.
+        let bad2 = ap("deny", "3", "u2", json!({"action": "DENY"}));
+        let (set, reports) = pols.update("security.istio.io/v1", &[], &[bad2]);
+        assert_eq!(set.authorization_policies.len(), 0);
+        assert!(!reports[0].kept_previous);
+        assert!(reports[0].problems[0].message.contains("AuthorizationPolicy foo/deny"), "{:?}", reports[0].problems);
+
+        // Deleted.
+        let (set, _) = pols.update("security.istio.io/v1", &[], &[]);
+        assert!(set.authorization_policies.is_empty());
+        assert!(pols.entries.is_empty());
+    }
+}
