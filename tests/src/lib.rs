@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod fakeapi;
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Kernel tests need root. Outside CI they say so and skip; in CI (CI set) they fail instead.

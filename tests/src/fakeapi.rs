@@ -1,0 +1,535 @@
+//! An in-process Kubernetes API server for tests, over real HTTP on loopback: list and watch
+//! (resourceVersion, ADDED / MODIFIED / DELETED, BOOKMARK, 410 Gone after compaction) for pods,
+//! services, namespaces and Istio's RequestAuthentication and AuthorizationPolicy (served at
+//! v1 and v1beta1, as one set of objects), the security.istio.io group document, and Events
+//! (recorded for the test to read). Tests change objects and can restart it or expire watches.
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use anyhow::{bail, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    body::{Body, Frame, Incoming},
+    Method, Request, Response, StatusCode,
+};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// The collections served: (kind, plural, namespaced, core).
+const KINDS: &[(&str, &str, bool, bool)] = &[
+    ("Pod", "pods", true, true),
+    ("Service", "services", true, true),
+    ("Namespace", "namespaces", false, true),
+    ("RequestAuthentication", "requestauthentications", true, false),
+    ("AuthorizationPolicy", "authorizationpolicies", true, false),
+];
+const ISTIO: &str = "security.istio.io";
+
+#[derive(Clone, Debug)]
+struct Change {
+    rv: u64,
+    plural: &'static str,
+    obj: Value,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// plural -> "ns/name" -> object
+    objects: HashMap<&'static str, BTreeMap<String, Value>>,
+    log: Vec<Change>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted: u64,
+    events: Vec<Value>,
+    lists: HashMap<&'static str, u64>,
+    watches: HashMap<&'static str, u64>,
+    uid: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changes: broadcast::Sender<Change>,
+    /// Istio versions served (v1 and v1beta1 by default).
+    istio_versions: Mutex<Vec<&'static str>>,
+    bookmark_every: Duration,
+}
+
+pub struct FakeApi {
+    shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    rt: tokio::runtime::Runtime,
+    server: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl FakeApi {
+    pub fn start() -> Result<FakeApi> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let (changes, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rv: 100,
+                ..Default::default()
+            }),
+            changes,
+            istio_versions: Mutex::new(vec!["v1", "v1beta1"]),
+            bookmark_every: Duration::from_millis(200),
+        });
+        let listener = rt.block_on(bind("127.0.0.1:0".parse()?))?;
+        let addr = listener.local_addr()?;
+        let server = rt.spawn(serve(shared.clone(), listener));
+        Ok(FakeApi {
+            shared,
+            addr,
+            rt,
+            server: Mutex::new(Some(server)),
+        })
+    }
+
+    /// Serve only these versions of security.istio.io (e.g. `["v1beta1"]`, an older Istio).
+    pub fn serve_istio_versions(&self, versions: &[&'static str]) {
+        *self.shared.istio_versions.lock().unwrap() = versions.to_vec();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig that points at this server, written to `path`.
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            self.url()
+        );
+        std::fs::write(path, text)?;
+        Ok(())
+    }
+
+    /// Creates or replaces an object (its `kind` picks the collection). Returns its resourceVersion.
+    pub fn apply(&self, mut obj: Value) -> u64 {
+        let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+        let &(_, plural, namespaced, _) = KINDS
+            .iter()
+            .find(|k| k.0 == kind)
+            .unwrap_or_else(|| panic!("fake API server: unknown kind {kind:?}"));
+        let mut st = self.shared.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let key = object_key(&obj, namespaced);
+        let existing = st.objects.get(plural).and_then(|m| m.get(&key)).cloned();
+        let uid = match existing.as_ref() {
+            Some(e) => e["metadata"]["uid"].clone(),
+            None => match obj["metadata"]["uid"].as_str() {
+                Some(u) => json!(u),
+                None => {
+                    st.uid += 1;
+                    json!(format!("00000000-0000-4000-8000-{:012x}", st.uid))
+                }
+            },
+        };
+        obj["metadata"]["uid"] = uid;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let type_ = if existing.is_some() { "MODIFIED" } else { "ADDED" };
+        st.objects
+            .entry(plural)
+            .or_default()
+            .insert(key, obj.clone());
+        let change = Change {
+            rv,
+            plural,
+            obj: json!({"type": type_, "object": obj}),
+        };
+        st.log.push(change.clone());
+        let _ = self.shared.changes.send(change);
+        rv
+    }
+
+    /// Deletes an object; false if there was none.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        let &(_, plural, namespaced, _) = KINDS.iter().find(|k| k.0 == kind).expect("kind");
+        let key = if namespaced {
+            format!("{namespace}/{name}")
+        } else {
+            name.to_string()
+        };
+        let mut st = self.shared.state.lock().unwrap();
+        let Some(mut obj) = st.objects.get_mut(plural).and_then(|m| m.remove(&key)) else {
+            return false;
+        };
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let change = Change {
+            rv: st.rv,
+            plural,
+            obj: json!({"type": "DELETED", "object": obj}),
+        };
+        st.log.push(change.clone());
+        let _ = self.shared.changes.send(change);
+        true
+    }
+
+    /// Forgets history up to now, as etcd compaction does: a watch that resumes from an older
+    /// resourceVersion gets 410 Gone and must list again.
+    pub fn compact(&self) {
+        let mut st = self.shared.state.lock().unwrap();
+        st.compacted = st.rv;
+        st.log.clear();
+    }
+
+    /// Compacts and ends every open watch, so every client relists.
+    pub fn expire_watches(&self) {
+        self.compact();
+        self.stop();
+        self.resume();
+    }
+
+    /// Drops every connection and stops listening (the objects stay).
+    pub fn stop(&self) {
+        if let Some(s) = self.server.lock().unwrap().take() {
+            s.abort();
+            let _ = self.rt.block_on(s);
+        }
+    }
+
+    /// Listens again on the same address.
+    pub fn resume(&self) {
+        let listener = self
+            .rt
+            .block_on(async {
+                for _ in 0..100 {
+                    if let Ok(l) = bind(self.addr).await {
+                        return Ok(l);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                bail!("cannot listen on {} again", self.addr)
+            })
+            .unwrap();
+        *self.server.lock().unwrap() = Some(self.rt.spawn(serve(self.shared.clone(), listener)));
+    }
+
+    /// An API server restart: down for `down`, then back with the same objects and history.
+    pub fn restart(&self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.resume();
+    }
+
+    /// Events posted or patched so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.state.lock().unwrap().events.clone()
+    }
+
+    /// How many lists and watches of a collection (plural) clients made.
+    pub fn lists(&self, plural: &str) -> u64 {
+        *self.shared.state.lock().unwrap().lists.get(plural).unwrap_or(&0)
+    }
+    pub fn watches(&self, plural: &str) -> u64 {
+        *self.shared.state.lock().unwrap().watches.get(plural).unwrap_or(&0)
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.lock().unwrap().take() {
+            s.abort();
+        }
+    }
+}
+
+fn object_key(obj: &Value, namespaced: bool) -> String {
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    if namespaced {
+        format!(
+            "{}/{name}",
+            obj["metadata"]["namespace"].as_str().unwrap_or("default")
+        )
+    } else {
+        name.to_string()
+    }
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(128)
+}
+
+async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+    // Connections live in this set: aborting the server task drops them all.
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        conns.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+/// A response body fed from a channel (a watch stream).
+struct ChanBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+type Reply = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
+
+fn reply(status: StatusCode, body: Value) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+/// (plural, api version to report) for a collection path, or None.
+fn collection(path: &str) -> Option<(&'static (&'static str, &'static str, bool, bool), String)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (api_version, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("v1".to_string(), rest.to_vec()),
+        ["apis", group, version, rest @ ..] if *group == ISTIO => {
+            (format!("{ISTIO}/{version}"), rest.to_vec())
+        }
+        _ => return None,
+    };
+    let plural = match rest.as_slice() {
+        [plural] => *plural,
+        ["namespaces", _, plural] => *plural,
+        _ => return None,
+    };
+    let k = KINDS.iter().find(|k| k.1 == plural)?;
+    let core = api_version == "v1";
+    (k.3 == core).then_some((k, api_version))
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path().to_string();
+    if path == format!("/apis/{ISTIO}") {
+        let versions: Vec<Value> = shared
+            .istio_versions
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| json!({"groupVersion": format!("{ISTIO}/{v}"), "version": v}))
+            .collect();
+        if versions.is_empty() {
+            return reply(StatusCode::NOT_FOUND, status(404, "NotFound", "no such group"));
+        }
+        let preferred = versions[0].clone();
+        return reply(
+            StatusCode::OK,
+            json!({"kind": "APIGroup", "apiVersion": "v1", "name": ISTIO,
+                   "versions": versions, "preferredVersion": preferred}),
+        );
+    }
+    if path.starts_with("/apis/events.k8s.io/v1/namespaces/") && path.contains("/events") {
+        let method = req.method().clone();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let ev: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if method == Method::POST || method == Method::PATCH {
+            shared.state.lock().unwrap().events.push(ev.clone());
+            return reply(StatusCode::CREATED, ev);
+        }
+        return reply(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "events: POST or PATCH"));
+    }
+    let Some((&(kind, plural, namespaced, _), api_version)) = collection(&path) else {
+        return reply(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("{path}: not served")));
+    };
+    if api_version.starts_with(ISTIO)
+        && !shared
+            .istio_versions
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|v| api_version.ends_with(&format!("/{v}")))
+    {
+        return reply(StatusCode::NOT_FOUND, status(404, "NotFound", "version not served"));
+    }
+    if req.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "read-only"));
+    }
+    let q = query(&req);
+    let namespace = path
+        .split("/namespaces/")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .filter(|_| namespaced && path.contains("/namespaces/"))
+        .map(str::to_string);
+    let select = move |obj: &Value| {
+        namespace
+            .as_deref()
+            .is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+    };
+    let versioned = {
+        let api_version = api_version.clone();
+        move |mut obj: Value| {
+            obj["apiVersion"] = json!(api_version);
+            obj
+        }
+    };
+    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let from: u64 = q
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+        let line = |v: Value| Bytes::from(format!("{v}\n"));
+        let mut sub = shared.changes.subscribe();
+        let backlog: Vec<Change>;
+        let gone;
+        {
+            let mut st = shared.state.lock().unwrap();
+            *st.watches.entry(plural).or_default() += 1;
+            gone = from < st.compacted;
+            backlog = st
+                .log
+                .iter()
+                .filter(|c| c.plural == plural && c.rv > from)
+                .cloned()
+                .collect();
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if gone {
+                let _ = tx
+                    .send(line(json!({"type": "ERROR", "object": status(410, "Expired",
+                        &format!("too old resource version: {from}"))})))
+                    .await;
+                return;
+            }
+            let mut last = from;
+            for c in backlog {
+                last = c.rv;
+                let mut ev = c.obj.clone();
+                ev["object"] = versioned(ev["object"].take());
+                if !select(&ev["object"]) {
+                    continue;
+                }
+                if tx.send(line(ev)).await.is_err() {
+                    return;
+                }
+            }
+            let mut tick = tokio::time::interval(shared.bookmark_every);
+            loop {
+                tokio::select! {
+                    c = sub.recv() => match c {
+                        Ok(c) if c.plural == plural && c.rv > last => {
+                            last = c.rv;
+                            let mut ev = c.obj.clone();
+                            ev["object"] = versioned(ev["object"].take());
+                            if select(&ev["object"]) && tx.send(line(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    },
+                    _ = tick.tick(), if bookmarks => {
+                        let rv = shared.state.lock().unwrap().rv.max(last);
+                        let bm = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+                            "metadata": {"resourceVersion": rv.to_string()}}});
+                        if tx.send(line(bm)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(ChanBody(rx).boxed())
+            .unwrap();
+    }
+    let st_items;
+    let rv;
+    {
+        let mut st = shared.state.lock().unwrap();
+        *st.lists.entry(plural).or_default() += 1;
+        rv = st.rv;
+        st_items = st
+            .objects
+            .get(plural)
+            .map(|m| m.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+    }
+    let items: Vec<Value> = st_items.into_iter().filter(|o| select(o)).map(versioned).collect();
+    reply(
+        StatusCode::OK,
+        json!({"kind": format!("{kind}List"), "apiVersion": api_version,
+               "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+    )
+}
+
+/// A Namespace, labelled for enforcement when `enforce`.
+pub fn namespace(name: &str, enforce: bool) -> Value {
+    let labels = if enforce {
+        json!({"authz.io/enforce": "enabled"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+/// A running Pod with one address, on `node`.
+pub fn pod(ns: &str, name: &str, uid: &str, node: &str, ip: &str, labels: Value, sa: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels,
+                     "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+        "spec": {"nodeName": node, "serviceAccountName": sa,
+                 "containers": [{"name": "app", "image": "example/app:1"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+/// A `security.istio.io` object (the version is the one served to each client).
+pub fn istio(kind: &str, ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": kind,
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
