@@ -118,7 +118,12 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
     };
     let metrics = Arc::new(Metrics::default());
     let (cfg, set) = match &mut kube {
-        Some(k) => k.snapshot(&cfg, &metrics),
+        Some(k) => {
+            let (cfg, set) = k.snapshot(&cfg, &metrics);
+            k.applied_generation = k.policies.generation;
+            k.last_wanted = cfg.pods.len();
+            (cfg, set)
+        }
         None => {
             let set = crate::policy::load_paths(&cfg.policies);
             log_problems(&set);
@@ -388,6 +393,8 @@ struct KubeInput {
     events: Option<crate::kubernetes::events::Events>,
     /// Pods the last snapshot wanted enrolled (some may have failed to enroll).
     last_wanted: usize,
+    /// `policies.generation` when last applied.
+    applied_generation: u64,
 }
 
 impl KubeInput {
@@ -426,6 +433,7 @@ impl KubeInput {
             not_enrolled: HashMap::new(),
             events,
             last_wanted: 0,
+            applied_generation: 0,
         })
     }
 
@@ -519,7 +527,26 @@ fn apply_snapshot(
     metrics: &Metrics,
 ) -> Config {
     let (cfg, set) = k.snapshot(current, metrics);
+    // Most events (pod status churn, objects the agent does not read) change nothing here.
+    let same = cfg.pods == current.pods
+        && cfg.workloads == current.workloads
+        && cfg.services == current.services
+        && k.policies.generation == k.applied_generation;
+    if same {
+        if k.pending(state) {
+            // Only enrollments to retry: the engine stays.
+            let registry = px.registry();
+            if let Err(e) = apply_registry(px, state, &cfg, &registry, false) {
+                tracing::error!("retrying enrollments: {e:#}");
+            }
+            metrics
+                .pods_enrolled
+                .store(state.pods.len() as u64, Ordering::Relaxed);
+        }
+        return cfg;
+    }
     k.last_wanted = cfg.pods.len();
+    k.applied_generation = k.policies.generation;
     match apply(px, state, &cfg, &set, store, cache) {
         Ok(()) => metrics.reloads_ok.fetch_add(1, Ordering::Relaxed),
         Err(e) => {

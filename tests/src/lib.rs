@@ -184,6 +184,34 @@ impl Net {
         Ok(h)
     }
 
+    /// The cgroup all of this set's pods are under (an agent's `cgroupRoot`).
+    pub fn cgroup_base(&self) -> &Path {
+        &self.cg_base
+    }
+
+    /// A pod as kubelet lays it out (systemd driver, BestEffort):
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice`, with a
+    /// container scope below it holding a long-running process in the pod's netns (the sandbox
+    /// the agent finds the netns through). Commands `in_pod` run in that container's cgroup.
+    pub fn kube_pod(&mut self, name: &str, last: u8, uid: &str) -> Result<Host> {
+        let mut h = self.host(name, last)?;
+        let _ = std::fs::remove_dir(&h.cgroup);
+        let pod = self.cg_base.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        h.cgroup = pod.join(format!("cri-containerd-{name}.scope"));
+        std::fs::create_dir_all(&h.cgroup)?;
+        if let Some(saved) = self.hosts.iter_mut().find(|x| x.name == name) {
+            saved.cgroup = h.cgroup.clone();
+        }
+        let child = Net::command(&h, true, "sleep", &["infinity"])
+            .stdout(Stdio::null())
+            .spawn()?;
+        self.children.push(child);
+        Ok(h)
+    }
+
     /// A command that runs in `host`'s netns, and in its cgroup when `in_pod`.
     pub fn command(host: &Host, in_pod: bool, program: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
@@ -253,11 +281,12 @@ impl Drop for Net {
             let _ = std::fs::write(h.cgroup.join("cgroup.kill"), "1");
         }
         std::thread::sleep(Duration::from_millis(50));
+        let _ = std::fs::write(self.cg_base.join("cgroup.kill"), "1");
+        std::thread::sleep(Duration::from_millis(20));
         for h in &self.hosts {
-            let _ = std::fs::remove_dir(&h.cgroup);
             let _ = Command::new("ip").args(["netns", "del", &h.netns]).output();
         }
-        let _ = std::fs::remove_dir(&self.cg_base);
+        remove_cgroup_tree(&self.cg_base);
         if let Some(l) = &self.host_link {
             let _ = Command::new("ip").args(["link", "del", l]).output();
         }
@@ -265,6 +294,18 @@ impl Drop for Net {
             .args(["netns", "del", &self.hub])
             .output();
     }
+}
+
+/// cgroup directories can only be removed leaves first.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 fn target_dir() -> PathBuf {

@@ -242,6 +242,8 @@ pub struct Report {
 #[derive(Default)]
 pub struct Policies {
     entries: HashMap<(String, String, String), Entry>,
+    /// Changes whenever an object is added, changed or removed.
+    pub generation: u64,
 }
 
 /// The object as the YAML a user wrote (spec and the metadata policies read).
@@ -291,6 +293,7 @@ impl Policies {
                 {
                     continue;
                 }
+                self.generation += 1;
                 let mut set = PolicySet::default();
                 load_str(
                     &render(kind, api_version, obj),
@@ -332,7 +335,11 @@ impl Policies {
                 );
             }
         }
+        let before = self.entries.len();
         self.entries.retain(|k, _| seen.contains(k));
+        if self.entries.len() != before {
+            self.generation += 1;
+        }
         let mut keys: Vec<&(String, String, String)> = self.entries.keys().collect();
         keys.sort();
         let mut all = PolicySet::default();
