@@ -48,7 +48,12 @@ pub enum Source {
 }
 
 /// `config`: the config file (optional in Kubernetes mode). `kubernetes`: force Kubernetes mode.
-pub fn run(config: Option<&Path>, kubernetes: bool, kubeconfig: Option<PathBuf>, node_name: Option<String>) -> Result<()> {
+pub fn run(
+    config: Option<&Path>,
+    kubernetes: bool,
+    kubeconfig: Option<PathBuf>,
+    node_name: Option<String>,
+) -> Result<()> {
     let mut cfg = match config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -62,7 +67,11 @@ pub fn run(config: Option<&Path>, kubernetes: bool, kubeconfig: Option<PathBuf>,
     }
     let source = if cfg.kubernetes.enabled {
         {
-            if !(cfg.pods.is_empty() && cfg.workloads.is_empty() && cfg.services.is_empty() && cfg.policies.is_empty()) {
+            if !(cfg.pods.is_empty()
+                && cfg.workloads.is_empty()
+                && cfg.services.is_empty()
+                && cfg.policies.is_empty())
+            {
                 return Err(crate::config::ConfigError::Invalid {
                     path: config.map(|p| p.display().to_string()).unwrap_or_default(),
                     message: "Kubernetes mode: pods, workloads, services and policies come from the API server; remove them from the file".into(),
@@ -82,9 +91,7 @@ pub fn run(config: Option<&Path>, kubernetes: bool, kubeconfig: Option<PathBuf>,
     if cfg.agent.worker_threads > 0 {
         rt.worker_threads(cfg.agent.worker_threads);
     }
-    rt.enable_all()
-        .build()?
-        .block_on(run_async(source, cfg))
+    rt.enable_all().build()?.block_on(run_async(source, cfg))
 }
 
 /// An enrolled pod and the task serving its listeners.
@@ -189,7 +196,9 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
     if kernel.adopted {
         forget_stale(&kernel, &state);
     }
-    metrics.pods_enrolled.store(state.pods.len() as u64, Ordering::Relaxed);
+    metrics
+        .pods_enrolled
+        .store(state.pods.len() as u64, Ordering::Relaxed);
     release_freed_memory();
 
     let hb_kernel = kernel.clone();
@@ -384,6 +393,7 @@ struct KubeInput {
     cluster: crate::kubernetes::Cluster,
     node: String,
     cgroup_root: PathBuf,
+    proc_root: PathBuf,
     policies: crate::kubernetes::snapshot::Policies,
     /// Pod UID -> (addresses, cgroup, netns) found on the host. Kept so a pod keeps the same
     /// netns path (the same process) for as long as its addresses do not change.
@@ -428,6 +438,7 @@ impl KubeInput {
             cluster,
             node,
             cgroup_root,
+            proc_root: cfg.kubernetes.proc_root.clone(),
             policies: Default::default(),
             located: HashMap::new(),
             not_enrolled: HashMap::new(),
@@ -452,14 +463,17 @@ impl KubeInput {
                 Some((p.metadata.uid.as_deref()?, ips))
             })
             .collect();
-        self.located.retain(|uid, (ips, _, _)| live.get(uid.as_str()) == Some(ips));
+        self.located
+            .retain(|uid, (ips, _, _)| live.get(uid.as_str()) == Some(ips));
         let root = self.cgroup_root.clone();
+        let proc_root = self.proc_root.clone();
         let located = &mut self.located;
         let mut locate = |uid: &str| {
             if let Some((_, cg, ns)) = located.get(uid) {
                 return Ok((cg.clone(), ns.clone()));
             }
-            let (cg, ns) = crate::kubernetes::discover::locate(&root, uid).map_err(|e| e.to_string())?;
+            let (cg, ns) = crate::kubernetes::discover::locate(&root, &proc_root, uid)
+                .map_err(|e| e.to_string())?;
             let ips = live.get(uid).cloned().unwrap_or_default();
             located.insert(uid.to_string(), (ips, cg.clone(), ns.clone()));
             Ok((cg, ns))

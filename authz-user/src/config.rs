@@ -39,6 +39,8 @@ pub struct KubernetesSettings {
     pub kubeconfig: Option<PathBuf>,
     /// Report invalid policies as Events on the objects.
     pub events: bool,
+    /// The host's /proc (pods' network namespaces are found through their processes).
+    pub proc_root: PathBuf,
 }
 
 impl Default for KubernetesSettings {
@@ -48,6 +50,7 @@ impl Default for KubernetesSettings {
             node_name: None,
             kubeconfig: None,
             events: true,
+            proc_root: PathBuf::from("/proc"),
         }
     }
 }

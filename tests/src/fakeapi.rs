@@ -29,7 +29,12 @@ const KINDS: &[(&str, &str, bool, bool)] = &[
     ("Pod", "pods", true, true),
     ("Service", "services", true, true),
     ("Namespace", "namespaces", false, true),
-    ("RequestAuthentication", "requestauthentications", true, false),
+    (
+        "RequestAuthentication",
+        "requestauthentications",
+        true,
+        false,
+    ),
     ("AuthorizationPolicy", "authorizationpolicies", true, false),
 ];
 const ISTIO: &str = "security.istio.io";
@@ -140,7 +145,11 @@ impl FakeApi {
         };
         obj["metadata"]["uid"] = uid;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let type_ = if existing.is_some() { "MODIFIED" } else { "ADDED" };
+        let type_ = if existing.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         st.objects
             .entry(plural)
             .or_default()
@@ -233,10 +242,24 @@ impl FakeApi {
 
     /// How many lists and watches of a collection (plural) clients made.
     pub fn lists(&self, plural: &str) -> u64 {
-        *self.shared.state.lock().unwrap().lists.get(plural).unwrap_or(&0)
+        *self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .lists
+            .get(plural)
+            .unwrap_or(&0)
     }
     pub fn watches(&self, plural: &str) -> u64 {
-        *self.shared.state.lock().unwrap().watches.get(plural).unwrap_or(&0)
+        *self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .watches
+            .get(plural)
+            .unwrap_or(&0)
     }
 }
 
@@ -358,7 +381,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
             .map(|v| json!({"groupVersion": format!("{ISTIO}/{v}"), "version": v}))
             .collect();
         if versions.is_empty() {
-            return reply(StatusCode::NOT_FOUND, status(404, "NotFound", "no such group"));
+            return reply(
+                StatusCode::NOT_FOUND,
+                status(404, "NotFound", "no such group"),
+            );
         }
         let preferred = versions[0].clone();
         return reply(
@@ -369,16 +395,27 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
     }
     if path.starts_with("/apis/events.k8s.io/v1/namespaces/") && path.contains("/events") {
         let method = req.method().clone();
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let ev: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if method == Method::POST || method == Method::PATCH {
             shared.state.lock().unwrap().events.push(ev.clone());
             return reply(StatusCode::CREATED, ev);
         }
-        return reply(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "events: POST or PATCH"));
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(405, "MethodNotAllowed", "events: POST or PATCH"),
+        );
     }
     let Some((&(kind, plural, namespaced, _), api_version)) = collection(&path) else {
-        return reply(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("{path}: not served")));
+        return reply(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", &format!("{path}: not served")),
+        );
     };
     if api_version.starts_with(ISTIO)
         && !shared
@@ -388,10 +425,16 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
             .iter()
             .any(|v| api_version.ends_with(&format!("/{v}")))
     {
-        return reply(StatusCode::NOT_FOUND, status(404, "NotFound", "version not served"));
+        return reply(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", "version not served"),
+        );
     }
     if req.method() != Method::GET {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "read-only"));
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(405, "MethodNotAllowed", "read-only"),
+        );
     }
     let q = query(&req);
     let namespace = path
@@ -438,8 +481,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
         tokio::spawn(async move {
             if gone {
                 let _ = tx
-                    .send(line(json!({"type": "ERROR", "object": status(410, "Expired",
-                        &format!("too old resource version: {from}"))})))
+                    .send(line(
+                        json!({"type": "ERROR", "object": status(410, "Expired",
+                        &format!("too old resource version: {from}"))}),
+                    ))
                     .await;
                 return;
             }
@@ -498,7 +543,11 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
             .map(|m| m.values().cloned().collect::<Vec<_>>())
             .unwrap_or_default();
     }
-    let items: Vec<Value> = st_items.into_iter().filter(|o| select(o)).map(versioned).collect();
+    let items: Vec<Value> = st_items
+        .into_iter()
+        .filter(|o| select(o))
+        .map(versioned)
+        .collect();
     reply(
         StatusCode::OK,
         json!({"kind": format!("{kind}List"), "apiVersion": api_version,
@@ -517,7 +566,15 @@ pub fn namespace(name: &str, enforce: bool) -> Value {
 }
 
 /// A running Pod with one address, on `node`.
-pub fn pod(ns: &str, name: &str, uid: &str, node: &str, ip: &str, labels: Value, sa: &str) -> Value {
+pub fn pod(
+    ns: &str,
+    name: &str,
+    uid: &str,
+    node: &str,
+    ip: &str,
+    labels: Value,
+    sa: &str,
+) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels,

@@ -38,10 +38,13 @@ fn fixture(api: FakeApi) -> Fixture {
         .unwrap();
     let (client, cluster) = rt.block_on(async {
         let client = authz::kubernetes::client(Some(&kc)).await.unwrap();
-        let cluster = tokio::time::timeout(Duration::from_secs(10), Cluster::start(client.clone(), None))
-            .await
-            .expect("stores ready within 10 s")
-            .unwrap();
+        let cluster = tokio::time::timeout(
+            Duration::from_secs(10),
+            Cluster::start(client.clone(), None),
+        )
+        .await
+        .expect("stores ready within 10 s")
+        .unwrap();
         (client, cluster)
     });
     Fixture {
@@ -79,7 +82,12 @@ fn deny(paths: &[&str]) -> serde_json::Value {
 #[test]
 fn policies_follow_add_change_delete() {
     let api = FakeApi::start().unwrap();
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "a", deny(&["/a"])));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "a",
+        deny(&["/a"]),
+    ));
     let f = fixture(api);
     assert_eq!(f.cluster.istio_api_version, "security.istio.io/v1");
     assert_eq!(policy_names(&f.cluster), ["a"], "the first list");
@@ -93,10 +101,20 @@ fn policies_follow_add_change_delete() {
         )
         .0
     };
-    f.api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "b", deny(&["/b"])));
+    f.api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "b",
+        deny(&["/b"]),
+    ));
     eventually("b added", || policy_names(&f.cluster) == ["a", "b"]);
 
-    f.api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "b", deny(&["/changed"])));
+    f.api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "b",
+        deny(&["/changed"]),
+    ));
     eventually("b changed", || {
         set(&mut pols)
             .authorization_policies
@@ -126,16 +144,41 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     let api = FakeApi::start().unwrap();
     api.apply(fakeapi::namespace("mesh", true));
     api.apply(fakeapi::namespace("other", false));
-    api.apply(fakeapi::pod("mesh", "local", "11111111-0000-4000-8000-000000000001", "node-a", "10.1.0.1", json!({"app": "a"}), "sa-a"));
-    api.apply(fakeapi::pod("mesh", "remote", "11111111-0000-4000-8000-000000000002", "node-b", "10.1.0.2", json!({"app": "b"}), "sa-b"));
-    api.apply(fakeapi::pod("other", "outside", "11111111-0000-4000-8000-000000000003", "node-a", "10.1.0.3", json!({}), "default"));
+    api.apply(fakeapi::pod(
+        "mesh",
+        "local",
+        "11111111-0000-4000-8000-000000000001",
+        "node-a",
+        "10.1.0.1",
+        json!({"app": "a"}),
+        "sa-a",
+    ));
+    api.apply(fakeapi::pod(
+        "mesh",
+        "remote",
+        "11111111-0000-4000-8000-000000000002",
+        "node-b",
+        "10.1.0.2",
+        json!({"app": "b"}),
+        "sa-b",
+    ));
+    api.apply(fakeapi::pod(
+        "other",
+        "outside",
+        "11111111-0000-4000-8000-000000000003",
+        "node-a",
+        "10.1.0.3",
+        json!({}),
+        "default",
+    ));
     api.apply(json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "jwks", "namespace": "auth"},
         "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80, "targetPort": 8080}]}}));
     let f = fixture(api);
     let mut locate = |uid: &str| Ok((format!("/cg/{uid}").into(), format!("/ns/{uid}").into()));
     let d = f.cluster.desired("node-a", &mut locate);
-    let names = |v: &[authz::config::WorkloadSpec]| v.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
+    let names =
+        |v: &[authz::config::WorkloadSpec]| v.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
     assert_eq!(names(&d.workloads), ["local", "remote"]);
     assert_eq!(d.pods.len(), 1);
     assert_eq!(d.pods[0].name, "local");
@@ -143,7 +186,13 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     assert_eq!(d.services.len(), 1);
     assert_eq!(d.services[0].ports[0].target_port, Some(8080));
     // The store keeps only what is read.
-    let p = f.cluster.pods.state().into_iter().find(|p| p.metadata.name.as_deref() == Some("local")).unwrap();
+    let p = f
+        .cluster
+        .pods
+        .state()
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some("local"))
+        .unwrap();
     assert!(p.metadata.managed_fields.is_none());
     assert!(p.spec.as_ref().unwrap().containers.is_empty());
 
@@ -159,41 +208,79 @@ fn pods_services_and_namespaces_make_the_desired_state() {
 #[test]
 fn relists_after_410_and_keeps_the_last_state_while_away() {
     let api = FakeApi::start().unwrap();
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "a", deny(&["/a"])));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "a",
+        deny(&["/a"]),
+    ));
     let f = fixture(api);
     let lists = f.api.lists("authorizationpolicies");
     f.api.stop();
     // While the API server is away the store keeps what it had.
     f.api.delete("AuthorizationPolicy", "foo", "a");
-    f.api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "b", deny(&["/b"])));
+    f.api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "b",
+        deny(&["/b"]),
+    ));
     f.api.compact();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(policy_names(&f.cluster), ["a"], "last state stays while the API server is away");
+    assert_eq!(
+        policy_names(&f.cluster),
+        ["a"],
+        "last state stays while the API server is away"
+    );
     f.api.resume();
     eventually("relisted after 410", || policy_names(&f.cluster) == ["b"]);
-    assert!(f.api.lists("authorizationpolicies") > lists, "a 410 makes the watcher list again");
+    assert!(
+        f.api.lists("authorizationpolicies") > lists,
+        "a 410 makes the watcher list again"
+    );
 }
 
 #[test]
 fn restart_resumes_the_watch_without_a_relist() {
     let api = FakeApi::start().unwrap();
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "a", deny(&["/a"])));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "a",
+        deny(&["/a"]),
+    ));
     let f = fixture(api);
     let lists = f.api.lists("authorizationpolicies");
     let watches = f.api.watches("authorizationpolicies");
     f.api.stop();
-    f.api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "b", deny(&["/b"])));
+    f.api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "b",
+        deny(&["/b"]),
+    ));
     std::thread::sleep(Duration::from_millis(500));
     f.api.resume();
-    eventually("the change made while down arrives", || policy_names(&f.cluster) == ["a", "b"]);
+    eventually("the change made while down arrives", || {
+        policy_names(&f.cluster) == ["a", "b"]
+    });
     assert!(f.api.watches("authorizationpolicies") > watches);
-    assert_eq!(f.api.lists("authorizationpolicies"), lists, "resumed from its resourceVersion");
+    assert_eq!(
+        f.api.lists("authorizationpolicies"),
+        lists,
+        "resumed from its resourceVersion"
+    );
 }
 
 #[test]
 fn bookmarks_move_the_resume_point() {
     let api = FakeApi::start().unwrap();
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "a", deny(&["/a"])));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "a",
+        deny(&["/a"]),
+    ));
     let f = fixture(api);
     let lists = f.api.lists("authorizationpolicies");
     // Other collections move the resourceVersion on; only a bookmark tells the policy watch.
@@ -203,7 +290,12 @@ fn bookmarks_move_the_resume_point() {
     std::thread::sleep(Duration::from_millis(700));
     f.api.compact();
     f.api.restart(Duration::from_millis(50));
-    f.api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "b", deny(&["/b"])));
+    f.api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "b",
+        deny(&["/b"]),
+    ));
     eventually("b arrives", || policy_names(&f.cluster) == ["a", "b"]);
     assert_eq!(
         f.api.lists("authorizationpolicies"),
@@ -218,7 +310,12 @@ fn bookmarks_move_the_resume_point() {
 fn older_istio_serves_v1beta1_only() {
     let api = FakeApi::start().unwrap();
     api.serve_istio_versions(&["v1beta1"]);
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "a", deny(&["/a"])));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "a",
+        deny(&["/a"]),
+    ));
     let f = fixture(api);
     assert_eq!(f.cluster.istio_api_version, "security.istio.io/v1beta1");
     assert_eq!(policy_names(&f.cluster), ["a"]);
@@ -246,10 +343,22 @@ fn invalid_policy_becomes_an_event_on_the_object() {
         &[],
         &f.cluster.authorization_policies.state(),
     );
-    assert!(set.authorization_policies.is_empty(), "an invalid policy is not enforced");
+    assert!(
+        set.authorization_policies.is_empty(),
+        "an invalid policy is not enforced"
+    );
     assert_eq!(reports.len(), 1);
-    let message = reports[0].problems.iter().find(|p| !p.warning).unwrap().message.clone();
-    assert!(message.contains("only one of targetRefs or workloadSelector"), "{message}");
+    let message = reports[0]
+        .problems
+        .iter()
+        .find(|p| !p.warning)
+        .unwrap()
+        .message
+        .clone();
+    assert!(
+        message.contains("only one of targetRefs or workloadSelector"),
+        "{message}"
+    );
     let events = Events::new(f.client.clone(), "node-a");
     f.rt.block_on(events.publish(&reports[0]));
     let posted = f.api.events();

@@ -42,7 +42,15 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     net.serve(&httpbin, "http", 8000).unwrap();
 
     api.apply(fakeapi::namespace("foo", true));
-    api.apply(fakeapi::pod("foo", "httpbin", "5c0ffee0-0000-4000-8000-00000000a002", "node-b", &httpbin.ip, json!({"app": "httpbin"}), "httpbin"));
+    api.apply(fakeapi::pod(
+        "foo",
+        "httpbin",
+        "5c0ffee0-0000-4000-8000-00000000a002",
+        "node-b",
+        &httpbin.ip,
+        json!({"app": "httpbin"}),
+        "httpbin",
+    ));
 
     let dir = std::env::temp_dir().join(format!("authz-kube-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -54,45 +62,90 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
         kubeconfig.display()
     );
     let agent = Agent::start(&cfg).unwrap();
-    assert_eq!(agent.metric("authz_pods_enrolled"), 0.0, "no pod of this node yet");
+    assert_eq!(
+        agent.metric("authz_pods_enrolled"),
+        0.0,
+        "no pod of this node yet"
+    );
 
     // The pod appears on the API server: the agent finds its cgroup and netns and enrolls it.
-    api.apply(fakeapi::pod("foo", "sleep", SLEEP_UID, NODE, &sleep.ip, json!({"app": "sleep"}), "sleep"));
-    eventually("sleep enrolled", &agent, || agent.metric("authz_pods_enrolled") == 1.0);
-    assert!(agent.log_text().contains("pod enrolled"), "{}", agent.log_text());
+    api.apply(fakeapi::pod(
+        "foo",
+        "sleep",
+        SLEEP_UID,
+        NODE,
+        &sleep.ip,
+        json!({"app": "sleep"}),
+        "sleep",
+    ));
+    eventually("sleep enrolled", &agent, || {
+        agent.metric("authz_pods_enrolled") == 1.0
+    });
+    assert!(
+        agent.log_text().contains("pod enrolled"),
+        "{}",
+        agent.log_text()
+    );
 
     let url = format!("http://{}:8000/get", httpbin.ip);
     let get = || curl(&sleep, true, &[&url]).unwrap();
     let redirected = agent.metric("authz_connections_redirected_total");
     let (code, body) = get();
     assert_eq!(code, 200, "{body}");
-    assert_eq!(json(&body)["client"], sleep.ip.as_str(), "forwarded from the pod's own address");
+    assert_eq!(
+        json(&body)["client"],
+        sleep.ip.as_str(),
+        "forwarded from the pod's own address"
+    );
     assert!(
         agent.metric("authz_connections_redirected_total") > redirected,
         "the request went through the agent"
     );
 
     // A DENY policy created through the API server changes what the pod gets...
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "deny-get", deny_get()));
-    eventually("deny enforced", &agent, || get() == (403, "RBAC: access denied".into()));
-    let (code, _) = curl(&sleep, true, &[&format!("http://{}:8000/headers", httpbin.ip)]).unwrap();
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "deny-get",
+        deny_get(),
+    ));
+    eventually("deny enforced", &agent, || {
+        get() == (403, "RBAC: access denied".into())
+    });
+    let (code, _) = curl(
+        &sleep,
+        true,
+        &[&format!("http://{}:8000/headers", httpbin.ip)],
+    )
+    .unwrap();
     assert_eq!(code, 200, "other paths still allowed");
 
     // ...and stays in force while the API server is away.
     api.stop();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(get().0, 403, "last good state stays while the API server is down");
+    assert_eq!(
+        get().0,
+        403,
+        "last good state stays while the API server is down"
+    );
     api.resume();
 
     // An invalid new version is reported as an Event and the previous version stays.
     let mut bad = deny_get();
     bad["rules"][0]["to"][0]["operation"]["bogus"] = json!(true);
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "deny-get", bad));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "deny-get",
+        bad,
+    ));
     eventually("an Event on the invalid version", &agent, || {
         api.events().iter().any(|e| {
             e["regarding"]["name"] == "deny-get"
                 && e["reason"] == "InvalidPolicy"
-                && e["note"].as_str().is_some_and(|n| n.contains("bogus") && n.contains("previous valid version stays"))
+                && e["note"].as_str().is_some_and(|n| {
+                    n.contains("bogus") && n.contains("previous valid version stays")
+                })
         })
     });
     assert_eq!(get().0, 403, "the previous valid version stays in force");
@@ -103,7 +156,12 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     eventually("deny lifted", &agent, || get().0 == 200);
 
     // A relist (410 Gone) in between changes nothing.
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "deny-get", deny_get()));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "deny-get",
+        deny_get(),
+    ));
     eventually("deny again", &agent, || get().0 == 403);
     api.expire_watches();
     std::thread::sleep(Duration::from_millis(500));
@@ -112,10 +170,15 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     // The pod goes away: it is released, its connections no longer steered.
     let before = agent.metric("authz_kernel_connect_redirected_total");
     api.delete("Pod", "foo", "sleep");
-    eventually("sleep released", &agent, || agent.metric("authz_pods_enrolled") == 0.0);
+    eventually("sleep released", &agent, || {
+        agent.metric("authz_pods_enrolled") == 0.0
+    });
     let (code, _) = get();
     assert_eq!(code, 200, "not enrolled any more: direct");
-    assert_eq!(agent.metric("authz_kernel_connect_redirected_total"), before);
+    assert_eq!(
+        agent.metric("authz_kernel_connect_redirected_total"),
+        before
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -129,10 +192,26 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
     let httpbin = net.host("httpbin", 3).unwrap();
     net.serve(&httpbin, "http", 8000).unwrap();
     api.apply(fakeapi::namespace("foo", true));
-    api.apply(fakeapi::pod("foo", "httpbin", "5c0ffee0-0000-4000-8000-00000000b002", "node-b", &httpbin.ip, json!({"app": "httpbin"}), "httpbin"));
+    api.apply(fakeapi::pod(
+        "foo",
+        "httpbin",
+        "5c0ffee0-0000-4000-8000-00000000b002",
+        "node-b",
+        &httpbin.ip,
+        json!({"app": "httpbin"}),
+        "httpbin",
+    ));
     // Scheduled here, but its sandbox is not there yet.
     let uid = "5c0ffee0-0000-4000-8000-00000000b001";
-    api.apply(fakeapi::pod("foo", "sleep", uid, NODE, "10.77.250.2", json!({"app": "sleep"}), "sleep"));
+    api.apply(fakeapi::pod(
+        "foo",
+        "sleep",
+        uid,
+        NODE,
+        "10.77.250.2",
+        json!({"app": "sleep"}),
+        "sleep",
+    ));
     let dir = std::env::temp_dir().join(format!("authz-kube-e2e2-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
@@ -143,18 +222,43 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
         kubeconfig.display()
     );
     let agent = Agent::start(&cfg).unwrap();
-    eventually("reported", &agent, || agent.metric("authz_pods_not_enrolled") == 1.0);
-    assert!(agent.log_text().contains("no cgroup for pod uid"), "{}", agent.log_text());
-    assert_eq!(agent.metric("authz_pods_enrolled"), 0.0, "never half-enrolled");
+    eventually("reported", &agent, || {
+        agent.metric("authz_pods_not_enrolled") == 1.0
+    });
+    assert!(
+        agent.log_text().contains("no cgroup for pod uid"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        agent.metric("authz_pods_enrolled"),
+        0.0,
+        "never half-enrolled"
+    );
 
     // The sandbox starts: the next retry enrolls it, with no change on the API server.
     let sleep = net.kube_pod("sleep", 2, uid).unwrap();
-    api.apply(fakeapi::pod("foo", "sleep", uid, NODE, &sleep.ip, json!({"app": "sleep"}), "sleep"));
+    api.apply(fakeapi::pod(
+        "foo",
+        "sleep",
+        uid,
+        NODE,
+        &sleep.ip,
+        json!({"app": "sleep"}),
+        "sleep",
+    ));
     eventually("enrolled once its sandbox runs", &agent, || {
         agent.metric("authz_pods_enrolled") == 1.0 && agent.metric("authz_pods_not_enrolled") == 0.0
     });
-    api.apply(fakeapi::istio("AuthorizationPolicy", "foo", "deny-get", deny_get()));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "deny-get",
+        deny_get(),
+    ));
     let url = format!("http://{}:8000/get", httpbin.ip);
-    eventually("enforced", &agent, || curl(&sleep, true, &[&url]).unwrap().0 == 403);
+    eventually("enforced", &agent, || {
+        curl(&sleep, true, &[&url]).unwrap().0 == 403
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -135,10 +135,12 @@ fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
     if unsafe_geteuid() != 0 {
         bail!("the end-to-end tests need root (they create network namespaces and load eBPF programs)");
     }
+    let helm = setup::helm()?;
     let mut c = cargo(env);
     c.args(["test", "--release", "-p", "authz-tests"])
         .args(extra)
         .env("AUTHZ_AGENT_BIN", root().join("target/release/authz-agent"))
+        .env("AUTHZ_HELM", helm)
         .args(["--", "--test-threads=2"]);
     run(c)?;
     // Each fuzz target for a fixed number of runs from a fixed seed: a regression in hostile-input

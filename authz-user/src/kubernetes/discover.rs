@@ -49,7 +49,10 @@ pub fn find_cgroup(root: &Path, uid: &str) -> io::Result<PathBuf> {
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
-        format!("no cgroup for pod uid {uid} under {} (kubepods, systemd or cgroupfs layout)", root.display()),
+        format!(
+            "no cgroup for pod uid {uid} under {} (kubepods, systemd or cgroupfs layout)",
+            root.display()
+        ),
     ))
 }
 
@@ -108,11 +111,11 @@ pub fn pod_process(cgroup: &Path) -> io::Result<u32> {
 
 /// The pod's cgroup and a path to its network namespace. The netns must differ from the
 /// agent's own: a pod sharing the host's network is never enrolled.
-pub fn locate(cgroup_root: &Path, uid: &str) -> io::Result<(PathBuf, PathBuf)> {
+pub fn locate(cgroup_root: &Path, proc_root: &Path, uid: &str) -> io::Result<(PathBuf, PathBuf)> {
     use std::os::unix::fs::MetadataExt;
     let cgroup = find_cgroup(cgroup_root, uid)?;
     let pid = pod_process(&cgroup)?;
-    let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let netns = proc_root.join(format!("{pid}/ns/net"));
     let theirs = std::fs::metadata(&netns)?;
     let ours = std::fs::metadata("/proc/self/ns/net")?;
     if theirs.ino() == ours.ino() && theirs.dev() == ours.dev() {
@@ -140,7 +143,10 @@ mod tests {
         for l in layouts {
             let _ = std::fs::remove_dir_all(&root);
             std::fs::create_dir_all(root.join(l)).unwrap();
-            std::fs::create_dir_all(root.join("kubepods/besteffort/pod00000000-0000-0000-0000-000000000000")).unwrap();
+            std::fs::create_dir_all(
+                root.join("kubepods/besteffort/pod00000000-0000-0000-0000-000000000000"),
+            )
+            .unwrap();
             assert_eq!(find_cgroup(&root, uid).unwrap(), root.join(l), "{l}");
         }
         assert!(find_cgroup(&root, "ffffffff-0000-0000-0000-000000000000").is_err());

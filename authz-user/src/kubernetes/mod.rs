@@ -145,7 +145,13 @@ fn spawn_watch<K>(
     trim: fn(&mut K),
     changed: Arc<Notify>,
 ) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     let stream = watcher(api, watcher::Config::default())
@@ -158,7 +164,10 @@ fn spawn_watch<K>(
             match ev {
                 Ok(watcher::Event::InitApply(_)) | Ok(watcher::Event::Init) => {}
                 Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(resource = what, "watch: {e}; retrying, the last state stays in force"),
+                Err(e) => tracing::warn!(
+                    resource = what,
+                    "watch: {e}; retrying, the last state stays in force"
+                ),
             }
         }
     });
@@ -173,7 +182,13 @@ impl Cluster {
         };
         let changed = Arc::new(Notify::new());
         let (pods, w) = reflector::store();
-        spawn_watch("pods", Api::<Pod>::all(client.clone()), w, trim_pod, changed.clone());
+        spawn_watch(
+            "pods",
+            Api::<Pod>::all(client.clone()),
+            w,
+            trim_pod,
+            changed.clone(),
+        );
         let (namespaces, w) = reflector::store();
         spawn_watch(
             "namespaces",

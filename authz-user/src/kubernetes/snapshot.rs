@@ -369,7 +369,9 @@ mod tests {
         } else {
             json!({})
         };
-        Arc::new(serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap())
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap(),
+        )
     }
     fn p(name: &str, ns: &str, node: &str, ip: &str, extra: serde_json::Value) -> Arc<Pod> {
         let mut v = json!({
@@ -398,17 +400,50 @@ mod tests {
             p("a", "mesh", "n1", "10.0.0.1", json!({})),
             p("b", "mesh", "n2", "10.0.0.2", json!({})),
             p("c", "plain", "n1", "10.0.0.3", json!({})),
-            p("d", "plain", "n1", "10.0.0.4", json!({"metadata": {"labels": {ENFORCE_LABEL: ENFORCE_VALUE}}})),
-            p("e", "mesh", "n1", "10.0.0.5", json!({"metadata": {"annotations": {EXCLUDE_ANNOTATION: "true"}}})),
-            p("f", "mesh", "n1", "10.0.0.6", json!({"spec": {"hostNetwork": true}})),
-            p("g", "mesh", "n1", "10.0.0.7", json!({"status": {"phase": "Succeeded"}})),
-            p("h", "mesh", "n1", "10.0.0.8", json!({"metadata": {"uid": "missing"}})),
+            p(
+                "d",
+                "plain",
+                "n1",
+                "10.0.0.4",
+                json!({"metadata": {"labels": {ENFORCE_LABEL: ENFORCE_VALUE}}}),
+            ),
+            p(
+                "e",
+                "mesh",
+                "n1",
+                "10.0.0.5",
+                json!({"metadata": {"annotations": {EXCLUDE_ANNOTATION: "true"}}}),
+            ),
+            p(
+                "f",
+                "mesh",
+                "n1",
+                "10.0.0.6",
+                json!({"spec": {"hostNetwork": true}}),
+            ),
+            p(
+                "g",
+                "mesh",
+                "n1",
+                "10.0.0.7",
+                json!({"status": {"phase": "Succeeded"}}),
+            ),
+            p(
+                "h",
+                "mesh",
+                "n1",
+                "10.0.0.8",
+                json!({"metadata": {"uid": "missing"}}),
+            ),
         ];
         let mut locate = |uid: &str| {
             if uid == "missing" {
                 Err("no cgroup".to_string())
             } else {
-                Ok((PathBuf::from(format!("/cg/{uid}")), PathBuf::from(format!("/ns/{uid}"))))
+                Ok((
+                    PathBuf::from(format!("/cg/{uid}")),
+                    PathBuf::from(format!("/ns/{uid}")),
+                ))
             }
         };
         let d = desired("n1", &pods, &namespaces, &[], &mut locate);
@@ -416,7 +451,10 @@ mod tests {
         assert_eq!(enrolled, ["a", "d"]);
         let enforced: Vec<&str> = d.workloads.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]); // by namespace, then name
-        assert_eq!(d.not_enrolled, [("mesh/h".to_string(), "no cgroup".to_string())]);
+        assert_eq!(
+            d.not_enrolled,
+            [("mesh/h".to_string(), "no cgroup".to_string())]
+        );
         assert_eq!(d.pods[0].service_account, "a");
         assert_eq!(d.pods[0].cgroup, PathBuf::from("/cg/uid-a"));
     }
@@ -453,8 +491,14 @@ mod tests {
         assert_eq!(
             d.services[0].ports,
             [
-                ServicePort { port: 80, target_port: Some(8080) },
-                ServicePort { port: 443, target_port: None }
+                ServicePort {
+                    port: 80,
+                    target_port: Some(8080)
+                },
+                ServicePort {
+                    port: 443,
+                    target_port: None
+                }
             ]
         );
     }
@@ -473,17 +517,35 @@ mod tests {
     #[test]
     fn invalid_version_keeps_the_last_good_one() {
         let mut pols = Policies::default();
-        let good = ap("deny", "1", "u1", json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}));
+        let good = ap(
+            "deny",
+            "1",
+            "u1",
+            json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}),
+        );
         let (set, reports) = pols.update("security.istio.io/v1", &[], &[good]);
         assert_eq!(set.authorization_policies.len(), 1);
         assert!(reports.is_empty());
 
-        let bad = ap("deny", "2", "u1", json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"], "bogus": 1}}]}]}));
+        let bad = ap(
+            "deny",
+            "2",
+            "u1",
+            json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"], "bogus": 1}}]}]}),
+        );
         let (set, reports) = pols.update("security.istio.io/v1", &[], &[bad.clone()]);
-        assert_eq!(set.authorization_policies.len(), 1, "the last good version stays");
+        assert_eq!(
+            set.authorization_policies.len(),
+            1,
+            "the last good version stays"
+        );
         assert_eq!(reports.len(), 1);
         assert!(reports[0].kept_previous);
-        assert!(reports[0].problems[0].message.contains("bogus"), "{:?}", reports[0].problems);
+        assert!(
+            reports[0].problems[0].message.contains("bogus"),
+            "{:?}",
+            reports[0].problems
+        );
 
         // Unchanged: not parsed or reported again.
         let (_, reports) = pols.update("security.istio.io/v1", &[], &[bad]);
@@ -494,7 +556,13 @@ mod tests {
         let (set, reports) = pols.update("security.istio.io/v1", &[], &[bad2]);
         assert_eq!(set.authorization_policies.len(), 0);
         assert!(!reports[0].kept_previous);
-        assert!(reports[0].problems[0].message.contains("AuthorizationPolicy foo/deny"), "{:?}", reports[0].problems);
+        assert!(
+            reports[0].problems[0]
+                .message
+                .contains("AuthorizationPolicy foo/deny"),
+            "{:?}",
+            reports[0].problems
+        );
 
         // Deleted.
         let (set, _) = pols.update("security.istio.io/v1", &[], &[]);
