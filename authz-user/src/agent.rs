@@ -400,6 +400,8 @@ struct KubeInput {
     located: HashMap<String, (Vec<IpAddr>, PathBuf, PathBuf)>,
     /// Pods not enrolled, with the reason last logged.
     not_enrolled: HashMap<String, String>,
+    /// Snapshot warnings last logged.
+    warnings: Vec<String>,
     events: Option<crate::kubernetes::events::Events>,
     /// Pods the last snapshot wanted enrolled (some may have failed to enroll).
     last_wanted: usize,
@@ -442,6 +444,7 @@ impl KubeInput {
             policies: Default::default(),
             located: HashMap::new(),
             not_enrolled: HashMap::new(),
+            warnings: Vec::new(),
             events,
             last_wanted: 0,
             applied_generation: 0,
@@ -486,6 +489,12 @@ impl KubeInput {
             }
         }
         self.not_enrolled = now;
+        if d.warnings != self.warnings {
+            for w in &d.warnings {
+                tracing::warn!("{w}");
+            }
+            self.warnings = d.warnings.clone();
+        }
         metrics
             .pods_not_enrolled
             .store(self.not_enrolled.len() as u64, Ordering::Relaxed);
@@ -590,7 +599,7 @@ fn apply_registry(
     let gone: Vec<(String, String)> = state
         .pods
         .iter()
-        .filter(|(k, e)| wanted.get(*k).is_none_or(|s| **s != e.spec))
+        .filter(|(k, e)| wanted.get(*k).is_none_or(|s| !same_enrollment(s, &e.spec)))
         .map(|(k, _)| k.clone())
         .collect();
     for k in gone {
@@ -633,7 +642,12 @@ fn apply_registry(
             Err(e) => tracing::error!(pod = %name, "pod not enrolled: {e:#}"),
         }
     }
-    let ips: HashSet<IpAddr> = registry.by_ip.keys().copied().collect();
+    let ips: HashSet<IpAddr> = registry
+        .by_ip
+        .keys()
+        .chain(registry.vips.keys())
+        .copied()
+        .collect();
     for ip in state.enforced.difference(&ips).copied().collect::<Vec<_>>() {
         let _ = kernel.unenforce(ip);
         state.enforced.remove(&ip);
@@ -641,11 +655,25 @@ fn apply_registry(
     for ip in ips {
         if state.enforced.insert(ip) {
             kernel.enforce(ip, 0)?;
-            let w = &registry.by_ip[&ip];
-            tracing::info!(ip = %ip, workload = %format!("{}/{}", w.namespace, w.name), "destination enforced");
+            let name = match (registry.by_ip.get(&ip), registry.vips.get(&ip)) {
+                (Some(w), _) => format!("{}/{}", w.namespace, w.name),
+                (None, Some(s)) => format!("service {}/{}", s.namespace, s.name),
+                _ => String::new(),
+            };
+            tracing::info!(ip = %ip, workload = %name, "destination enforced");
         }
     }
     Ok(())
+}
+
+/// Whether an enrolled pod can stay as it is: the same place on the host and the same identity.
+/// Labels are not part of it (policies select destinations by labels, not sources), so a
+/// relabelled pod keeps its open connections.
+fn same_enrollment(a: &PodSpec, b: &PodSpec) -> bool {
+    a.netns == b.netns
+        && a.cgroup == b.cgroup
+        && a.service_account == b.service_account
+        && a.ips == b.ips
 }
 
 /// Modification times and sizes of the config file and every policy file.

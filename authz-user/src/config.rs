@@ -184,6 +184,19 @@ pub struct ServiceSpec {
     pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+    /// The pods behind the service. Where any is an enforced workload, connections to the
+    /// service's addresses are enforced too: the agent picks a backend, applies that workload's
+    /// policies and connects to it, as a waypoint would.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<ServiceBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceBackend {
+    pub ip: IpAddr,
+    /// Service port -> the port on this backend (`targetPort`, named ports resolved).
+    pub ports: Vec<ServicePort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -322,6 +335,19 @@ impl Config {
                 return Err(format!(
                     "services[{i}]: name, namespace and ips are required"
                 ));
+            }
+            if !s.backends.is_empty() {
+                for ip in &s.ips {
+                    if ip.is_loopback() || ip.is_unspecified() {
+                        return Err(format!("services[{i}]: ip {ip} cannot be enforced"));
+                    }
+                    if let Some(other) = ips.get(ip) {
+                        return Err(format!(
+                            "services[{i}] ({}/{}): ip {ip} is already used by {other}",
+                            s.namespace, s.name
+                        ));
+                    }
+                }
             }
         }
         Ok(())

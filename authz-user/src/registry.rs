@@ -1,5 +1,11 @@
 //! Pods and workloads: who is enrolled, and which destination address is which workload.
-use std::{collections::BTreeMap, collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use crate::config::{Config, ServiceSpec};
 
@@ -31,6 +37,8 @@ pub struct Registry {
     /// Every workload by `ns/name` (pods and workloads), for `check --to/--from`.
     pub by_name: HashMap<String, Arc<Workload>>,
     pub services: Vec<ServiceSpec>,
+    /// Enforced service address -> the service (with backends, one of them enforced).
+    pub vips: HashMap<IpAddr, Arc<ServiceSpec>>,
 }
 
 impl Registry {
@@ -69,7 +77,45 @@ impl Registry {
                 reg.by_ip.insert(normalize(*ip), workload.clone());
             }
         }
+        for s in &cfg.services {
+            let enforced = s
+                .backends
+                .iter()
+                .any(|b| reg.by_ip.contains_key(&normalize(b.ip)));
+            if enforced {
+                let s = Arc::new(s.clone());
+                for ip in &s.ips {
+                    reg.vips.insert(normalize(*ip), s.clone());
+                }
+            }
+        }
         reg
+    }
+
+    /// Where a connection to `dst` goes and whose policies apply. A service address picks one
+    /// of its backends with `pick` (any number that varies between connections); None when the
+    /// service has no backend on that port (the connection is closed, as a proxy would refuse).
+    pub fn resolve(
+        &self,
+        dst: SocketAddr,
+        pick: usize,
+    ) -> Option<(SocketAddr, Option<Arc<Workload>>)> {
+        let Some(svc) = self.vips.get(&normalize(dst.ip())) else {
+            return Some((dst, self.workload_at(dst.ip()).cloned()));
+        };
+        let candidates: Vec<(IpAddr, u16)> = svc
+            .backends
+            .iter()
+            .filter_map(|b| {
+                let p = b.ports.iter().find(|p| p.port == dst.port())?;
+                Some((b.ip, p.target_port.unwrap_or(p.port)))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let (ip, port) = candidates[pick % candidates.len()];
+        Some((SocketAddr::new(ip, port), self.workload_at(ip).cloned()))
     }
 
     pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

@@ -565,7 +565,7 @@ pub fn namespace(name: &str, enforce: bool) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
-/// A running Pod with one address, on `node`.
+/// A running, ready Pod with one address, on `node`.
 pub fn pod(
     ns: &str,
     name: &str,
@@ -581,7 +581,8 @@ pub fn pod(
                      "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
         "spec": {"nodeName": node, "serviceAccountName": sa,
                  "containers": [{"name": "app", "image": "example/app:1"}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                   "conditions": [{"type": "Ready", "status": "True"}]},
     })
 }
 

@@ -194,7 +194,17 @@ fn pods_services_and_namespaces_make_the_desired_state() {
         .find(|p| p.metadata.name.as_deref() == Some("local"))
         .unwrap();
     assert!(p.metadata.managed_fields.is_none());
-    assert!(p.spec.as_ref().unwrap().containers.is_empty());
+    let c = &p.spec.as_ref().unwrap().containers[0];
+    assert!(c.image.is_none() && c.ports.is_none(), "{c:?}");
+    assert!(p
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|c| c.type_ == "Ready"));
 
     // Labelling a namespace brings its pods in; a pod leaving takes its address out.
     f.api.apply(fakeapi::namespace("other", true));

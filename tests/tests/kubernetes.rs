@@ -51,6 +51,10 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
         json!({"app": "httpbin"}),
         "httpbin",
     ));
+    let vip = format!("10.77.{}.100", net.subnet);
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "httpbin", "namespace": "foo"},
+        "spec": {"clusterIP": vip, "selector": {"app": "httpbin"}, "ports": [{"port": 80, "targetPort": 8000}]}}));
 
     let dir = std::env::temp_dir().join(format!("authz-kube-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -119,6 +123,18 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     )
     .unwrap();
     assert_eq!(code, 200, "other paths still allowed");
+
+    // Through the Service's cluster IP (an address no interface has): the agent picks the
+    // backend, applies its policies and connects to it from the pod.
+    let (code, body) = curl(&sleep, true, &[&format!("http://{vip}/get")]).unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (403, "RBAC: access denied"),
+        "policy applies through the service"
+    );
+    let (code, body) = curl(&sleep, true, &[&format!("http://{vip}/headers")]).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["client"], sleep.ip.as_str());
 
     // ...and stays in force while the API server is away.
     api.stop();

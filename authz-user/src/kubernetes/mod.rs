@@ -93,10 +93,31 @@ fn trim_pod(p: &mut Pod) {
         a.retain(|k, _| k == snapshot::EXCLUDE_ANNOTATION);
     }
     if let Some(s) = &mut p.spec {
+        // Container ports stay (by name, for services' named targetPorts); the rest goes.
+        let containers = std::mem::take(&mut s.containers)
+            .into_iter()
+            .map(|c| k8s_openapi::api::core::v1::Container {
+                name: c.name,
+                ports: c.ports.map(|ports| {
+                    ports
+                        .into_iter()
+                        .filter(|p| p.name.is_some())
+                        .map(|p| k8s_openapi::api::core::v1::ContainerPort {
+                            name: p.name,
+                            container_port: p.container_port,
+                            protocol: p.protocol,
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                ..Default::default()
+            })
+            .collect();
         *s = k8s_openapi::api::core::v1::PodSpec {
             node_name: s.node_name.take(),
             service_account_name: s.service_account_name.take(),
             host_network: s.host_network,
+            containers,
             ..Default::default()
         };
     }
@@ -105,6 +126,10 @@ fn trim_pod(p: &mut Pod) {
             phase: st.phase.take(),
             pod_ip: st.pod_ip.take(),
             pod_ips: st.pod_ips.take(),
+            conditions: st
+                .conditions
+                .take()
+                .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
             ..Default::default()
         };
     }
@@ -124,6 +149,7 @@ fn trim_service(s: &mut Service) {
             cluster_ip: spec.cluster_ip.take(),
             cluster_ips: spec.cluster_ips.take(),
             ports: spec.ports.take(),
+            selector: spec.selector.take(),
             ..Default::default()
         };
     }

@@ -33,6 +33,8 @@ pub struct Desired {
     pub services: Vec<ServiceSpec>,
     /// Pods of this node that should be enrolled but cannot be yet, and why.
     pub not_enrolled: Vec<(String, String)>,
+    /// Anomalies worth a log line (an address two pods claim).
+    pub warnings: Vec<String>,
 }
 
 /// Where a pod of this node lives on the host: (cgroup, netns path).
@@ -135,7 +137,10 @@ pub fn desired(
         // traffic to it is not steered to the wrong policies.
         ips.retain(|ip| match taken.get(ip) {
             Some(other) => {
-                tracing::warn!(%ip, pod = %name_of(pod), other = %other, "address claimed by two pods; not enforced until one goes");
+                out.warnings.push(format!(
+                    "address {ip} is claimed by {other} and {}; it goes to the first until one of them goes",
+                    name_of(pod)
+                ));
                 false
             }
             None => true,
@@ -204,15 +209,93 @@ pub fn desired(
             .collect();
         let mut ips = ips;
         ips.sort();
+        let backends = backends(spec, namespace, pods, &taken);
         out.services.push(ServiceSpec {
             name: name.clone(),
             namespace: namespace.clone(),
             ips,
             ports,
+            backends,
         });
     }
     out.services
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// The ready pods a service selects, each with the service's ports mapped to the pod's
+/// (`targetPort` as a number, a container port name, or absent: the same port). A service with
+/// no selector has none (its endpoints are managed by hand; not enforced by address).
+fn backends(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    namespace: &str,
+    pods: &[Arc<Pod>],
+    live: &HashMap<IpAddr, String>,
+) -> Vec<crate::config::ServiceBackend> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    for pod in pods {
+        let m = &pod.metadata;
+        if m.namespace.as_deref() != Some(namespace) || m.deletion_timestamp.is_some() {
+            continue;
+        }
+        let labels = m.labels.as_ref();
+        if !selector
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        {
+            continue;
+        }
+        let st = pod.status.as_ref();
+        let ready = st
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let running = st.and_then(|s| s.phase.as_deref()) == Some("Running");
+        if !ready || !running {
+            continue;
+        }
+        let named = |name: &str| -> Option<u16> {
+            pod.spec
+                .as_ref()?
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
+        let ports: Vec<ServicePort> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let port = u16::try_from(p.port).ok()?;
+                let target = match &p.target_port {
+                    None => port,
+                    Some(IntOrString::Int(t)) => u16::try_from(*t).ok()?,
+                    Some(IntOrString::String(name)) => named(name)?,
+                };
+                Some(ServicePort {
+                    port,
+                    target_port: Some(target),
+                })
+            })
+            .collect();
+        for ip in pod_ips(pod) {
+            // An address two pods claim is nobody's.
+            if live.get(&ip).is_some_and(|owner| *owner != name_of(pod)) {
+                continue;
+            }
+            out.push(crate::config::ServiceBackend {
+                ip,
+                ports: ports.clone(),
+            });
+        }
+    }
+    out.sort_by_key(|b| b.ip);
     out
 }
 
@@ -501,6 +584,84 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn service_backends_are_ready_selected_pods_with_ports_mapped() {
+        let namespaces = [ns("mesh", true)];
+        let ready = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]},
+            "spec": {"containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8000}]}]}});
+        let pods = [
+            p(
+                "web-1",
+                "mesh",
+                "n2",
+                "10.0.0.1",
+                merge_into(
+                    json!({"metadata": {"labels": {"app": "web"}}}),
+                    ready.clone(),
+                ),
+            ),
+            p(
+                "web-2",
+                "mesh",
+                "n2",
+                "10.0.0.2",
+                merge_into(
+                    json!({"metadata": {"labels": {"app": "web"}},
+                "status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+                    json!({}),
+                ),
+            ),
+            p("other", "mesh", "n2", "10.0.0.3", ready.clone()),
+            p(
+                "web-x",
+                "elsewhere",
+                "n2",
+                "10.0.0.4",
+                merge_into(json!({"metadata": {"labels": {"app": "web"}}}), ready),
+            ),
+        ];
+        let svc: Arc<Service> = Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": "web", "namespace": "mesh"},
+                "spec": {"clusterIP": "10.96.0.1", "selector": {"app": "web"}, "ports": [
+                    {"port": 80, "targetPort": "http"}, {"port": 81, "targetPort": 9000}, {"port": 82},
+                    {"port": 83, "targetPort": "missing"}, {"port": 53, "protocol": "UDP"}]}
+            }))
+            .unwrap(),
+        );
+        let d = desired("n1", &pods, &namespaces, &[svc], &mut |_| Err("x".into()));
+        let b = &d.services[0].backends;
+        assert_eq!(
+            b.len(),
+            1,
+            "only the ready pod the selector picks, in the service's namespace: {b:?}"
+        );
+        assert_eq!(b[0].ip, "10.0.0.1".parse::<IpAddr>().unwrap());
+        let ports: Vec<(u16, Option<u16>)> =
+            b[0].ports.iter().map(|p| (p.port, p.target_port)).collect();
+        assert_eq!(ports, [(80, Some(8000)), (81, Some(9000)), (82, Some(82))]);
+
+        let mut cfg = crate::config::Config::default();
+        cfg.workloads = d.workloads.clone();
+        cfg.services = d.services.clone();
+        let reg = crate::registry::Registry::from_config(&cfg);
+        let vip = |port: u16| std::net::SocketAddr::new("10.96.0.1".parse().unwrap(), port);
+        let (to, w) = reg.resolve(vip(80), 7).unwrap();
+        assert_eq!(to, "10.0.0.1:8000".parse().unwrap());
+        assert_eq!(w.unwrap().name, "web-1", "the backend's policies apply");
+        assert!(
+            reg.resolve(vip(83), 0).is_none(),
+            "no backend on that port: refused"
+        );
+        let direct = "10.0.0.3:5000".parse().unwrap();
+        assert_eq!(reg.resolve(direct, 0).unwrap().0, direct);
+    }
+
+    fn merge_into(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+        merge(&mut a, b);
+        a
     }
 
     fn ap(name: &str, rv: &str, uid: &str, spec: serde_json::Value) -> Arc<DynamicObject> {

@@ -170,7 +170,14 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
         return;
     };
     let _ = stream.set_nodelay(true);
-    let dst = SocketAddr::new(key_addr(orig.addr), orig.port);
+    let Some((dst, destination)) = px.registry().resolve(
+        SocketAddr::new(key_addr(orig.addr), orig.port),
+        usize::from(peer.port()),
+    ) else {
+        // A service address with no backend on this port.
+        px.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
+        return;
+    };
     let src_ip = pl
         .pod
         .ips
@@ -178,7 +185,6 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
         .copied()
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .or(pl.pod.ips.first().copied());
-    let destination = px.registry().workload_at(dst.ip()).cloned();
     let conn = Arc::new(ConnCtx {
         pod: pl.pod.clone(),
         destination,
