@@ -394,6 +394,7 @@ struct KubeInput {
     node: String,
     cgroup_root: PathBuf,
     proc_root: PathBuf,
+    enroll_all: bool,
     policies: crate::kubernetes::snapshot::Policies,
     /// Pod UID -> (addresses, cgroup, netns) found on the host. Kept so a pod keeps the same
     /// netns path (the same process) for as long as its addresses do not change.
@@ -441,6 +442,7 @@ impl KubeInput {
             node,
             cgroup_root,
             proc_root: cfg.kubernetes.proc_root.clone(),
+            enroll_all: cfg.kubernetes.enroll_all_pods,
             policies: Default::default(),
             located: HashMap::new(),
             not_enrolled: HashMap::new(),
@@ -481,11 +483,13 @@ impl KubeInput {
             located.insert(uid.to_string(), (ips, cg.clone(), ns.clone()));
             Ok((cg, ns))
         };
-        let d = self.cluster.desired(&self.node, &mut locate);
+        let d = self
+            .cluster
+            .desired(&self.node, self.enroll_all, &mut locate);
         let now: HashMap<String, String> = d.not_enrolled.iter().cloned().collect();
         for (pod, reason) in &now {
             if self.not_enrolled.get(pod) != Some(reason) {
-                tracing::warn!(pod = %pod, "pod not enrolled yet, retrying: {reason}");
+                tracing::info!(pod = %pod, "pod not enrolled yet, retrying: {reason}");
             }
         }
         self.not_enrolled = now;

@@ -41,6 +41,9 @@ pub struct KubernetesSettings {
     pub events: bool,
     /// The host's /proc (pods' network namespaces are found through their processes).
     pub proc_root: PathBuf,
+    /// Steer the connections of every pod of the node (true), or only of mesh pods (false).
+    /// With false, a client outside the mesh reaches mesh pods without their policies.
+    pub enroll_all_pods: bool,
 }
 
 impl Default for KubernetesSettings {
@@ -51,6 +54,7 @@ impl Default for KubernetesSettings {
             kubeconfig: None,
             events: true,
             proc_root: PathBuf::from("/proc"),
+            enroll_all_pods: true,
         }
     }
 }

@@ -176,12 +176,20 @@ fn pods_services_and_namespaces_make_the_desired_state() {
         "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80, "targetPort": 8080}]}}));
     let f = fixture(api);
     let mut locate = |uid: &str| Ok((format!("/cg/{uid}").into(), format!("/ns/{uid}").into()));
-    let d = f.cluster.desired("node-a", &mut locate);
+    let d = f.cluster.desired("node-a", true, &mut locate);
     let names =
         |v: &[authz::config::WorkloadSpec]| v.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&d.workloads), ["local", "remote"]);
-    assert_eq!(d.pods.len(), 1);
-    assert_eq!(d.pods[0].name, "local");
+    assert_eq!(
+        names(&d.workloads),
+        ["local", "remote"],
+        "protected: mesh pods, any node"
+    );
+    let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        enrolled,
+        ["local", "outside"],
+        "steered: every pod of this node"
+    );
     assert_eq!(d.pods[0].service_account, "sa-a");
     assert_eq!(d.services.len(), 1);
     assert_eq!(d.services[0].ports[0].target_port, Some(8080));
@@ -210,7 +218,7 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     f.api.apply(fakeapi::namespace("other", true));
     f.api.delete("Pod", "mesh", "remote");
     eventually("namespace labelled and pod gone", || {
-        let d = f.cluster.desired("node-a", &mut locate);
+        let d = f.cluster.desired("node-a", true, &mut locate);
         names(&d.workloads) == ["local", "outside"] && d.pods.len() == 2
     });
 }

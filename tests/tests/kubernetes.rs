@@ -12,6 +12,7 @@ use serde_json::json;
 
 const NODE: &str = "node-a";
 const SLEEP_UID: &str = "5c0ffee0-0000-4000-8000-00000000a001";
+const OUTSIDER_UID: &str = "5c0ffee0-0000-4000-8000-00000000a003";
 
 fn eventually(what: &str, agent: &Agent, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -124,6 +125,29 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     .unwrap();
     assert_eq!(code, 200, "other paths still allowed");
 
+    // A client outside the mesh, even one that excludes itself, cannot walk around the policy:
+    // every pod of the node is steered to protected destinations.
+    let outsider = net.kube_pod("outsider", 4, OUTSIDER_UID).unwrap();
+    api.apply(fakeapi::namespace("bar", false));
+    let mut o = fakeapi::pod(
+        "bar",
+        "outsider",
+        OUTSIDER_UID,
+        NODE,
+        &outsider.ip,
+        json!({}),
+        "default",
+    );
+    o["metadata"]["annotations"] = json!({"authz.io/exclude": "true"});
+    api.apply(o);
+    eventually("outsider enrolled", &agent, || {
+        agent.metric("authz_pods_enrolled") == 2.0
+    });
+    assert_eq!(
+        curl(&outsider, true, &[&url]).unwrap(),
+        (403, "RBAC: access denied".into())
+    );
+
     // Through the Service's cluster IP (an address no interface has): the agent picks the
     // backend, applies its policies and connects to it from the pod.
     let (code, body) = curl(&sleep, true, &[&format!("http://{vip}/get")]).unwrap();
@@ -187,7 +211,7 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     let before = agent.metric("authz_kernel_connect_redirected_total");
     api.delete("Pod", "foo", "sleep");
     eventually("sleep released", &agent, || {
-        agent.metric("authz_pods_enrolled") == 0.0
+        agent.metric("authz_pods_enrolled") == 1.0
     });
     let (code, _) = get();
     assert_eq!(code, 200, "not enrolled any more: direct");

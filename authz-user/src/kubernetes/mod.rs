@@ -286,13 +286,20 @@ impl Cluster {
         }
     }
 
-    /// What to enforce now; `locate` finds this node's pods on the host.
-    pub fn desired(&self, node: &str, locate: &mut snapshot::Locate) -> snapshot::Desired {
+    /// What to enforce now; `locate` finds this node's pods on the host. `enroll_all`: every
+    /// pod of the node is a steered client, not only mesh pods.
+    pub fn desired(
+        &self,
+        node: &str,
+        enroll_all: bool,
+        locate: &mut snapshot::Locate,
+    ) -> snapshot::Desired {
         snapshot::desired(
             node,
             &self.pods.state(),
             &self.namespaces.state(),
             &self.services.state(),
+            enroll_all,
             locate,
         )
     }

@@ -48,8 +48,23 @@ fn name_of(p: &Pod) -> String {
     )
 }
 
-/// Pods that take part: in a labelled namespace or labelled themselves, not excluded, with a
-/// network namespace of their own, and not finished (a finished pod's address is reused).
+/// Not on the host's network, and not finished (a finished pod's address is reused).
+fn has_own_network(pod: &Pod) -> bool {
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    !host_network && !finished
+}
+
+/// Pods whose policies are enforced (protected destinations): in a labelled namespace or
+/// labelled themselves, not excluded, with a network of their own.
 pub fn in_mesh(pod: &Pod, enforced_namespaces: &HashSet<&str>) -> bool {
     let m = &pod.metadata;
     let labelled = m
@@ -66,14 +81,7 @@ pub fn in_mesh(pod: &Pod, enforced_namespaces: &HashSet<&str>) -> bool {
         .as_ref()
         .and_then(|a| a.get(EXCLUDE_ANNOTATION))
         .is_some_and(|v| v == "true");
-    let spec = pod.spec.as_ref();
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-    let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    (labelled || ns_labelled) && !excluded && !host_network && !finished
+    (labelled || ns_labelled) && !excluded && has_own_network(pod)
 }
 
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
@@ -100,6 +108,7 @@ pub fn desired(
     pods: &[Arc<Pod>],
     namespaces: &[Arc<Namespace>],
     services: &[Arc<Service>],
+    enroll_all: bool,
     locate: &mut Locate,
 ) -> Desired {
     let enforced_ns: HashSet<&str> = namespaces
@@ -118,7 +127,13 @@ pub fn desired(
     sorted.sort_by_key(|p| name_of(p));
     let mut taken: HashMap<IpAddr, String> = HashMap::new();
     for pod in sorted {
-        if !in_mesh(pod, &enforced_ns) {
+        let mesh = in_mesh(pod, &enforced_ns);
+        let local = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+        // Every pod of the node with a network of its own is steered as a client (unless
+        // enrollment is limited to the mesh), so no client can walk around a destination's
+        // policies by staying out of the mesh.
+        let enroll = local && has_own_network(pod) && (mesh || enroll_all);
+        if !mesh && !enroll {
             continue;
         }
         let m = &pod.metadata;
@@ -133,32 +148,33 @@ pub fn desired(
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".into());
         let mut ips = pod_ips(pod);
-        // Two live pods claiming one address: neither gets it (it would be a guess), and
-        // traffic to it is not steered to the wrong policies.
-        ips.retain(|ip| match taken.get(ip) {
-            Some(other) => {
-                out.warnings.push(format!(
-                    "address {ip} is claimed by {other} and {}; it goes to the first until one of them goes",
-                    name_of(pod)
-                ));
-                false
-            }
-            None => true,
-        });
-        for ip in &ips {
-            taken.insert(*ip, name_of(pod));
-        }
-        if !ips.is_empty() {
-            out.workloads.push(WorkloadSpec {
-                name: name.clone(),
-                namespace: namespace.clone(),
-                labels: labels.clone(),
-                service_account: service_account.clone(),
-                ips: ips.clone(),
+        if mesh {
+            // Two live pods claiming one address: the first (by namespace/name) keeps it, so
+            // traffic to it is never matched against two sets of policies.
+            ips.retain(|ip| match taken.get(ip) {
+                Some(other) => {
+                    out.warnings.push(format!(
+                        "address {ip} is claimed by {other} and {}; it goes to the first until one of them goes",
+                        name_of(pod)
+                    ));
+                    false
+                }
+                None => true,
             });
+            for ip in &ips {
+                taken.insert(*ip, name_of(pod));
+            }
+            if !ips.is_empty() {
+                out.workloads.push(WorkloadSpec {
+                    name: name.clone(),
+                    namespace: namespace.clone(),
+                    labels: labels.clone(),
+                    service_account: service_account.clone(),
+                    ips: ips.clone(),
+                });
+            }
         }
-        let local = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
-        if !local {
+        if !enroll {
             continue;
         }
         let uid = m.uid.clone().unwrap_or_default();
@@ -529,9 +545,9 @@ mod tests {
                 ))
             }
         };
-        let d = desired("n1", &pods, &namespaces, &[], &mut locate);
+        let d = desired("n1", &pods, &namespaces, &[], false, &mut locate);
         let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(enrolled, ["a", "d"]);
+        assert_eq!(enrolled, ["a", "d"], "enrollment limited to the mesh");
         let enforced: Vec<&str> = d.workloads.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]); // by namespace, then name
         assert_eq!(
@@ -540,6 +556,14 @@ mod tests {
         );
         assert_eq!(d.pods[0].service_account, "a");
         assert_eq!(d.pods[0].cgroup, PathBuf::from("/cg/uid-a"));
+
+        // The default: every pod of the node with its own network is a steered client, the
+        // excluded and unlabelled ones too; only mesh pods are protected destinations.
+        let d = desired("n1", &pods, &namespaces, &[], true, &mut locate);
+        let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(enrolled, ["a", "e", "c", "d"]);
+        let enforced: Vec<&str> = d.workloads.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(enforced, ["a", "b", "h", "d"]);
     }
 
     #[test]
@@ -549,7 +573,14 @@ mod tests {
             p("a", "mesh", "n2", "10.0.0.1", json!({})),
             p("b", "mesh", "n2", "10.0.0.1", json!({})),
         ];
-        let d = desired("n1", &pods, &namespaces, &[], &mut |_| Err("x".into()));
+        let d = desired(
+            "n1",
+            &pods,
+            &namespaces,
+            &[],
+            true,
+            &mut |_| Err("x".into()),
+        );
         assert_eq!(d.workloads.len(), 1, "{:?}", d.workloads);
         assert_eq!(d.workloads[0].name, "a");
     }
@@ -568,7 +599,9 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": "h", "namespace": "auth"}, "spec": {"clusterIP": "None"}}))
                 .unwrap(),
         );
-        let d = desired("n1", &[], &[], &[s, headless], &mut |_| Err("x".into()));
+        let d = desired("n1", &[], &[], &[s, headless], true, &mut |_| {
+            Err("x".into())
+        });
         assert_eq!(d.services.len(), 1);
         assert_eq!(d.services[0].ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
         assert_eq!(
@@ -631,7 +664,9 @@ mod tests {
             }))
             .unwrap(),
         );
-        let d = desired("n1", &pods, &namespaces, &[svc], &mut |_| Err("x".into()));
+        let d = desired("n1", &pods, &namespaces, &[svc], true, &mut |_| {
+            Err("x".into())
+        });
         let b = &d.services[0].backends;
         assert_eq!(
             b.len(),
