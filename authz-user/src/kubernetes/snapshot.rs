@@ -191,6 +191,12 @@ pub fn desired(
             Err(reason) => out.not_enrolled.push((name_of(pod), reason)),
         }
     }
+    let mut by_namespace: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();
+    for p in pods {
+        if let Some(ns) = p.metadata.namespace.as_deref() {
+            by_namespace.entry(ns).or_default().push(p);
+        }
+    }
     for s in services {
         let (Some(name), Some(namespace)) = (&s.metadata.name, &s.metadata.namespace) else {
             continue;
@@ -225,7 +231,11 @@ pub fn desired(
             .collect();
         let mut ips = ips;
         ips.sort();
-        let backends = backends(spec, namespace, pods, &taken);
+        let in_namespace = by_namespace
+            .get(namespace.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let backends = backends(spec, in_namespace, &taken);
         out.services.push(ServiceSpec {
             name: name.clone(),
             namespace: namespace.clone(),
@@ -239,13 +249,12 @@ pub fn desired(
     out
 }
 
-/// The ready pods a service selects, each with the service's ports mapped to the pod's
+/// The ready pods (of the service's namespace) a service selects, each with the service's ports mapped to the pod's
 /// (`targetPort` as a number, a container port name, or absent: the same port). A service with
 /// no selector has none (its endpoints are managed by hand; not enforced by address).
 fn backends(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    namespace: &str,
-    pods: &[Arc<Pod>],
+    pods: &[&Arc<Pod>],
     live: &HashMap<IpAddr, String>,
 ) -> Vec<crate::config::ServiceBackend> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -255,7 +264,7 @@ fn backends(
     let mut out = Vec::new();
     for pod in pods {
         let m = &pod.metadata;
-        if m.namespace.as_deref() != Some(namespace) || m.deletion_timestamp.is_some() {
+        if m.deletion_timestamp.is_some() {
             continue;
         }
         let labels = m.labels.as_ref();
