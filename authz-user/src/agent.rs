@@ -35,6 +35,7 @@ const HEARTBEAT_STALE: Duration = Duration::from_millis(700);
 const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// Kubernetes mode: how long events may keep arriving before the agent applies them together.
 const KUBE_SETTLE: Duration = Duration::from_millis(50);
+const KUBE_SETTLE_MAX: Duration = Duration::from_secs(5);
 /// Kubernetes mode: how often pods of this node that could not be enrolled (not started yet,
 /// say) are tried again.
 const RETRY_ENROLL_EVERY: Duration = Duration::from_secs(1);
@@ -224,6 +225,7 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
     let mut retry = tokio::time::interval(RETRY_ENROLL_EVERY);
     let mut seen = fingerprint(&config_path, &cfg);
     let mut current = cfg;
+    let mut last_cost = Duration::ZERO;
     loop {
         let changed = async {
             match &kube {
@@ -254,10 +256,13 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
                 }
             }
             _ = changed => {
-                // Let a burst of events (a relist, `kubectl apply -f dir/`) settle into one update.
-                tokio::time::sleep(KUBE_SETTLE).await;
+                // Let a burst of events (a relist, `kubectl apply -f dir/`) settle into one
+                // update, and on a large, busy cluster keep updates to about a tenth of a core.
+                tokio::time::sleep((last_cost * 10).clamp(KUBE_SETTLE, KUBE_SETTLE_MAX)).await;
+                let started = std::time::Instant::now();
                 let k = kube.as_mut().expect("changed fires only in Kubernetes mode");
                 current = apply_snapshot(k, &current, &px, &mut state, &store, &cache, &metrics);
+                last_cost = started.elapsed();
                 *admin.dump.write().unwrap() = serde_yaml::to_string(&current).unwrap_or_default();
             }
             _ = retry.tick(), if kube.as_ref().is_some_and(|k| k.pending(&state)) => {

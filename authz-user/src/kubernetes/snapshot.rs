@@ -124,8 +124,18 @@ pub fn desired(
         .collect();
     let mut out = Desired::default();
     let mut sorted: Vec<&Arc<Pod>> = pods.iter().collect();
-    sorted.sort_by_key(|p| name_of(p));
-    let mut taken: HashMap<IpAddr, String> = HashMap::new();
+    // Where two pods claim one address (one terminating, its address already given to a new
+    // pod), the first claimant keeps it: pods being deleted come last.
+    fn key(p: &Pod) -> (bool, &str, &str) {
+        let m = &p.metadata;
+        (
+            m.deletion_timestamp.is_some(),
+            m.namespace.as_deref().unwrap_or(""),
+            m.name.as_deref().unwrap_or(""),
+        )
+    }
+    sorted.sort_by(|a, b| key(a).cmp(&key(b)));
+    let mut taken: HashMap<IpAddr, &Arc<Pod>> = HashMap::new();
     for pod in sorted {
         let mesh = in_mesh(pod, &enforced_ns);
         let local = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
@@ -149,12 +159,13 @@ pub fn desired(
             .unwrap_or_else(|| "default".into());
         let mut ips = pod_ips(pod);
         if mesh {
-            // Two live pods claiming one address: the first (by namespace/name) keeps it, so
-            // traffic to it is never matched against two sets of policies.
+            // Two pods claiming one address: the first keeps it (a live pod before one being
+            // deleted, then by namespace/name), so traffic to it never meets two sets of policies.
             ips.retain(|ip| match taken.get(ip) {
                 Some(other) => {
                     out.warnings.push(format!(
-                        "address {ip} is claimed by {other} and {}; it goes to the first until one of them goes",
+                        "address {ip} is claimed by {} and {}; it goes to the first until one of them goes",
+                        name_of(other),
                         name_of(pod)
                     ));
                     false
@@ -162,7 +173,7 @@ pub fn desired(
                 None => true,
             });
             for ip in &ips {
-                taken.insert(*ip, name_of(pod));
+                taken.insert(*ip, pod);
             }
             if !ips.is_empty() {
                 out.workloads.push(WorkloadSpec {
@@ -191,10 +202,15 @@ pub fn desired(
             Err(reason) => out.not_enrolled.push((name_of(pod), reason)),
         }
     }
-    let mut by_namespace: HashMap<&str, Vec<&Arc<Pod>>> = HashMap::new();
+    // Pods by (namespace, label, value): a service's candidates are the pods carrying the first
+    // pair of its selector, not every pod of its namespace.
+    let mut by_label: HashMap<(&str, &str, &str), Vec<&Arc<Pod>>> = HashMap::new();
     for p in pods {
-        if let Some(ns) = p.metadata.namespace.as_deref() {
-            by_namespace.entry(ns).or_default().push(p);
+        let Some(ns) = p.metadata.namespace.as_deref() else {
+            continue;
+        };
+        for (k, v) in p.metadata.labels.iter().flatten() {
+            by_label.entry((ns, k, v)).or_default().push(p);
         }
     }
     for s in services {
@@ -231,11 +247,14 @@ pub fn desired(
             .collect();
         let mut ips = ips;
         ips.sort();
-        let in_namespace = by_namespace
-            .get(namespace.as_str())
+        let candidates = spec
+            .selector
+            .as_ref()
+            .and_then(|sel| sel.iter().next())
+            .and_then(|(k, v)| by_label.get(&(namespace.as_str(), k.as_str(), v.as_str())))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let backends = backends(spec, in_namespace, &taken);
+        let backends = backends(spec, candidates, &taken);
         out.services.push(ServiceSpec {
             name: name.clone(),
             namespace: namespace.clone(),
@@ -249,13 +268,14 @@ pub fn desired(
     out
 }
 
-/// The ready pods (of the service's namespace) a service selects, each with the service's ports mapped to the pod's
+/// The ready pods a service selects (among `pods`: those of its namespace with the first pair of
+/// its selector), each with the service's ports mapped to the pod's
 /// (`targetPort` as a number, a container port name, or absent: the same port). A service with
 /// no selector has none (its endpoints are managed by hand; not enforced by address).
 fn backends(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
     pods: &[&Arc<Pod>],
-    live: &HashMap<IpAddr, String>,
+    live: &HashMap<IpAddr, &Arc<Pod>>,
 ) -> Vec<crate::config::ServiceBackend> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
@@ -311,7 +331,7 @@ fn backends(
             .collect();
         for ip in pod_ips(pod) {
             // An address two pods claim is nobody's.
-            if live.get(&ip).is_some_and(|owner| *owner != name_of(pod)) {
+            if live.get(&ip).is_some_and(|owner| !Arc::ptr_eq(owner, pod)) {
                 continue;
             }
             out.push(crate::config::ServiceBackend {
@@ -576,7 +596,32 @@ mod tests {
     }
 
     #[test]
-    fn contested_address_is_not_enforced() {
+    fn a_terminating_pod_yields_its_address() {
+        let namespaces = [ns("mesh", true)];
+        let pods = [
+            p(
+                "a-old",
+                "mesh",
+                "n2",
+                "10.0.0.1",
+                json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+            ),
+            p("b-new", "mesh", "n2", "10.0.0.1", json!({})),
+        ];
+        let d = desired(
+            "n1",
+            &pods,
+            &namespaces,
+            &[],
+            true,
+            &mut |_| Err("x".into()),
+        );
+        assert_eq!(d.workloads.len(), 1);
+        assert_eq!(d.workloads[0].name, "b-new");
+    }
+
+    #[test]
+    fn contested_address_goes_to_the_first_claimant() {
         let namespaces = [ns("mesh", true)];
         let pods = [
             p("a", "mesh", "n2", "10.0.0.1", json!({})),
