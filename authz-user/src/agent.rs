@@ -39,6 +39,8 @@ const KUBE_SETTLE_MAX: Duration = Duration::from_secs(5);
 /// Kubernetes mode: how often pods of this node that could not be enrolled (not started yet,
 /// say) are tried again.
 const RETRY_ENROLL_EVERY: Duration = Duration::from_secs(1);
+/// Kubernetes mode: a pod of this node still not enrollable after this gets an Event.
+const NOT_ENROLLED_EVENT_AFTER: Duration = Duration::from_secs(5);
 
 /// Where pods, services and policies come from.
 pub enum Source {
@@ -59,7 +61,9 @@ pub fn run(
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    cfg.kubernetes.enabled |= kubernetes;
+    // With no config file, running in a pod means Kubernetes mode.
+    let in_cluster = config.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    cfg.kubernetes.enabled |= kubernetes || in_cluster;
     if kubeconfig.is_some() {
         cfg.kubernetes.kubeconfig = kubeconfig;
     }
@@ -404,8 +408,8 @@ struct KubeInput {
     /// Pod UID -> (addresses, cgroup, netns) found on the host. Kept so a pod keeps the same
     /// netns path (the same process) for as long as its addresses do not change.
     located: HashMap<String, (Vec<IpAddr>, PathBuf, PathBuf)>,
-    /// Pods not enrolled, with the reason last logged.
-    not_enrolled: HashMap<String, String>,
+    /// Pods of this node not enrolled yet, by `namespace/name`.
+    not_enrolled: HashMap<String, Pending>,
     /// Snapshot warnings last logged.
     warnings: Vec<String>,
     events: Option<crate::kubernetes::events::Events>,
@@ -491,11 +495,31 @@ impl KubeInput {
         let d = self
             .cluster
             .desired(&self.node, self.enroll_all, &mut locate);
-        let now: HashMap<String, String> = d.not_enrolled.iter().cloned().collect();
-        for (pod, reason) in &now {
-            if self.not_enrolled.get(pod) != Some(reason) {
-                tracing::info!(pod = %pod, "pod not enrolled yet, retrying: {reason}");
+        let mut now = HashMap::new();
+        for p in d.not_enrolled {
+            let key = format!("{}/{}", p.namespace, p.name);
+            let mut pending = match self.not_enrolled.remove(&key) {
+                Some(old) if old.pod.reason == p.reason => old,
+                _ => {
+                    tracing::info!(pod = %key, "pod not enrolled yet, retrying: {}", p.reason);
+                    Pending {
+                        pod: p,
+                        since: std::time::Instant::now(),
+                        reported: false,
+                    }
+                }
+            };
+            // A sandbox starting takes a moment; a pod still not enrollable after that is
+            // reported where its owner looks.
+            if !pending.reported && pending.since.elapsed() >= NOT_ENROLLED_EVENT_AFTER {
+                pending.reported = true;
+                tracing::warn!(pod = %key, "pod cannot be enrolled: {}", pending.pod.reason);
+                if let Some(ev) = &self.events {
+                    let (ev, pod) = (ev.clone(), pending.pod.clone());
+                    tokio::spawn(async move { ev.pod_not_enrolled(&pod).await });
+                }
             }
+            now.insert(key, pending);
         }
         self.not_enrolled = now;
         if d.warnings != self.warnings {
@@ -546,6 +570,14 @@ impl KubeInput {
     fn pending(&self, state: &State) -> bool {
         !self.not_enrolled.is_empty() || state.pods.len() < self.last_wanted
     }
+}
+
+/// A pod of this node that cannot be enrolled yet.
+struct Pending {
+    pod: crate::kubernetes::snapshot::NotEnrolled,
+    since: std::time::Instant,
+    /// Warned about and posted as an Event on the pod.
+    reported: bool,
 }
 
 /// Kubernetes mode: applies what the stores hold now.

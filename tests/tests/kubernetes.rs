@@ -275,6 +275,18 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
         0.0,
         "never half-enrolled"
     );
+    // Still not enrollable after a moment: an Event on the pod says why.
+    eventually("an Event on the pod", &agent, || {
+        api.events().iter().any(|e| {
+            e["regarding"]["kind"] == "Pod"
+                && e["regarding"]["name"] == "sleep"
+                && e["regarding"]["uid"] == uid
+                && e["reason"] == "NotEnrolled"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("no cgroup for pod uid"))
+        })
+    });
 
     // The sandbox starts: the next retry enrolls it, with no change on the API server.
     let sleep = net.kube_pod("sleep", 2, uid).unwrap();

@@ -36,7 +36,7 @@ impl Events {
             .filter(|p| !p.warning)
             .map(|p| p.message.as_str())
             .collect();
-        let (type_, reason, mut note) = if errors.is_empty() {
+        let (type_, reason, note) = if errors.is_empty() {
             let warnings: Vec<&str> = r.problems.iter().map(|p| p.message.as_str()).collect();
             (EventType::Normal, "PolicyWarning", warnings.join("; "))
         } else {
@@ -51,14 +51,6 @@ impl Events {
                 format!("{}; {effect}", errors.join("; ")),
             )
         };
-        if note.len() > MAX_NOTE {
-            let mut cut = MAX_NOTE - 3;
-            while !note.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            note.truncate(cut);
-            note.push_str("...");
-        }
         let reference = ObjectReference {
             api_version: Some(r.api_version.clone()),
             kind: Some(r.kind.clone()),
@@ -67,6 +59,42 @@ impl Events {
             uid: Some(r.uid.clone()).filter(|u| !u.is_empty()),
             ..Default::default()
         };
+        self.post(&reference, type_, reason, note).await;
+    }
+
+    /// Warning `NotEnrolled` on a pod of this node the agent cannot enroll.
+    pub async fn pod_not_enrolled(&self, p: &super::snapshot::NotEnrolled) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(p.name.clone()),
+            namespace: Some(p.namespace.clone()),
+            uid: Some(p.uid.clone()).filter(|u| !u.is_empty()),
+            ..Default::default()
+        };
+        let note = format!(
+            "{}; its connections are not steered through the agent yet (retrying)",
+            p.reason
+        );
+        self.post(&reference, EventType::Warning, "NotEnrolled", note)
+            .await;
+    }
+
+    async fn post(
+        &self,
+        reference: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        mut note: String,
+    ) {
+        if note.len() > MAX_NOTE {
+            let mut cut = MAX_NOTE - 3;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str("...");
+        }
         let ev = Event {
             type_,
             reason: reason.into(),
@@ -74,8 +102,11 @@ impl Events {
             action: "Validate".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
-            tracing::warn!(object = %format!("{} {}/{}", r.kind, r.namespace, r.name), "cannot post an Event: {e}");
+        if let Err(e) = self.recorder.publish(&ev, reference).await {
+            tracing::warn!(
+                object = %format!("{} {}/{}", reference.kind.as_deref().unwrap_or(""), reference.namespace.as_deref().unwrap_or(""), reference.name.as_deref().unwrap_or("")),
+                "cannot post an Event: {e}"
+            );
         }
     }
 }

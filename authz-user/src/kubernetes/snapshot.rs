@@ -32,9 +32,17 @@ pub struct Desired {
     pub workloads: Vec<WorkloadSpec>,
     pub services: Vec<ServiceSpec>,
     /// Pods of this node that should be enrolled but cannot be yet, and why.
-    pub not_enrolled: Vec<(String, String)>,
+    pub not_enrolled: Vec<NotEnrolled>,
     /// Anomalies worth a log line (an address two pods claim).
     pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotEnrolled {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub reason: String,
 }
 
 /// Where a pod of this node lives on the host: (cgroup, netns path).
@@ -199,7 +207,12 @@ pub fn desired(
                 cgroup,
                 ips,
             }),
-            Err(reason) => out.not_enrolled.push((name_of(pod), reason)),
+            Err(reason) => out.not_enrolled.push(NotEnrolled {
+                namespace,
+                name,
+                uid,
+                reason,
+            }),
         }
     }
     // Pods by (namespace, label, value): a service's candidates are the pods carrying the first
@@ -579,9 +592,16 @@ mod tests {
         assert_eq!(enrolled, ["a", "d"], "enrollment limited to the mesh");
         let enforced: Vec<&str> = d.workloads.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]); // by namespace, then name
+        assert_eq!(d.not_enrolled.len(), 1);
+        let ne = &d.not_enrolled[0];
         assert_eq!(
-            d.not_enrolled,
-            [("mesh/h".to_string(), "no cgroup".to_string())]
+            (
+                ne.namespace.as_str(),
+                ne.name.as_str(),
+                ne.uid.as_str(),
+                ne.reason.as_str()
+            ),
+            ("mesh", "h", "missing", "no cgroup")
         );
         assert_eq!(d.pods[0].service_account, "a");
         assert_eq!(d.pods[0].cgroup, PathBuf::from("/cg/uid-a"));
