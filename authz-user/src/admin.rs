@@ -1,4 +1,5 @@
-//! Admin endpoint in the agent's own namespace: /healthz, /metrics, /config_dump.
+//! Admin endpoint in the agent's own namespace: /healthz (the process answers), /ready
+//! (enforcing), /metrics, /config_dump.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -20,7 +21,8 @@ use crate::{kernel::Kernel, metrics::Metrics};
 pub struct Admin {
     pub ready: AtomicBool,
     pub metrics: Arc<Metrics>,
-    pub kernel: Option<Arc<Kernel>>,
+    /// Set once the programs are loaded (kernel counters on /metrics).
+    pub kernel: std::sync::OnceLock<Arc<Kernel>>,
     /// Rendered on /config_dump (the effective config and enrolled pods).
     pub dump: std::sync::RwLock<String>,
 }
@@ -55,15 +57,17 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
     match req.uri().path() {
-        "/healthz" | "/ready" => {
+        // Liveness: answered as soon as the agent runs, also while it waits for the API server.
+        "/healthz" => reply(StatusCode::OK, "ok\n".into()),
+        "/ready" => {
             if admin.ready.load(Ordering::Acquire) {
                 reply(StatusCode::OK, "ok\n".into())
             } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
+                reply(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
             }
         }
         "/metrics" => {
-            let k = admin.kernel.as_ref().map(|k| k.counters());
+            let k = admin.kernel.get().map(|k| k.counters());
             reply(StatusCode::OK, admin.metrics.render(k))
         }
         "/config_dump" => reply(StatusCode::OK, admin.dump.read().unwrap().clone()),

@@ -123,12 +123,21 @@ fn log_problems(set: &crate::policy::PolicySet) {
 }
 
 async fn run_async(source: Source, cfg: Config) -> Result<()> {
+    // The admin endpoint first: alive (and not ready) while the API server is awaited.
+    let metrics = Arc::new(Metrics::default());
+    let admin = Arc::new(Admin {
+        ready: false.into(),
+        metrics: metrics.clone(),
+        kernel: Default::default(),
+        dump: RwLock::new(String::new()),
+    });
+    let admin_listener = admin::bind(cfg.agent.admin).await?;
+    tokio::spawn(admin::serve(admin.clone(), admin_listener));
     // What to enforce first: from the files, or from the API server's first full lists.
     let (mut kube, config_path) = match source {
         Source::Kubernetes => (Some(KubeInput::connect(&cfg).await?), PathBuf::new()),
         Source::File(path) => (None, path),
     };
-    let metrics = Arc::new(Metrics::default());
     let (cfg, set) = match &mut kube {
         Some(k) => {
             let (cfg, set) = k.snapshot(&cfg, &metrics);
@@ -173,14 +182,8 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
     kernel.spawn_log_pump();
     kernel.heartbeat(cfg.agent.fail_mode, HEARTBEAT_STALE)?;
 
-    let admin = Arc::new(Admin {
-        ready: false.into(),
-        metrics: metrics.clone(),
-        kernel: Some(kernel.clone()),
-        dump: RwLock::new(serde_yaml::to_string(&cfg).unwrap_or_default()),
-    });
-    let admin_listener = admin::bind(cfg.agent.admin).await?;
-    tokio::spawn(admin::serve(admin.clone(), admin_listener));
+    let _ = admin.kernel.set(kernel.clone());
+    *admin.dump.write().unwrap() = serde_yaml::to_string(&cfg).unwrap_or_default();
 
     let (drain_tx, draining) = tokio::sync::watch::channel(false);
     let px = Arc::new(Proxy {

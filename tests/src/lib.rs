@@ -374,17 +374,19 @@ impl Agent {
 
     /// As `start`, with extra files written beside the config (e.g. policies).
     pub fn start_with_files(config: &str, files: &[(&str, &str)]) -> Result<Agent> {
-        let bpffs = PathBuf::from(format!(
-            "/sys/fs/bpf/authz-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        Agent::start_pinned(config, files, &bpffs)
+        Agent::start_pinned(config, files, &fresh_bpffs())
     }
 
     /// As `start_with_files`, with the given pin directory: a second agent on the same one
     /// adopts the first's maps (hot restart).
     pub fn start_pinned(config: &str, files: &[(&str, &str)], bpffs: &Path) -> Result<Agent> {
+        let mut agent = Agent::spawn(config, files, bpffs)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent without waiting for it to be ready.
+    pub fn spawn(config: &str, files: &[(&str, &str)], bpffs: &Path) -> Result<Agent> {
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let dir = std::env::temp_dir().join(format!(
@@ -413,24 +415,28 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        let mut agent = Agent {
+        Ok(Agent {
             child,
             admin,
             dir,
             log,
             bpffs: bpffs.to_path_buf(),
             cleanup_on_drop: true,
-        };
+        })
+    }
+
+    /// Waits (at most 15 s) until the agent reports ready.
+    pub fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Ok((200, _)) = http_get(agent.admin, "/healthz") {
-                return Ok(agent);
+            if let Ok((200, _)) = http_get(self.admin, "/ready") {
+                return Ok(());
             }
-            if let Some(st) = agent.child.try_wait()? {
-                bail!("agent exited with {st}: {}", agent.log_text());
+            if let Some(st) = self.child.try_wait()? {
+                bail!("agent exited with {st}: {}", self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("agent not healthy in time: {}", agent.log_text());
+                bail!("agent not ready in time: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -504,6 +510,15 @@ impl Drop for Agent {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A pin directory of its own, so agents of parallel tests do not adopt each other.
+pub fn fresh_bpffs() -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/authz-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ))
 }
 
 fn fill_config(config: &str, admin: SocketAddr, bpffs: &Path) -> String {

@@ -314,3 +314,42 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn waits_alive_for_an_api_server_that_is_not_there_yet() {
+    if !require_root() {
+        return;
+    }
+    let api = FakeApi::start().unwrap();
+    api.stop();
+    let net = Net::new().unwrap();
+    let dir = std::env::temp_dir().join(format!("authz-kube-e2e3-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: {}}}\n",
+        net.cgroup_base().display(),
+        kubeconfig.display()
+    );
+    let mut agent = Agent::spawn(&cfg, &[], &fresh_bpffs()).unwrap();
+    // Alive (a liveness probe must not kill it), not ready, and still trying.
+    eventually("alive", &agent, || {
+        http_get(agent.admin, "/healthz").is_ok_and(|r| r.0 == 200)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(http_get(agent.admin, "/ready").unwrap().0, 503);
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("retrying in"),
+        "{}",
+        agent.log_text()
+    );
+    api.resume();
+    agent.wait_ready().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -204,7 +204,20 @@ impl Cluster {
     pub async fn start(client: Client, istio_api_version: Option<String>) -> Result<Cluster> {
         let version = match istio_api_version {
             Some(v) => v,
-            None => istio_version(&client).await?,
+            None => {
+                // The API server may be restarting, or Istio's CRDs not installed yet: wait.
+                let mut backoff = Duration::from_millis(500);
+                loop {
+                    match istio_version(&client).await {
+                        Ok(v) => break v,
+                        Err(e) => {
+                            tracing::warn!("{e:#}; retrying in {backoff:?}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+            }
         };
         let changed = Arc::new(Notify::new());
         let (pods, w) = reflector::store();
