@@ -14,7 +14,9 @@ const SERVICES: usize = 2_000;
 const NAMESPACES: usize = 100;
 const POLICIES: usize = 1_000;
 
-fn cluster() -> (Vec<Arc<Pod>>, Vec<Arc<Namespace>>, Vec<Arc<Service>>) {
+type Cluster = (Vec<Arc<Pod>>, Vec<Arc<Namespace>>, Vec<Arc<Service>>);
+
+fn cluster() -> Cluster {
     let namespaces = (0..NAMESPACES)
         .map(|i| {
             Arc::new(

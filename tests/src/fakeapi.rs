@@ -24,18 +24,35 @@ use hyper::{
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-/// The collections served: (kind, plural, namespaced, core).
-const KINDS: &[(&str, &str, bool, bool)] = &[
-    ("Pod", "pods", true, true),
-    ("Service", "services", true, true),
-    ("Namespace", "namespaces", false, true),
-    (
+/// A collection served.
+struct Kind {
+    kind: &'static str,
+    plural: &'static str,
+    namespaced: bool,
+    /// In the core group (`/api/v1`), else Istio's.
+    core: bool,
+}
+
+const fn kind(kind: &'static str, plural: &'static str, namespaced: bool, core: bool) -> Kind {
+    Kind {
+        kind,
+        plural,
+        namespaced,
+        core,
+    }
+}
+
+const KINDS: &[Kind] = &[
+    kind("Pod", "pods", true, true),
+    kind("Service", "services", true, true),
+    kind("Namespace", "namespaces", false, true),
+    kind(
         "RequestAuthentication",
         "requestauthentications",
         true,
         false,
     ),
-    ("AuthorizationPolicy", "authorizationpolicies", true, false),
+    kind("AuthorizationPolicy", "authorizationpolicies", true, false),
 ];
 const ISTIO: &str = "security.istio.io";
 
@@ -124,9 +141,11 @@ impl FakeApi {
     /// Creates or replaces an object (its `kind` picks the collection). Returns its resourceVersion.
     pub fn apply(&self, mut obj: Value) -> u64 {
         let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-        let &(_, plural, namespaced, _) = KINDS
+        let &Kind {
+            plural, namespaced, ..
+        } = KINDS
             .iter()
-            .find(|k| k.0 == kind)
+            .find(|k| k.kind == kind)
             .unwrap_or_else(|| panic!("fake API server: unknown kind {kind:?}"));
         let mut st = self.shared.state.lock().unwrap();
         st.rv += 1;
@@ -166,7 +185,9 @@ impl FakeApi {
 
     /// Deletes an object; false if there was none.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> bool {
-        let &(_, plural, namespaced, _) = KINDS.iter().find(|k| k.0 == kind).expect("kind");
+        let &Kind {
+            plural, namespaced, ..
+        } = KINDS.iter().find(|k| k.kind == kind).expect("kind");
         let key = if namespaced {
             format!("{namespace}/{name}")
         } else {
@@ -341,7 +362,7 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 /// (plural, api version to report) for a collection path, or None.
-fn collection(path: &str) -> Option<(&'static (&'static str, &'static str, bool, bool), String)> {
+fn collection(path: &str) -> Option<(&'static Kind, String)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (api_version, rest) = match parts.as_slice() {
         ["api", "v1", rest @ ..] => ("v1".to_string(), rest.to_vec()),
@@ -355,9 +376,9 @@ fn collection(path: &str) -> Option<(&'static (&'static str, &'static str, bool,
         ["namespaces", _, plural] => *plural,
         _ => return None,
     };
-    let k = KINDS.iter().find(|k| k.1 == plural)?;
+    let k = KINDS.iter().find(|k| k.plural == plural)?;
     let core = api_version == "v1";
-    (k.3 == core).then_some((k, api_version))
+    (k.core == core).then_some((k, api_version))
 }
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {
@@ -411,7 +432,16 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
             status(405, "MethodNotAllowed", "events: POST or PATCH"),
         );
     }
-    let Some((&(kind, plural, namespaced, _), api_version)) = collection(&path) else {
+    let Some((
+        &Kind {
+            kind,
+            plural,
+            namespaced,
+            ..
+        },
+        api_version,
+    )) = collection(&path)
+    else {
         return reply(
             StatusCode::NOT_FOUND,
             status(404, "NotFound", &format!("{path}: not served")),

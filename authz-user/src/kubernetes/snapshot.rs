@@ -752,9 +752,11 @@ mod tests {
             b[0].ports.iter().map(|p| (p.port, p.target_port)).collect();
         assert_eq!(ports, [(80, Some(8000)), (81, Some(9000)), (82, Some(82))]);
 
-        let mut cfg = crate::config::Config::default();
-        cfg.workloads = d.workloads.clone();
-        cfg.services = d.services.clone();
+        let cfg = crate::config::Config {
+            workloads: d.workloads.clone(),
+            services: d.services.clone(),
+            ..Default::default()
+        };
         let reg = crate::registry::Registry::from_config(&cfg);
         let vip = |port: u16| std::net::SocketAddr::new("10.96.0.1".parse().unwrap(), port);
         let (to, w) = reg.resolve(vip(80), 7).unwrap();
@@ -803,7 +805,7 @@ mod tests {
             "u1",
             json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"], "bogus": 1}}]}]}),
         );
-        let (set, reports) = pols.update("security.istio.io/v1", &[], &[bad.clone()]);
+        let (set, reports) = pols.update("security.istio.io/v1", &[], std::slice::from_ref(&bad));
         assert_eq!(
             set.authorization_policies.len(),
             1,
