@@ -29,14 +29,14 @@ pub struct Admin {
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, req)) }
+                async move { Ok::<_, Infallible>(route(&admin, req, peer)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -52,7 +52,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("admin listener on {addr}"))
 }
 
-fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
@@ -70,6 +70,12 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let k = admin.kernel.get().map(|k| k.counters());
             reply(StatusCode::OK, admin.metrics.render(k))
         }
+        // The whole inventory (every pod, in Kubernetes mode): only from the node itself, even
+        // when the admin port listens on all addresses for the kubelet's probes.
+        "/config_dump" if !peer.ip().is_loopback() => reply(
+            StatusCode::FORBIDDEN,
+            "config_dump is served to loopback clients only\n".into(),
+        ),
         "/config_dump" => reply(StatusCode::OK, admin.dump.read().unwrap().clone()),
         _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),
     }

@@ -521,11 +521,22 @@ pub fn fresh_bpffs() -> PathBuf {
     ))
 }
 
+/// `"{ADMIN}"` becomes the admin address on loopback, `"{ADMIN_ANY}"` the same port on all
+/// addresses (as in a DaemonSet, for the kubelet's probes); both add the pin directory.
 fn fill_config(config: &str, admin: SocketAddr, bpffs: &Path) -> String {
-    config.replace(
-        "\"{ADMIN}\"",
-        &format!("\"{admin}\", bpffs: \"{}\"", bpffs.display()),
-    )
+    config
+        .replace(
+            "\"{ADMIN}\"",
+            &format!("\"{admin}\", bpffs: \"{}\"", bpffs.display()),
+        )
+        .replace(
+            "\"{ADMIN_ANY}\"",
+            &format!(
+                "\"0.0.0.0:{}\", bpffs: \"{}\"",
+                admin.port(),
+                bpffs.display()
+            ),
+        )
 }
 
 /// A minimal HTTP/1.0 GET for the admin port (test process namespace).

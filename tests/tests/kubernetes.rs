@@ -322,13 +322,14 @@ fn waits_alive_for_an_api_server_that_is_not_there_yet() {
     }
     let api = FakeApi::start().unwrap();
     api.stop();
-    let net = Net::new().unwrap();
+    let mut net = Net::new().unwrap();
+    net.attach_host().unwrap();
     let dir = std::env::temp_dir().join(format!("authz-kube-e2e3-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: {}}}\n",
+        "agent: {{port: 15001, admin: \"{{ADMIN_ANY}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: {}}}\n",
         net.cgroup_base().display(),
         kubeconfig.display()
     );
@@ -351,5 +352,14 @@ fn waits_alive_for_an_api_server_that_is_not_there_yet() {
     );
     api.resume();
     agent.wait_ready().unwrap();
+    // On all addresses (as in the DaemonSet) the probes and metrics answer anyone, the
+    // inventory only the node itself.
+    let outside: std::net::SocketAddr = format!("10.77.{}.254:{}", net.subnet, agent.admin.port())
+        .parse()
+        .unwrap();
+    assert_eq!(http_get(outside, "/ready").unwrap().0, 200);
+    assert_eq!(http_get(outside, "/metrics").unwrap().0, 200);
+    assert_eq!(http_get(outside, "/config_dump").unwrap().0, 403);
+    assert_eq!(http_get(agent.admin, "/config_dump").unwrap().0, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
