@@ -195,6 +195,33 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     api.delete("AuthorizationPolicy", "foo", "deny-get");
     eventually("deny lifted", &agent, || get().0 == 200);
 
+    // A RequestAuthentication from the API server, its JWKS inline in the object.
+    let jwks = std::fs::read_to_string(data_dir().join("istio-samples/jwks.json")).unwrap();
+    api.apply(fakeapi::istio(
+        "RequestAuthentication",
+        "foo",
+        "jwt",
+        json!({"selector": {"matchLabels": {"app": "httpbin"}},
+               "jwtRules": [{"issuer": "testing@secure.istio.io", "jwks": jwks}]}),
+    ));
+    let token = demo_jwt();
+    let with = |t: &str| {
+        curl(
+            &sleep,
+            true,
+            &["-H", &format!("Authorization: Bearer {t}"), &url],
+        )
+        .unwrap()
+    };
+    eventually("token checked", &agent, || {
+        with(&tampered(&token)) == (401, "Jwt verification fails".into())
+    });
+    assert_eq!(with(&token).0, 200);
+    api.delete("RequestAuthentication", "foo", "jwt");
+    eventually("RequestAuthentication gone", &agent, || {
+        with(&tampered(&token)).0 == 200
+    });
+
     // A relist (410 Gone) in between changes nothing.
     api.apply(fakeapi::istio(
         "AuthorizationPolicy",
