@@ -47,9 +47,20 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     use anyhow::Context;
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("admin listener on {addr}"))
+    // SO_REUSEPORT: during a rolling update the next agent starts beside this one on the
+    // node's network (DaemonSet maxSurge) and listens on the same port.
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(128)
+    };
+    bind().with_context(|| format!("admin listener on {addr}"))
 }
 
 fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {

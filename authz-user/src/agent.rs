@@ -310,7 +310,8 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
 async fn drain(metrics: &Metrics, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let open = metrics.connections_active.load(Ordering::Relaxed);
+        let open = metrics.connections_active.load(Ordering::Relaxed)
+            + metrics.connections_starting.load(Ordering::Relaxed);
         if open == 0 {
             return;
         }

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub connections_redirected: AtomicU64,
     pub connections_unknown_origin: AtomicU64,
     pub connections_active: AtomicU64,
+    /// Accepted, not yet counted in connections_active (a drain waits for these too).
+    pub connections_starting: AtomicU64,
     /// Connections closed at once because their pod was at `maxConnectionsPerPod`.
     pub connections_over_pod_limit: AtomicU64,
     /// HTTP connections closed because a request head did not arrive within headerReadTimeout.

@@ -387,8 +387,18 @@ impl Agent {
 
     /// Starts the agent without waiting for it to be ready.
     pub fn spawn(config: &str, files: &[(&str, &str)], bpffs: &Path) -> Result<Agent> {
-        let port = free_port();
-        let admin: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        Agent::spawn_at(config, files, bpffs, admin)
+    }
+
+    /// As `spawn`, with this admin address (a successor shares its predecessor's, as a
+    /// DaemonSet's surge pod does on the host network).
+    pub fn spawn_at(
+        config: &str,
+        files: &[(&str, &str)],
+        bpffs: &Path,
+        admin: SocketAddr,
+    ) -> Result<Agent> {
         let dir = std::env::temp_dir().join(format!(
             "authz-agent-{}-{}",
             std::process::id(),

@@ -390,3 +390,113 @@ fn waits_alive_for_an_api_server_that_is_not_there_yet() {
     assert_eq!(http_get(agent.admin, "/config_dump").unwrap().0, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A DaemonSet rolling update with maxSurge: the new agent starts beside the old one on the same
+/// pins and the same admin port, then the old one is stopped. No request fails and the policy
+/// holds throughout.
+#[test]
+fn rolling_update_hands_over_without_a_failed_request() {
+    if !require_root() {
+        return;
+    }
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    let api = FakeApi::start().unwrap();
+    let mut net = Net::new().unwrap();
+    let uid = "5c0ffee0-0000-4000-8000-00000000c001";
+    let sleep = net.kube_pod("sleep", 2, uid).unwrap();
+    let httpbin = net.host("httpbin", 3).unwrap();
+    net.serve(&httpbin, "http", 8000).unwrap();
+    api.apply(fakeapi::namespace("foo", true));
+    api.apply(fakeapi::pod(
+        "foo",
+        "httpbin",
+        "5c0ffee0-0000-4000-8000-00000000c002",
+        "node-b",
+        &httpbin.ip,
+        json!({"app": "httpbin"}),
+        "httpbin",
+    ));
+    api.apply(fakeapi::pod(
+        "foo",
+        "sleep",
+        uid,
+        NODE,
+        &sleep.ip,
+        json!({"app": "sleep"}),
+        "sleep",
+    ));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "deny-get",
+        deny_get(),
+    ));
+    let dir = std::env::temp_dir().join(format!("authz-kube-e2e4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}, drainTimeout: 2s}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: {}}}\n",
+        net.cgroup_base().display(),
+        kubeconfig.display()
+    );
+    let mut old = Agent::spawn(&cfg, &[], &fresh_bpffs()).unwrap();
+    old.wait_ready().unwrap();
+    old.cleanup_on_drop = false;
+    let denied = format!("http://{}:8000/get", httpbin.ip);
+    eventually("enforcing", &old, || {
+        curl(&sleep, true, &[&denied]).unwrap().0 == 403
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, pod, url) = (
+            stop.clone(),
+            sleep.clone(),
+            format!("http://{}:8000/headers", httpbin.ip),
+        );
+        std::thread::spawn(move || {
+            let (mut n, mut bad) = (0, vec![]);
+            while !stop.load(Ordering::Relaxed) {
+                let (a, _) = attempt(&pod, &url);
+                if !matches!(a, Attempt::Answer(200, _)) {
+                    bad.push(a);
+                }
+                n += 1;
+            }
+            (n, bad)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The surge pod: same pins, same admin port (both listen with SO_REUSEPORT).
+    let new = Agent::spawn_at(&cfg, &[], &old.bpffs, old.admin).unwrap();
+    eventually("the new agent ready", &new, || {
+        new.log_text().contains("agent ready")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let st = old.stop().unwrap();
+    assert!(st.success(), "{}", old.log_text());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (n, bad) = load.join().unwrap();
+    assert!(n >= 10, "requests during the handover: {n}");
+    assert!(
+        bad.is_empty(),
+        "{} of {n} requests failed: {bad:?}\nold:\n{}\nnew:\n{}",
+        bad.len(),
+        old.log_text(),
+        new.log_text()
+    );
+    assert_eq!(
+        curl(&sleep, true, &[&denied]).unwrap().0,
+        403,
+        "the policy holds with the new agent\nold:\n{}\nnew:\n{}",
+        old.log_text(),
+        new.log_text()
+    );
+    assert!(new.metric("authz_connections_redirected_total") > 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -133,8 +133,11 @@ pub async fn serve(px: Arc<Proxy>, mut pl: PodListeners) {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        // Counted from accept on, so a stopping agent never exits between
+                        // accepting a connection and counting it open.
+                        let starting = Starting::new(&px.metrics);
                         let (px, pl) = (px.clone(), pl.clone());
-                        tokio::spawn(async move { handle(px, pl, stream, peer).await });
+                        tokio::spawn(async move { handle(px, pl, stream, peer, starting).await });
                     }
                     Err(e) => {
                         tracing::warn!(pod = %pl.pod.workload.name, "accept failed: {e}");
@@ -147,7 +150,13 @@ pub async fn serve(px: Arc<Proxy>, mut pl: PodListeners) {
     while tasks.join_next().await.is_some() {}
 }
 
-async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, peer: SocketAddr) {
+async fn handle(
+    px: Arc<Proxy>,
+    pl: Arc<PodListeners>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    starting: Starting,
+) {
     let Ok(local) = stream.local_addr() else {
         return;
     };
@@ -169,6 +178,7 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
         px.metrics.connections_over_pod_limit.fetch_add(1, Relaxed);
         return;
     };
+    drop(starting);
     let _ = stream.set_nodelay(true);
     let Some((dst, destination)) = px.registry().resolve(
         SocketAddr::new(key_addr(orig.addr), orig.port),
@@ -205,6 +215,22 @@ async fn handle(px: Arc<Proxy>, pl: Arc<PodListeners>, mut stream: TcpStream, pe
     match sniffed {
         io::Sniffed::Http1 | io::Sniffed::Http2 => http::serve(px.clone(), conn, stream).await,
         io::Sniffed::Tcp => tcp::relay(&px, &conn, stream).await,
+    }
+}
+
+/// A connection accepted and not yet counted open (or closed).
+pub struct Starting(Arc<crate::metrics::Metrics>);
+
+impl Starting {
+    fn new(metrics: &Arc<crate::metrics::Metrics>) -> Starting {
+        metrics.connections_starting.fetch_add(1, Relaxed);
+        Starting(metrics.clone())
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.0.connections_starting.fetch_sub(1, Relaxed);
     }
 }
 
