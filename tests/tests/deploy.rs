@@ -296,6 +296,25 @@ fn check_complete(o: &Objects, origin: &str) {
         .requests
         .as_ref()
         .is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")));
+    // Rolling updates surge (the new agent adopts the old one's pins beside it): no host port
+    // may keep the surge pod off the node.
+    let ru = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .update_strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(ru.max_surge, Some(IntOrString::Int(1)), "{origin}");
+    assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)), "{origin}");
+    assert!(
+        pod.containers.iter().all(|c| c.ports.is_none()),
+        "{origin}: a port on the host network is a host port"
+    );
     let grace = pod.termination_grace_period_seconds.unwrap() as u64;
     assert!(
         grace > cfg.agent.drain_timeout.as_secs(),
