@@ -23,8 +23,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Set once the programs are loaded (kernel counters on /metrics).
     pub kernel: std::sync::OnceLock<Arc<Kernel>>,
-    /// Rendered on /config_dump (the effective config and enrolled pods).
-    pub dump: std::sync::RwLock<String>,
+    /// The effective config (with the pods, workloads and services in force), rendered as YAML
+    /// only when /config_dump is asked for.
+    pub dump: std::sync::RwLock<Arc<crate::config::Config>>,
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
@@ -87,7 +88,13 @@ fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Response<Fu
             StatusCode::FORBIDDEN,
             "config_dump is served to loopback clients only\n".into(),
         ),
-        "/config_dump" => reply(StatusCode::OK, admin.dump.read().unwrap().clone()),
+        "/config_dump" => {
+            let cfg = admin.dump.read().unwrap().clone();
+            reply(
+                StatusCode::OK,
+                serde_yaml::to_string(&*cfg).unwrap_or_default(),
+            )
+        }
         _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

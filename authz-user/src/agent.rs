@@ -129,7 +129,7 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
         ready: false.into(),
         metrics: metrics.clone(),
         kernel: Default::default(),
-        dump: RwLock::new(String::new()),
+        dump: RwLock::new(Arc::new(cfg.clone())),
     });
     let admin_listener = admin::bind(cfg.agent.admin).await?;
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
@@ -183,7 +183,7 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
     kernel.heartbeat(cfg.agent.fail_mode, HEARTBEAT_STALE)?;
 
     let _ = admin.kernel.set(kernel.clone());
-    *admin.dump.write().unwrap() = serde_yaml::to_string(&cfg).unwrap_or_default();
+    *admin.dump.write().unwrap() = Arc::new(cfg.clone());
 
     let (drain_tx, draining) = tokio::sync::watch::channel(false);
     let px = Arc::new(Proxy {
@@ -252,7 +252,7 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
                 match reload(&config_path, &current, &px, &mut state, &store, &cache) {
                     Ok(cfg) => {
                         metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                        *admin.dump.write().unwrap() = serde_yaml::to_string(&cfg).unwrap_or_default();
+                        *admin.dump.write().unwrap() = Arc::new(cfg.clone());
                         seen = fingerprint(&config_path, &cfg);
                         current = cfg;
                     }
@@ -270,7 +270,7 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
                 let k = kube.as_mut().expect("changed fires only in Kubernetes mode");
                 current = apply_snapshot(k, &current, &px, &mut state, &store, &cache, &metrics);
                 last_cost = started.elapsed();
-                *admin.dump.write().unwrap() = serde_yaml::to_string(&current).unwrap_or_default();
+                *admin.dump.write().unwrap() = Arc::new(current.clone());
             }
             _ = retry.tick(), if kube.as_ref().is_some_and(|k| k.pending(&state)) => {
                 let k = kube.as_mut().expect("retry runs only in Kubernetes mode");
@@ -563,10 +563,15 @@ impl KubeInput {
                 tokio::spawn(async move { ev.publish(&r).await });
             }
         }
-        let mut cfg = base.clone();
-        cfg.pods = d.pods;
-        cfg.workloads = d.workloads;
-        cfg.services = d.services;
+        // Only the settings of `base`: its pods and workloads are about to be replaced.
+        let cfg = Config {
+            agent: base.agent.clone(),
+            kubernetes: base.kubernetes.clone(),
+            pods: d.pods,
+            workloads: d.workloads,
+            services: d.services,
+            policies: vec![],
+        };
         (cfg, set)
     }
 

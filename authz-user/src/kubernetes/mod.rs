@@ -93,31 +93,28 @@ fn trim_pod(p: &mut Pod) {
         a.retain(|k, _| k == snapshot::EXCLUDE_ANNOTATION);
     }
     if let Some(s) = &mut p.spec {
-        // Container ports stay (by name, for services' named targetPorts); the rest goes.
-        let containers = std::mem::take(&mut s.containers)
-            .into_iter()
-            .map(|c| k8s_openapi::api::core::v1::Container {
-                name: c.name,
-                ports: c.ports.map(|ports| {
-                    ports
-                        .into_iter()
-                        .filter(|p| p.name.is_some())
-                        .map(|p| k8s_openapi::api::core::v1::ContainerPort {
-                            name: p.name,
-                            container_port: p.container_port,
-                            protocol: p.protocol,
-                            ..Default::default()
-                        })
-                        .collect()
-                }),
-                ..Default::default()
+        // Named container ports (for services' named targetPorts) kept as one short string; the
+        // containers themselves go (a `Container` is kilobytes even when empty).
+        let named: Vec<String> = s
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let name = p.name.as_deref()?;
+                // A name with the list's separators could forge another entry: dropped.
+                (!name.contains([',', '='])).then(|| format!("{name}={}", p.container_port))
             })
             .collect();
+        if !named.is_empty() {
+            m.annotations
+                .get_or_insert_with(Default::default)
+                .insert(snapshot::NAMED_PORTS_KEY.into(), named.join(","));
+        }
         *s = k8s_openapi::api::core::v1::PodSpec {
             node_name: s.node_name.take(),
             service_account_name: s.service_account_name.take(),
             host_network: s.host_network,
-            containers,
             ..Default::default()
         };
     }
@@ -315,5 +312,40 @@ impl Cluster {
             enroll_all,
             locate,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trimmed_pods_keep_what_is_read_and_nothing_forged() {
+        let mut p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n", "uid": "u", "labels": {"app": "a"},
+                "annotations": {"authz.io/exclude": "true", "big": "x", snapshot::NAMED_PORTS_KEY: "http=1"},
+                "managedFields": [{"manager": "m"}]},
+            "spec": {"nodeName": "node", "serviceAccountName": "sa", "containers": [
+                {"name": "c", "image": "i", "ports": [
+                    {"name": "http", "containerPort": 8080}, {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                    {"name": "x=1,http", "containerPort": 9}, {"containerPort": 7}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}, {"type": "Initialized", "status": "True"}]}
+        }))
+        .unwrap();
+        trim_pod(&mut p);
+        let a = p.metadata.annotations.as_ref().unwrap();
+        assert_eq!(
+            a.get(snapshot::NAMED_PORTS_KEY).map(String::as_str),
+            Some("http=8080")
+        );
+        assert!(a.contains_key("authz.io/exclude") && !a.contains_key("big"));
+        assert!(p.metadata.managed_fields.is_none());
+        let spec = p.spec.as_ref().unwrap();
+        assert!(spec.containers.is_empty());
+        assert_eq!(spec.node_name.as_deref(), Some("node"));
+        assert_eq!(spec.service_account_name.as_deref(), Some("sa"));
+        let conditions = p.status.as_ref().unwrap().conditions.as_ref().unwrap();
+        assert_eq!(conditions.len(), 1);
     }
 }

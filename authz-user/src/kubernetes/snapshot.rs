@@ -315,15 +315,7 @@ fn backends(
         if !ready || !running {
             continue;
         }
-        let named = |name: &str| -> Option<u16> {
-            pod.spec
-                .as_ref()?
-                .containers
-                .iter()
-                .flat_map(|c| c.ports.iter().flatten())
-                .find(|p| p.name.as_deref() == Some(name))
-                .and_then(|p| u16::try_from(p.container_port).ok())
-        };
+        let named = |name: &str| named_port(pod, name);
         let ports: Vec<ServicePort> = spec
             .ports
             .iter()
@@ -355,6 +347,33 @@ fn backends(
     }
     out.sort_by_key(|b| b.ip);
     out
+}
+
+/// Where the agent keeps a pod's named container ports once the containers are trimmed away
+/// (`name=port,...`): a whole `Container` per pod would cost kilobytes.
+pub const NAMED_PORTS_KEY: &str = "authz.io/internal-named-ports";
+
+/// A named container port of the pod: from the trimmed form, or from the containers.
+fn named_port(pod: &Pod, name: &str) -> Option<u16> {
+    if let Some(list) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(NAMED_PORTS_KEY))
+    {
+        return list
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.parse().ok());
+    }
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))
+        .and_then(|p| u16::try_from(p.container_port).ok())
 }
 
 /// One Istio object as the agent last saw it.

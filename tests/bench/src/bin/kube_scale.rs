@@ -1,0 +1,194 @@
+//! Kubernetes mode at cluster scale: the real agent against the in-process API server holding
+//! N pods (on other nodes), services and AuthorizationPolicies, against the same agent on an
+//! empty cluster measured in the same run. Reports time to ready, RSS, and the agent's CPU per
+//! API server change while pods churn.
+//!   sudo target/release/authz-kube-scale [--pods 10000]
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use authz_tests::{
+    fakeapi::{self, FakeApi},
+    fresh_bpffs, http_get, rss_kib, Agent, Net,
+};
+use clap::Parser;
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 10_000)]
+    pods: usize,
+    #[arg(long, default_value_t = 2_000)]
+    services: usize,
+    #[arg(long, default_value_t = 1_000)]
+    policies: usize,
+    #[arg(long, default_value_t = 100)]
+    namespaces: usize,
+    /// Pod status updates sent while measuring the agent's CPU.
+    #[arg(long, default_value_t = 2_000)]
+    churn: usize,
+}
+
+struct Sample {
+    ready: Duration,
+    rss_kib: u64,
+    rss_after_kib: u64,
+    cpu_us_per_change: f64,
+    apply_ms: f64,
+}
+
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    (field(11) + field(12)) * 1_000_000 / hz
+}
+
+fn pod(i: usize, a: &Args) -> serde_json::Value {
+    let ip = format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+    let mut p = fakeapi::pod(
+        &format!("ns{}", i % a.namespaces),
+        &format!("p{i}"),
+        &format!("00000000-0000-4000-8000-{i:012}"),
+        &format!("node{}", i % 100),
+        &ip,
+        json!({"app": format!("app{}", i % a.services.max(1))}),
+        "sa",
+    );
+    p["spec"]["containers"][0]["ports"] = json!([{"name": "http", "containerPort": 8080}]);
+    p
+}
+
+fn measure(a: &Args, populated: bool) -> Result<Sample> {
+    let api = FakeApi::start()?;
+    let net = Net::new()?;
+    for n in 0..a.namespaces {
+        api.apply(fakeapi::namespace(&format!("ns{n}"), true));
+    }
+    if populated {
+        for i in 0..a.pods {
+            api.apply(pod(i, a));
+        }
+        for s in 0..a.services {
+            api.apply(json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": format!("s{s}"), "namespace": format!("ns{}", s % a.namespaces)},
+                "spec": {"clusterIP": format!("10.96.{}.{}", s / 250, s % 250 + 1),
+                         "selector": {"app": format!("app{s}")}, "ports": [{"port": 80, "targetPort": "http"}]}}));
+        }
+        for p in 0..a.policies {
+            api.apply(fakeapi::istio("AuthorizationPolicy", &format!("ns{}", p % a.namespaces), &format!("ap{p}"),
+                json!({"selector": {"matchLabels": {"app": format!("app{p}")}}, "action": "DENY",
+                       "rules": [{"to": [{"operation": {"paths": ["/admin/*"], "methods": ["POST"]}}]}]})));
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("authz-kube-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let cfg = format!(
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: {}}}\n",
+        net.cgroup_base().display(),
+        kubeconfig.display()
+    );
+    let started = Instant::now();
+    let mut agent = Agent::spawn(&cfg, &[], &fresh_bpffs())?;
+    agent.wait_ready()?;
+    let ready = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = agent.child.id();
+    let rss = rss_kib(pid)?;
+
+    // Churn: pod status updates that change nothing the agent uses, one every 5 ms, then one
+    // that does (a policy), timed until the agent has applied it.
+    let before = cpu_us(pid);
+    // The empty cluster has no pods to churn: its CPU column stays empty.
+    let n = if populated { a.churn } else { 0 };
+    for k in 0..n {
+        let i = k % a.pods.max(1);
+        let mut p = pod(i, a);
+        let probed = format!(
+            "2026-01-01T{:02}:{:02}:{:02}Z",
+            k / 3600 % 24,
+            k / 60 % 60,
+            k % 60
+        );
+        p["status"]["conditions"] =
+            json!([{"type": "Ready", "status": "True", "lastProbeTime": probed}]);
+        api.apply(p);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu = cpu_us(pid) - before;
+    let applied = |agent: &Agent| {
+        http_get(agent.admin, "/metrics")
+            .ok()
+            .and_then(|(_, m)| {
+                m.lines().find_map(|l| {
+                    l.strip_prefix("authz_reloads_total ")
+                        .map(|v| v.trim().parse::<f64>().unwrap_or(0.0))
+                })
+            })
+            .unwrap_or(0.0)
+    };
+    let reloads = applied(&agent);
+    let t = Instant::now();
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "ns0",
+        "late",
+        json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/late"]}}]}]}),
+    ));
+    while applied(&agent) <= reloads && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let apply_ms = t.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kib(pid)?;
+    agent.stop()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Sample {
+        ready,
+        rss_kib: rss,
+        rss_after_kib: rss_after,
+        cpu_us_per_change: if n == 0 { 0.0 } else { cpu as f64 / n as f64 },
+        apply_ms,
+    })
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let empty = measure(&a, false)?;
+    let full = measure(&a, true)?;
+    println!("| cluster | ready | RSS at ready / after churn | agent CPU per pod status change | a new policy applied in |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, s) in [
+        ("empty (baseline)", &empty),
+        (
+            &*format!(
+                "{} pods, {} services, {} policies, {} namespaces",
+                a.pods, a.services, a.policies, a.namespaces
+            ),
+            &full,
+        ),
+    ] {
+        let cpu = if s.cpu_us_per_change > 0.0 {
+            format!("{:.0} us", s.cpu_us_per_change)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {name} | {:.2} s | {:.1} / {:.1} MB | {cpu} | {:.0} ms |",
+            s.ready.as_secs_f64(),
+            s.rss_kib as f64 / 1024.0,
+            s.rss_after_kib as f64 / 1024.0,
+            s.apply_ms
+        );
+    }
+    println!(
+        "\nRSS ratio (populated / empty): {:.2}",
+        full.rss_kib as f64 / empty.rss_kib.max(1) as f64
+    );
+    Ok(())
+}
