@@ -103,18 +103,15 @@ impl Registry {
         let Some(svc) = self.vips.get(&normalize(dst.ip())) else {
             return Some((dst, self.workload_at(dst.ip()).cloned()));
         };
-        let candidates: Vec<(IpAddr, u16)> = svc
-            .backends
-            .iter()
-            .filter_map(|b| {
+        // Per connection: count, then take the chosen one, with no allocation.
+        let candidates = || {
+            svc.backends.iter().filter_map(|b| {
                 let p = b.ports.iter().find(|p| p.port == dst.port())?;
                 Some((b.ip, p.target_port.unwrap_or(p.port)))
             })
-            .collect();
-        if candidates.is_empty() {
-            return None;
-        }
-        let (ip, port) = candidates[pick % candidates.len()];
+        };
+        let n = candidates().count();
+        let (ip, port) = candidates().nth(pick.checked_rem(n)?)?;
         Some((SocketAddr::new(ip, port), self.workload_at(ip).cloned()))
     }
 

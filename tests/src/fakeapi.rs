@@ -128,13 +128,17 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
-    /// A kubeconfig that points at this server, written to `path`.
-    pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
-        let text = format!(
+    /// A kubeconfig that points at this server.
+    pub fn kubeconfig(&self) -> String {
+        format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
             self.url()
-        );
-        std::fs::write(path, text)?;
+        )
+    }
+
+    /// The kubeconfig, written to `path`.
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.kubeconfig())?;
         Ok(())
     }
 

@@ -593,6 +593,46 @@ pub enum Attempt {
     Failed(i32, String),
 }
 
+/// Attempts from a pod in a loop until stopped: (started, outcome, duration) of each.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Attempt, Duration)>>,
+}
+
+impl Load {
+    pub fn start(pod: &Host, url: &str) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, pod, url) = (stop.clone(), pod.clone(), url.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut log = vec![];
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let (a, took) = attempt(&pod, &url);
+                log.push((at, a, took));
+            }
+            log
+        });
+        Load { stop, thread }
+    }
+
+    pub fn stop(self) -> Vec<(Instant, Attempt, Duration)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+
+    /// Stops; (attempts made, those not answered 200).
+    pub fn stop_not_ok(self) -> (usize, Vec<Attempt>) {
+        let log = self.stop();
+        let n = log.len();
+        let bad = log
+            .into_iter()
+            .map(|(_, a, _)| a)
+            .filter(|a| !matches!(a, Attempt::Answer(200, _)))
+            .collect();
+        (n, bad)
+    }
+}
+
 /// One curl from `host` (in its pod cgroup) with a 3 s cap, and how long it took.
 pub fn attempt(host: &Host, url: &str) -> (Attempt, Duration) {
     let t = Instant::now();
@@ -664,6 +704,18 @@ pub fn one_pod_config(pod: &Host, workload: &Host, agent_extra: &str) -> String 
             &workload.name
         ),
     )
+}
+
+/// CPU time (user + system, all threads) of a process, in microseconds.
+pub fn cpu_us(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} gone"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(ticks * 1_000_000 / hz)
 }
 
 /// Resident set size of a process in KiB.

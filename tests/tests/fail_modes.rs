@@ -2,13 +2,7 @@
 //! mode within a second (refused at once, or direct), a new agent adopts the pins and serves, and
 //! `authz-agent cleanup` leaves nothing loaded or attached. Its own test binary, so no other
 //! agent's programs are loaded meanwhile (cargo runs test binaries one after another).
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use authz_tests::*;
 
@@ -28,34 +22,6 @@ fn attached_to_root() -> String {
 
 fn config(pod: &Host, w: &Host, fail_mode: &str) -> String {
     one_pod_config(pod, w, &format!(", failMode: {fail_mode}"))
-}
-
-/// Attempts from a pod in a loop until stopped: (started, outcome, duration) of each.
-struct Load {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(Instant, Attempt, Duration)>>,
-}
-
-impl Load {
-    fn start(pod: &Host, url: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, pod, url) = (stop.clone(), pod.clone(), url.to_string());
-        let thread = std::thread::spawn(move || {
-            let mut log = vec![];
-            while !s.load(Ordering::Relaxed) {
-                let at = Instant::now();
-                let (a, took) = attempt(&pod, &url);
-                log.push((at, a, took));
-            }
-            log
-        });
-        Load { stop, thread }
-    }
-
-    fn stop(self) -> Vec<(Instant, Attempt, Duration)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
 }
 
 fn sigkill(agent: &mut Agent) -> Instant {

@@ -2,10 +2,6 @@
 //! and a connection open on the old agent keeps flowing while the old agent drains.
 use std::{
     process::Stdio,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
@@ -30,22 +26,7 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     assert_eq!(nc.echo("one").as_deref(), Some("one"));
 
     // Requests all along the handover.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (stop, pod, url) = (stop.clone(), pod.clone(), format!("http://{}:8000/", w.ip));
-        std::thread::spawn(move || {
-            let mut bad = vec![];
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let (a, _) = attempt(&pod, &url);
-                if !matches!(a, Attempt::Answer(200, _)) {
-                    bad.push(a);
-                }
-                n += 1;
-            }
-            (n, bad)
-        })
-    };
+    let load = Load::start(&pod, &format!("http://{}:8000/", w.ip));
     std::thread::sleep(Duration::from_millis(300));
     let new = Agent::start_pinned(&cfg, &[], &old.bpffs).unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -74,8 +55,7 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     );
     std::thread::sleep(Duration::from_millis(300));
 
-    stop.store(true, Ordering::Relaxed);
-    let (n, bad) = load.join().unwrap();
+    let (n, bad) = load.stop_not_ok();
     assert!(n >= 10, "requests made during the handover: {n}");
     assert!(
         bad.is_empty(),

@@ -75,6 +75,11 @@ fn policy_names(c: &Cluster) -> Vec<String> {
     v
 }
 
+/// AuthorizationPolicy foo/<name> denying `path`.
+fn deny_ap(name: &str, path: &str) -> serde_json::Value {
+    fakeapi::istio("AuthorizationPolicy", "foo", name, deny(&[path]))
+}
+
 fn deny(paths: &[&str]) -> serde_json::Value {
     json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": paths}}]}]})
 }
@@ -82,12 +87,7 @@ fn deny(paths: &[&str]) -> serde_json::Value {
 #[test]
 fn policies_follow_add_change_delete() {
     let api = FakeApi::start().unwrap();
-    api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "a",
-        deny(&["/a"]),
-    ));
+    api.apply(deny_ap("a", "/a"));
     let f = fixture(api);
     assert_eq!(f.cluster.istio_api_version, "security.istio.io/v1");
     assert_eq!(policy_names(&f.cluster), ["a"], "the first list");
@@ -101,20 +101,10 @@ fn policies_follow_add_change_delete() {
         )
         .0
     };
-    f.api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "b",
-        deny(&["/b"]),
-    ));
+    f.api.apply(deny_ap("b", "/b"));
     eventually("b added", || policy_names(&f.cluster) == ["a", "b"]);
 
-    f.api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "b",
-        deny(&["/changed"]),
-    ));
+    f.api.apply(deny_ap("b", "/changed"));
     eventually("b changed", || {
         set(&mut pols)
             .authorization_policies
@@ -228,23 +218,13 @@ fn pods_services_and_namespaces_make_the_desired_state() {
 #[test]
 fn relists_after_410_and_keeps_the_last_state_while_away() {
     let api = FakeApi::start().unwrap();
-    api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "a",
-        deny(&["/a"]),
-    ));
+    api.apply(deny_ap("a", "/a"));
     let f = fixture(api);
     let lists = f.api.lists("authorizationpolicies");
     f.api.stop();
     // While the API server is away the store keeps what it had.
     f.api.delete("AuthorizationPolicy", "foo", "a");
-    f.api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "b",
-        deny(&["/b"]),
-    ));
+    f.api.apply(deny_ap("b", "/b"));
     f.api.compact();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -263,22 +243,12 @@ fn relists_after_410_and_keeps_the_last_state_while_away() {
 #[test]
 fn restart_resumes_the_watch_without_a_relist() {
     let api = FakeApi::start().unwrap();
-    api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "a",
-        deny(&["/a"]),
-    ));
+    api.apply(deny_ap("a", "/a"));
     let f = fixture(api);
     let lists = f.api.lists("authorizationpolicies");
     let watches = f.api.watches("authorizationpolicies");
     f.api.stop();
-    f.api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "b",
-        deny(&["/b"]),
-    ));
+    f.api.apply(deny_ap("b", "/b"));
     std::thread::sleep(Duration::from_millis(500));
     f.api.resume();
     eventually("the change made while down arrives", || {
@@ -295,12 +265,7 @@ fn restart_resumes_the_watch_without_a_relist() {
 #[test]
 fn bookmarks_move_the_resume_point() {
     let api = FakeApi::start().unwrap();
-    api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "a",
-        deny(&["/a"]),
-    ));
+    api.apply(deny_ap("a", "/a"));
     let f = fixture(api);
     let lists = f.api.lists("authorizationpolicies");
     // Other collections move the resourceVersion on; only a bookmark tells the policy watch.
@@ -310,12 +275,7 @@ fn bookmarks_move_the_resume_point() {
     std::thread::sleep(Duration::from_millis(700));
     f.api.compact();
     f.api.restart(Duration::from_millis(50));
-    f.api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "b",
-        deny(&["/b"]),
-    ));
+    f.api.apply(deny_ap("b", "/b"));
     eventually("b arrives", || policy_names(&f.cluster) == ["a", "b"]);
     assert_eq!(
         f.api.lists("authorizationpolicies"),
@@ -330,12 +290,7 @@ fn bookmarks_move_the_resume_point() {
 fn older_istio_serves_v1beta1_only() {
     let api = FakeApi::start().unwrap();
     api.serve_istio_versions(&["v1beta1"]);
-    api.apply(fakeapi::istio(
-        "AuthorizationPolicy",
-        "foo",
-        "a",
-        deny(&["/a"]),
-    ));
+    api.apply(deny_ap("a", "/a"));
     let f = fixture(api);
     assert_eq!(f.cluster.istio_api_version, "security.istio.io/v1beta1");
     assert_eq!(policy_names(&f.cluster), ["a"]);

@@ -26,6 +26,15 @@ fn eventually(what: &str, agent: &Agent, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The agent's config in Kubernetes mode on NODE, with the pods under `net`'s cgroup and the
+/// kubeconfig beside it (the `files` of the agent); `admin` is "{ADMIN}" or "{ADMIN_ANY}".
+fn kube_config(net: &Net, admin: &str, agent_extra: &str) -> String {
+    format!(
+        "agent: {{port: 15001, admin: \"{admin}\", cgroupRoot: {}{agent_extra}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: kubeconfig}}\n",
+        net.cgroup_base().display()
+    )
+}
+
 fn deny_get() -> serde_json::Value {
     json!({"selector": {"matchLabels": {"app": "httpbin"}}, "action": "DENY",
            "rules": [{"to": [{"operation": {"paths": ["/get"]}}]}]})
@@ -57,16 +66,10 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
         "metadata": {"name": "httpbin", "namespace": "foo"},
         "spec": {"clusterIP": vip, "selector": {"app": "httpbin"}, "ports": [{"port": 80, "targetPort": 8000}]}}));
 
-    let dir = std::env::temp_dir().join(format!("authz-kube-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: {}}}\n",
-        net.cgroup_base().display(),
-        kubeconfig.display()
-    );
-    let agent = Agent::start(&cfg).unwrap();
+    let cfg = kube_config(&net, "{ADMIN}", "");
+    let kubeconfig = api.kubeconfig();
+    let files = [("kubeconfig", kubeconfig.as_str())];
+    let agent = Agent::start_with_files(&cfg, &files).unwrap();
     assert_eq!(
         agent.metric("authz_pods_enrolled"),
         0.0,
@@ -246,7 +249,6 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
         agent.metric("authz_kernel_connect_redirected_total"),
         before
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -279,16 +281,10 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
         json!({"app": "sleep"}),
         "sleep",
     ));
-    let dir = std::env::temp_dir().join(format!("authz-kube-e2e2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: {}}}\n",
-        net.cgroup_base().display(),
-        kubeconfig.display()
-    );
-    let agent = Agent::start(&cfg).unwrap();
+    let cfg = kube_config(&net, "{ADMIN}", "");
+    let kubeconfig = api.kubeconfig();
+    let files = [("kubeconfig", kubeconfig.as_str())];
+    let agent = Agent::start_with_files(&cfg, &files).unwrap();
     eventually("reported", &agent, || {
         agent.metric("authz_pods_not_enrolled") == 1.0
     });
@@ -339,7 +335,6 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
     eventually("enforced", &agent, || {
         curl(&sleep, true, &[&url]).unwrap().0 == 403
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -351,16 +346,10 @@ fn waits_alive_for_an_api_server_that_is_not_there_yet() {
     api.stop();
     let mut net = Net::new().unwrap();
     net.attach_host().unwrap();
-    let dir = std::env::temp_dir().join(format!("authz-kube-e2e3-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN_ANY}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: {}}}\n",
-        net.cgroup_base().display(),
-        kubeconfig.display()
-    );
-    let mut agent = Agent::spawn(&cfg, &[], &fresh_bpffs()).unwrap();
+    let cfg = kube_config(&net, "{ADMIN_ANY}", "");
+    let kubeconfig = api.kubeconfig();
+    let files = [("kubeconfig", kubeconfig.as_str())];
+    let mut agent = Agent::spawn(&cfg, &files, &fresh_bpffs()).unwrap();
     // Alive (a liveness probe must not kill it), not ready, and still trying.
     eventually("alive", &agent, || {
         http_get(agent.admin, "/healthz").is_ok_and(|r| r.0 == 200)
@@ -388,7 +377,6 @@ fn waits_alive_for_an_api_server_that_is_not_there_yet() {
     assert_eq!(http_get(outside, "/metrics").unwrap().0, 200);
     assert_eq!(http_get(outside, "/config_dump").unwrap().0, 403);
     assert_eq!(http_get(agent.admin, "/config_dump").unwrap().0, 200);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A DaemonSet rolling update with maxSurge: the new agent starts beside the old one on the same
@@ -399,10 +387,6 @@ fn rolling_update_hands_over_without_a_failed_request() {
     if !require_root() {
         return;
     }
-    use std::sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    };
     let api = FakeApi::start().unwrap();
     let mut net = Net::new().unwrap();
     let uid = "5c0ffee0-0000-4000-8000-00000000c001";
@@ -434,16 +418,10 @@ fn rolling_update_hands_over_without_a_failed_request() {
         "deny-get",
         deny_get(),
     ));
-    let dir = std::env::temp_dir().join(format!("authz-kube-e2e4-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}, drainTimeout: 2s}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: {}}}\n",
-        net.cgroup_base().display(),
-        kubeconfig.display()
-    );
-    let mut old = Agent::spawn(&cfg, &[], &fresh_bpffs()).unwrap();
+    let cfg = kube_config(&net, "{ADMIN}", ", drainTimeout: 2s");
+    let kubeconfig = api.kubeconfig();
+    let files = [("kubeconfig", kubeconfig.as_str())];
+    let mut old = Agent::spawn(&cfg, &files, &fresh_bpffs()).unwrap();
     old.wait_ready().unwrap();
     old.cleanup_on_drop = false;
     let denied = format!("http://{}:8000/get", httpbin.ip);
@@ -451,28 +429,10 @@ fn rolling_update_hands_over_without_a_failed_request() {
         curl(&sleep, true, &[&denied]).unwrap().0 == 403
     });
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (stop, pod, url) = (
-            stop.clone(),
-            sleep.clone(),
-            format!("http://{}:8000/headers", httpbin.ip),
-        );
-        std::thread::spawn(move || {
-            let (mut n, mut bad) = (0, vec![]);
-            while !stop.load(Ordering::Relaxed) {
-                let (a, _) = attempt(&pod, &url);
-                if !matches!(a, Attempt::Answer(200, _)) {
-                    bad.push(a);
-                }
-                n += 1;
-            }
-            (n, bad)
-        })
-    };
+    let load = Load::start(&sleep, &format!("http://{}:8000/headers", httpbin.ip));
     std::thread::sleep(Duration::from_millis(300));
     // The surge pod: same pins, same admin port (both listen with SO_REUSEPORT).
-    let new = Agent::spawn_at(&cfg, &[], &old.bpffs, old.admin).unwrap();
+    let new = Agent::spawn_at(&cfg, &files, &old.bpffs, old.admin).unwrap();
     eventually("the new agent ready", &new, || {
         new.log_text().contains("agent ready")
     });
@@ -480,8 +440,7 @@ fn rolling_update_hands_over_without_a_failed_request() {
     let st = old.stop().unwrap();
     assert!(st.success(), "{}", old.log_text());
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let (n, bad) = load.join().unwrap();
+    let (n, bad) = load.stop_not_ok();
     assert!(n >= 10, "requests during the handover: {n}");
     assert!(
         bad.is_empty(),
@@ -498,5 +457,4 @@ fn rolling_update_hands_over_without_a_failed_request() {
         new.log_text()
     );
     assert!(new.metric("authz_connections_redirected_total") > 0.0);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -542,6 +542,17 @@ mod tests {
         merge(&mut v, extra);
         pod(v)
     }
+    /// The desired state seen from node n1, where no pod can be located.
+    fn from_n1(
+        pods: &[Arc<Pod>],
+        namespaces: &[Arc<Namespace>],
+        services: &[Arc<Service>],
+    ) -> Desired {
+        desired("n1", pods, namespaces, services, true, &mut |_| {
+            Err("x".into())
+        })
+    }
+
     fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
         match (a, b) {
             (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
@@ -647,14 +658,7 @@ mod tests {
             ),
             p("b-new", "mesh", "n2", "10.0.0.1", json!({})),
         ];
-        let d = desired(
-            "n1",
-            &pods,
-            &namespaces,
-            &[],
-            true,
-            &mut |_| Err("x".into()),
-        );
+        let d = from_n1(&pods, &namespaces, &[]);
         assert_eq!(d.workloads.len(), 1);
         assert_eq!(d.workloads[0].name, "b-new");
     }
@@ -666,14 +670,7 @@ mod tests {
             p("a", "mesh", "n2", "10.0.0.1", json!({})),
             p("b", "mesh", "n2", "10.0.0.1", json!({})),
         ];
-        let d = desired(
-            "n1",
-            &pods,
-            &namespaces,
-            &[],
-            true,
-            &mut |_| Err("x".into()),
-        );
+        let d = from_n1(&pods, &namespaces, &[]);
         assert_eq!(d.workloads.len(), 1, "{:?}", d.workloads);
         assert_eq!(d.workloads[0].name, "a");
     }
@@ -692,9 +689,7 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": "h", "namespace": "auth"}, "spec": {"clusterIP": "None"}}))
                 .unwrap(),
         );
-        let d = desired("n1", &[], &[], &[s, headless], true, &mut |_| {
-            Err("x".into())
-        });
+        let d = from_n1(&[], &[], &[s, headless]);
         assert_eq!(d.services.len(), 1);
         assert_eq!(d.services[0].ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
         assert_eq!(
@@ -757,9 +752,7 @@ mod tests {
             }))
             .unwrap(),
         );
-        let d = desired("n1", &pods, &namespaces, &[svc], true, &mut |_| {
-            Err("x".into())
-        });
+        let d = from_n1(&pods, &namespaces, &[svc]);
         let b = &d.services[0].backends;
         assert_eq!(
             b.len(),

@@ -8,19 +8,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-/// CPU time (user + system, all threads) of a process, in microseconds.
-pub fn cpu_us(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("process {pid} gone"))?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Ok(ticks * 1_000_000 / hz)
-}
-
-pub use authz_tests::rss_kib;
+pub use authz_tests::{cpu_us, rss_kib};
 
 fn cpu_busy_fraction(over: Duration) -> Result<f64> {
     let read = || -> Result<(u64, u64)> {

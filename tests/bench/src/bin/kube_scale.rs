@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use authz_tests::{
+    cpu_us,
     fakeapi::{self, FakeApi},
     fresh_bpffs, http_get, rss_kib, Agent, Net,
 };
@@ -34,16 +35,6 @@ struct Sample {
     rss_after_kib: u64,
     cpu_us_per_change: f64,
     apply_ms: f64,
-}
-
-fn cpu_us(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    (field(11) + field(12)) * 1_000_000 / hz
 }
 
 fn pod(i: usize, a: &Args) -> serde_json::Value {
@@ -83,17 +74,13 @@ fn measure(a: &Args, populated: bool) -> Result<Sample> {
                        "rules": [{"to": [{"operation": {"paths": ["/admin/*"], "methods": ["POST"]}}]}]})));
         }
     }
-    let dir = std::env::temp_dir().join(format!("authz-kube-scale-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: {}}}\n",
-        net.cgroup_base().display(),
-        kubeconfig.display()
+        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: kubeconfig}}\n",
+        net.cgroup_base().display()
     );
+    let kubeconfig = api.kubeconfig();
     let started = Instant::now();
-    let mut agent = Agent::spawn(&cfg, &[], &fresh_bpffs())?;
+    let mut agent = Agent::spawn(&cfg, &[("kubeconfig", kubeconfig.as_str())], &fresh_bpffs())?;
     agent.wait_ready()?;
     let ready = started.elapsed();
     std::thread::sleep(Duration::from_secs(2));
@@ -102,7 +89,7 @@ fn measure(a: &Args, populated: bool) -> Result<Sample> {
 
     // Churn: pod status updates that change nothing the agent uses, one every 5 ms, then one
     // that does (a policy), timed until the agent has applied it.
-    let before = cpu_us(pid);
+    let before = cpu_us(pid)?;
     // The empty cluster has no pods to churn: its CPU column stays empty.
     let n = if populated { a.churn } else { 0 };
     for k in 0..n {
@@ -120,7 +107,7 @@ fn measure(a: &Args, populated: bool) -> Result<Sample> {
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let cpu = cpu_us(pid) - before;
+    let cpu = cpu_us(pid)? - before;
     let applied = |agent: &Agent| {
         http_get(agent.admin, "/metrics")
             .ok()
@@ -147,7 +134,6 @@ fn measure(a: &Args, populated: bool) -> Result<Sample> {
     std::thread::sleep(Duration::from_secs(1));
     let rss_after = rss_kib(pid)?;
     agent.stop()?;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(Sample {
         ready,
         rss_kib: rss,
