@@ -10,6 +10,8 @@ fn main() -> anyhow::Result<()> {
     }
     let toolchain = std::env::var("AUTHZ_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     println!("cargo:rerun-if-env-changed=AUTHZ_EBPF_TOOLCHAIN");
+    // aya-build watches the eBPF crate's folder only; the programs also embed the shared types.
+    println!("cargo:rerun-if-changed=../authz-common");
     let meta = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../authz-ebpf");
     let root = meta.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     let toolchain: &'static str = Box::leak(toolchain.into_boxed_str());

@@ -11,7 +11,9 @@ pub type Addr = [u32; 4];
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {
     pub pod_id: u32,
-    /// Agent listener port inside the pod's network namespace, host byte order.
+    /// Agent listener port inside the pod's network namespace, host byte order; 0 while the
+    /// pod is known but its listener is not open yet: its connections to enforced destinations
+    /// are refused, never sent direct.
     pub agent_port: u16,
     pub _pad: u16,
 }
@@ -101,7 +103,9 @@ pub mod counter {
     pub const CONNECT_REFUSED: u32 = 5;
     /// connect() let through directly because the agent was gone (fail open).
     pub const CONNECT_BYPASSED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// connect() refused because the pod's listener was not open yet (enrollment pending).
+    pub const CONNECT_PENDING: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Map names, shared so the agent never spells them differently.

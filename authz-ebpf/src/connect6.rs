@@ -41,6 +41,12 @@ pub fn authz_connect6(ctx: SockAddrContext) -> i32 {
             return REFUSE;
         }
     }
+    if pod.agent_port == 0 {
+        // Known pod, listener not open yet: refused, so a pod cannot stay unenrolled (e.g. by
+        // holding the port first) and reach the destination unchecked.
+        count(counter::CONNECT_PENDING, 1);
+        return REFUSE;
+    }
     let mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == u32::from_be(0xffff);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let orig = OrigDst {

@@ -109,7 +109,17 @@ struct Enrolled {
 /// What the agent has put in the kernel and started, so a reload can change just the difference.
 struct State {
     pods: HashMap<(String, String), Enrolled>,
+    /// Pods that should be enrolled and are not (yet): retried every second.
+    pending: HashMap<(String, String), PendingPod>,
     enforced: HashSet<IpAddr>,
+}
+
+/// A pod whose enrollment failed. With a cgroup id, its kernel entry is in place with no port:
+/// its connections to enforced destinations are refused until it is enrolled.
+struct PendingPod {
+    spec: PodSpec,
+    cgroup_id: Option<u64>,
+    reason: String,
 }
 
 fn log_problems(set: &crate::policy::PolicySet) {
@@ -185,8 +195,26 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
     let _ = admin.kernel.set(kernel.clone());
     *admin.dump.write().unwrap() = Arc::new(cfg.clone());
 
+    let nofile = crate::limits::raise_nofile();
+    let max_connections = crate::limits::connection_cap(cfg.agent.max_connections, nofile);
+    if cfg.agent.max_connections > max_connections {
+        tracing::warn!(
+            asked = cfg.agent.max_connections,
+            nofile,
+            "agent.maxConnections lowered to {max_connections} to fit the descriptor limit"
+        );
+    }
+    if cfg.agent.port.is_some() {
+        tracing::warn!("agent.port is ignored: each pod's listener takes a port picked at enrollment");
+    }
+    metrics
+        .connections_max
+        .store(max_connections, Ordering::Relaxed);
+    tracing::info!(nofile, max_connections, "descriptor limit");
+
     let (drain_tx, draining) = tokio::sync::watch::channel(false);
     let px = Arc::new(Proxy {
+        max_connections,
         kernel: kernel.clone(),
         metrics: metrics.clone(),
         settings: cfg.agent.clone(),
@@ -196,11 +224,12 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
     });
     let mut state = State {
         pods: HashMap::new(),
+        pending: HashMap::new(),
         enforced: HashSet::new(),
     };
     // From files, every pod must enroll at start; on reload, and always in Kubernetes mode
     // (pods come and go), a pod that cannot is reported and retried, never half-enrolled.
-    apply_registry(&px, &mut state, &cfg, &registry, kube.is_none())?;
+    apply_registry(&px, &mut state, &cfg, &registry)?;
     if kernel.adopted {
         forget_stale(&kernel, &state);
     }
@@ -272,9 +301,19 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
                 last_cost = started.elapsed();
                 *admin.dump.write().unwrap() = Arc::new(current.clone());
             }
-            _ = retry.tick(), if kube.as_ref().is_some_and(|k| k.pending(&state)) => {
-                let k = kube.as_mut().expect("retry runs only in Kubernetes mode");
-                current = apply_snapshot(k, &current, &px, &mut state, &store, &cache, &metrics);
+            _ = retry.tick(), if !state.pending.is_empty() || kube.as_ref().is_some_and(|k| k.pending(&state)) => {
+                match kube.as_mut() {
+                    Some(k) => {
+                        current = apply_snapshot(k, &current, &px, &mut state, &store, &cache, &metrics);
+                    }
+                    None => {
+                        let registry = px.registry();
+                        if let Err(e) = apply_registry(&px, &mut state, &current, &registry) {
+                            tracing::error!("retrying enrollments: {e:#}");
+                        }
+                        metrics.pods_enrolled.store(state.pods.len() as u64, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }
@@ -326,7 +365,12 @@ async fn drain(metrics: &Metrics, timeout: Duration) {
 /// After adopting a previous agent's maps: pods and workloads it had that this configuration
 /// does not have are released.
 fn forget_stale(kernel: &Kernel, state: &State) {
-    let ours: HashSet<u64> = state.pods.values().map(|p| p.cgroup_id).collect();
+    let ours: HashSet<u64> = state
+        .pods
+        .values()
+        .map(|p| p.cgroup_id)
+        .chain(state.pending.values().filter_map(|p| p.cgroup_id))
+        .collect();
     for id in kernel.enrolled_ids() {
         if !ours.contains(&id) {
             let _ = kernel.release(id);
@@ -386,7 +430,7 @@ fn apply(
     let registry = Arc::new(Registry::from_config(cfg));
     *px.registry.write().unwrap() = registry.clone();
     *px.engine.write().unwrap() = Arc::new(eng);
-    apply_registry(px, state, cfg, &registry, false)?;
+    apply_registry(px, state, cfg, &registry)?;
     px.metrics
         .pods_enrolled
         .store(state.pods.len() as u64, Ordering::Relaxed);
@@ -577,7 +621,9 @@ impl KubeInput {
 
     /// Some pod of this node waits to be enrolled.
     fn pending(&self, state: &State) -> bool {
-        !self.not_enrolled.is_empty() || state.pods.len() < self.last_wanted
+        !self.not_enrolled.is_empty()
+            || !state.pending.is_empty()
+            || state.pods.len() < self.last_wanted
     }
 }
 
@@ -609,7 +655,7 @@ fn apply_snapshot(
         if k.pending(state) {
             // Only enrollments to retry: the engine stays.
             let registry = px.registry();
-            if let Err(e) = apply_registry(px, state, &cfg, &registry, false) {
+            if let Err(e) = apply_registry(px, state, &cfg, &registry) {
                 tracing::error!("retrying enrollments: {e:#}");
             }
             metrics
@@ -631,14 +677,15 @@ fn apply_snapshot(
 }
 
 /// Makes the kernel and the listeners match the registry: pods enrolled or released, workload
-/// addresses enforced or not. Listeners open before a pod is enrolled, so a pod is never steered
-/// to a port nobody listens on.
+/// addresses enforced or not. A pod is first recorded pending (its connections to enforced
+/// destinations refused), then its listener opens on a port of its own and the entry names it,
+/// so a pod is never steered to a port nobody listens on, nor left to go direct. A pod that
+/// cannot be enrolled stays pending, is reported and retried; it never stops the others.
 fn apply_registry(
     px: &Arc<Proxy>,
     state: &mut State,
     cfg: &Config,
     registry: &Arc<Registry>,
-    strict: bool,
 ) -> Result<()> {
     let kernel = &px.kernel;
     let wanted: HashMap<(String, String), &PodSpec> = cfg
@@ -659,39 +706,56 @@ fn apply_registry(
             tracing::info!(pod = %format!("{}/{}", k.0, k.1), "pod released");
         }
     }
+    let stale: Vec<(String, String)> = state
+        .pending
+        .iter()
+        .filter(|(k, p)| wanted.get(*k).is_none_or(|s| !same_enrollment(s, &p.spec)))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in stale {
+        if let Some(id) = state.pending.remove(&k).and_then(|p| p.cgroup_id) {
+            let _ = kernel.release(id);
+        }
+    }
     for pod in &registry.pods {
         let key = (pod.workload.namespace.clone(), pod.workload.name.clone());
         if state.pods.contains_key(&key) {
             continue;
         }
+        let spec = (*wanted[&key]).clone();
         let name = format!("{}/{}", key.0, key.1);
-        let enrolled = PodListeners::open(pod.clone(), cfg.agent.port).and_then(|pl| {
-            let id = kernel
-                .enroll(&pod.cgroup, pod.id, cfg.agent.port)
-                .with_context(|| {
-                    format!("pod {name}: enrolling cgroup {}", pod.cgroup.display())
-                })?;
-            Ok((pl, id))
-        });
-        match enrolled {
-            Ok((pl, id)) => {
-                let server = tokio::spawn(proxy::serve(px.clone(), pl)).abort_handle();
+        let cgroup_id = state.pending.get(&key).and_then(|p| p.cgroup_id);
+        match enroll(px, pod, cgroup_id) {
+            Ok((cgroup_id, server, port)) => {
+                state.pending.remove(&key);
                 state.pods.insert(
                     key,
                     Enrolled {
-                        spec: (*wanted
-                            [&(pod.workload.namespace.clone(), pod.workload.name.clone())])
-                            .clone(),
-                        cgroup_id: id,
+                        spec,
+                        cgroup_id,
                         server,
                     },
                 );
-                tracing::info!(pod = %name, cgroup_id = id, "pod enrolled");
+                tracing::info!(pod = %name, cgroup_id, port, "pod enrolled");
             }
-            Err(e) if strict => return Err(e),
-            Err(e) => tracing::error!(pod = %name, "pod not enrolled: {e:#}"),
+            Err((cgroup_id, e)) => {
+                let reason = format!("{e:#}");
+                let known = state.pending.get(&key).map(|p| p.reason.clone());
+                if known.as_deref() != Some(reason.as_str()) {
+                    tracing::error!(pod = %name, pending = cgroup_id.is_some(), "pod not enrolled, retrying: {reason}");
+                }
+                state.pending.insert(
+                    key,
+                    PendingPod {
+                        spec,
+                        cgroup_id,
+                        reason,
+                    },
+                );
+            }
         }
     }
+    px.metrics.pods_pending.store(state.pending.len() as u64, Ordering::Relaxed);
     let ips: HashSet<IpAddr> = registry
         .by_ip
         .keys()
@@ -714,6 +778,34 @@ fn apply_registry(
         }
     }
     Ok(())
+}
+
+/// Enrolls one pod: pending entry, listeners, then the entry with their port. On error, returns
+/// the cgroup id when the pending entry is in place.
+fn enroll(
+    px: &Arc<Proxy>,
+    pod: &Arc<crate::registry::Pod>,
+    known_id: Option<u64>,
+) -> std::result::Result<(u64, AbortHandle, u16), (Option<u64>, anyhow::Error)> {
+    let kernel = &px.kernel;
+    let id = match known_id {
+        Some(id) => id,
+        None => crate::kernel::cgroup_id(&pod.cgroup).map_err(|e| (None, e))?,
+    };
+    // A previous agent's port (hot restart): listen beside it. Otherwise the pod is pending
+    // until its listener is open.
+    let reuse = kernel.enrolled_port(id);
+    if reuse.is_none() {
+        kernel.enroll(id, pod.id, 0).map_err(|e| (None, e))?;
+    }
+    let pl = PodListeners::open(pod.clone(), reuse).map_err(|e| (Some(id), e))?;
+    let port = pl.port;
+    kernel
+        .enroll(id, pod.id, port)
+        .with_context(|| format!("enrolling cgroup {}", pod.cgroup.display()))
+        .map_err(|e| (Some(id), e))?;
+    let server = tokio::spawn(proxy::serve(px.clone(), pl)).abort_handle();
+    Ok((id, server, port))
 }
 
 /// Whether an enrolled pod can stay as it is: the same place on the host and the same identity.

@@ -38,15 +38,6 @@ impl StrMatch {
         }
     }
 
-    fn path(v: &str) -> StrMatch {
-        if v.contains('{') {
-            if let Ok(re) = template::compile(v) {
-                return StrMatch::Template(re);
-            }
-        }
-        StrMatch::new(v)
-    }
-
     fn lower(v: &str) -> StrMatch {
         StrMatch::new(&v.to_ascii_lowercase())
     }
@@ -134,6 +125,8 @@ pub struct HttpAttrs<'a> {
     pub method: &'a str,
     /// Normalized, without query or fragment.
     pub path: &'a str,
+    /// What is forwarded as the request target (normalized path and query): Envoy's `:path`.
+    pub path_and_query: &'a str,
     pub host: &'a str,
     pub headers: &'a HeaderMap,
     pub identity: Option<&'a Identity>,
@@ -179,19 +172,45 @@ struct Field<T> {
 }
 
 impl<T> Field<T> {
-    fn new(
+    /// Every value converted, or one error per value that cannot be (`name` is the YAML field).
+    fn try_new(
+        name: &str,
         pos: &Option<Vec<String>>,
         neg: &Option<Vec<String>>,
-        f: impl Fn(&str) -> Option<T>,
+        f: impl Fn(&str) -> Result<T, String>,
+        errors: &mut Vec<CompileError>,
     ) -> Field<T> {
+        let mut conv = |v: &Option<Vec<String>>, field: String| {
+            v.as_ref().map(|v| {
+                v.iter()
+                    .filter_map(|x| match f(x) {
+                        Ok(t) => Some(t),
+                        Err(message) => {
+                            errors.push(CompileError {
+                                near: x.clone(),
+                                message: format!("{field}: {x:?} {message}"),
+                            });
+                            None
+                        }
+                    })
+                    .collect()
+            })
+        };
+        let (pos_name, neg_name) = if name.contains('.') || name.contains('[') {
+            (format!("{name} values"), format!("{name} notValues"))
+        } else {
+            let mut c = name.chars();
+            let first = c.next().map(|f| f.to_ascii_uppercase()).unwrap_or_default();
+            (name.to_string(), format!("not{first}{}", c.as_str()))
+        };
         Field {
-            pos: pos
-                .as_ref()
-                .map(|v| v.iter().filter_map(|x| f(x)).collect()),
-            neg: neg
-                .as_ref()
-                .map(|v| v.iter().filter_map(|x| f(x)).collect()),
+            pos: conv(pos, pos_name),
+            neg: conv(neg, neg_name),
         }
+    }
+    /// Values compiled, positive and negative.
+    fn len(&self) -> usize {
+        self.pos.as_ref().map_or(0, Vec::len) + self.neg.as_ref().map_or(0, Vec::len)
     }
     fn is_set(&self) -> bool {
         self.pos.is_some() || self.neg.is_some()
@@ -225,6 +244,13 @@ struct COp {
 #[derive(Debug, Clone)]
 enum Key {
     Header(http::HeaderName),
+    /// `request.headers[:authority]` and the other pseudo-headers, as Envoy matches them.
+    Authority,
+    Method,
+    Path,
+    Scheme,
+    /// A header name no request can carry (Istio accepts it; it never matches).
+    Never,
     SourceIp,
     RemoteIp,
     SourceNamespace,
@@ -308,12 +334,32 @@ impl ReqPrincipal {
     }
 }
 
+/// A value or field the engine cannot enforce as written: the policy is refused. `near` is text
+/// of the YAML to point the `file:line` at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileError {
+    pub near: String,
+    pub message: String,
+}
+
 impl Compiled {
-    pub fn new(p: &AuthorizationPolicy) -> Compiled {
+    /// The one conversion from YAML types to what is evaluated; `validate`, the agent and
+    /// `check` all go through it, so a rule accepted is enforced whole: nothing is dropped.
+    pub fn try_new(p: &AuthorizationPolicy) -> Result<Compiled, Vec<CompileError>> {
         let ns = p.namespace.clone();
-        Compiled {
+        let mut errors = Vec::new();
+        let rules = p.spec.rules.as_ref().map(|rs| {
+            rs.iter()
+                .enumerate()
+                .map(|(i, r)| compile_rule(r, &ns, &format!("rules[{i}]"), &mut errors))
+                .collect()
+        });
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Compiled {
             id: p.id(),
-            namespace: ns.clone(),
+            namespace: ns,
             action: p.spec.action,
             dry_run: p
                 .metadata
@@ -322,12 +368,41 @@ impl Compiled {
                 .is_some_and(|v| v == "true"),
             selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
             has_target_refs: p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty(),
-            rules: p
-                .spec
-                .rules
-                .as_ref()
-                .map(|rs| rs.iter().map(|r| compile_rule(r, &ns)).collect()),
+            rules,
+        })
+    }
+
+    /// Stands in for a policy that cannot be compiled (never the case for one that passed
+    /// validation): it denies every request it could apply to, never allows more.
+    pub fn deny_all(p: &AuthorizationPolicy) -> Compiled {
+        Compiled {
+            id: p.id(),
+            namespace: p.namespace.clone(),
+            action: Action::Deny,
+            dry_run: false,
+            selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
+            has_target_refs: p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty(),
+            rules: Some(vec![CRule {
+                from: None,
+                to: None,
+                when: vec![],
+                http_only: false,
+            }]),
         }
+    }
+
+    /// Per rule: (values compiled in from/to, conditions compiled), for the property that
+    /// compilation keeps every field.
+    pub fn matcher_counts(&self) -> Vec<(usize, usize)> {
+        self.rules
+            .iter()
+            .flatten()
+            .map(|r| {
+                let from: usize = r.from.iter().flatten().map(CSource::len).sum();
+                let to: usize = r.to.iter().flatten().map(COp::len).sum();
+                (from + to, r.when.len())
+            })
+            .collect()
     }
 
     /// Whether any rule matches.
@@ -350,26 +425,77 @@ impl Compiled {
     }
 }
 
-fn compile_rule(r: &Rule, ns: &str) -> CRule {
-    let from: Option<Vec<CSource>> = r.from.as_ref().map(|f| {
-        f.iter()
-            .filter_map(|x| x.source.as_ref())
-            .map(|s| compile_source(s, ns))
+fn compile_rule(r: &Rule, ns: &str, at: &str, errors: &mut Vec<CompileError>) -> CRule {
+    let mark = errors.len();
+    // Istio refuses an empty `from`/`to` and an empty source or operation: each would otherwise
+    // silently match nothing (or everything).
+    let mut refuse = |near: &str, message: String| {
+        errors.push(CompileError {
+            near: near.into(),
+            message,
+        })
+    };
+    if r.from.as_ref().is_some_and(Vec::is_empty) {
+        refuse("from:", "from must not be empty".into());
+    }
+    if r.to.as_ref().is_some_and(Vec::is_empty) {
+        refuse("to:", "to must not be empty".into());
+    }
+    let mut sources = Vec::new();
+    for (j, f) in r.from.iter().flatten().enumerate() {
+        match &f.source {
+            Some(s) if *s != Source::default() => sources.push((j, s)),
+            _ => refuse("from:", format!("from[{j}]: source must not be empty")),
+        }
+    }
+    let mut operations = Vec::new();
+    for (j, t) in r.to.iter().flatten().enumerate() {
+        match &t.operation {
+            Some(o) if *o != Operation::default() => operations.push((j, o)),
+            _ => refuse("to:", format!("to[{j}]: operation must not be empty")),
+        }
+    }
+    let from: Option<Vec<CSource>> = r.from.as_ref().map(|_| {
+        sources
+            .iter()
+            .map(|(j, s)| {
+                within(errors, &format!("from[{j}].source"), |e| {
+                    compile_source(s, ns, e)
+                })
+            })
             .collect()
     });
-    let to: Option<Vec<COp>> = r.to.as_ref().map(|t| {
-        t.iter()
-            .filter_map(|x| x.operation.as_ref())
-            .map(compile_op)
+    let to: Option<Vec<COp>> = r.to.as_ref().map(|_| {
+        operations
+            .iter()
+            .map(|(j, o)| within(errors, &format!("to[{j}].operation"), |e| compile_op(o, e)))
             .collect()
     });
-    let when: Vec<CCond> = r.when.iter().flatten().filter_map(compile_cond).collect();
+    let when: Vec<CCond> = r
+        .when
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(j, c)| match compile_cond(c, errors) {
+            Ok(c) => Some(c),
+            Err(message) => {
+                errors.push(CompileError {
+                    near: c.key.clone(),
+                    message: format!("when[{j}]: {message}"),
+                });
+                None
+            }
+        })
+        .collect();
     let http_only = from.iter().flatten().any(|s| s.request_principals.is_set())
         || to
             .iter()
             .flatten()
             .any(|o| o.hosts.is_set() || o.methods.is_set() || o.paths.is_set())
         || when.iter().any(|c| c.http_only());
+    for e in &mut errors[mark..] {
+        e.message = format!("{at}: {}", e.message);
+    }
     CRule {
         from,
         to,
@@ -378,82 +504,193 @@ fn compile_rule(r: &Rule, ns: &str) -> CRule {
     }
 }
 
-fn compile_source(s: &Source, ns: &str) -> CSource {
-    let sa = |v: &str| -> Option<(Option<String>, String)> {
-        Some(match v.split_once('/') {
+/// Runs `f`, prefixing the errors it adds with where they are.
+fn within<T>(
+    errors: &mut Vec<CompileError>,
+    at: &str,
+    f: impl FnOnce(&mut Vec<CompileError>) -> T,
+) -> T {
+    let mark = errors.len();
+    let out = f(errors);
+    for e in &mut errors[mark..] {
+        e.message = format!("{at}: {}", e.message);
+    }
+    out
+}
+
+fn ip(v: &str) -> Result<IpNet, String> {
+    parse_cidr(v).ok_or_else(|| "is not an IP address or CIDR".to_string())
+}
+
+fn port(v: &str) -> Result<u16, String> {
+    v.parse()
+        .map_err(|_| "is not a port (0-65535)".to_string())
+}
+
+fn compile_source(s: &Source, ns: &str, errors: &mut Vec<CompileError>) -> CSource {
+    let sa = |v: &str| -> Result<(Option<String>, String), String> {
+        Ok(match v.split_once('/') {
             Some((n, a)) => (Some(n.to_string()), a.to_string()),
             None => (Some(ns.to_string()), v.to_string()),
         })
     };
+    let any = |v: &str| Ok(StrMatch::new(v));
     CSource {
-        principals: Field::new(&s.principals, &s.not_principals, |v| Some(StrMatch::new(v))),
-        request_principals: Field::new(&s.request_principals, &s.not_request_principals, |v| {
-            Some(ReqPrincipal::new(v))
-        }),
-        namespaces: Field::new(&s.namespaces, &s.not_namespaces, |v| Some(StrMatch::new(v))),
-        service_accounts: Field::new(&s.service_accounts, &s.not_service_accounts, sa),
-        trust_domains: Field::new(&s.trust_domains, &s.not_trust_domains, |v| {
-            Some(StrMatch::new(v))
-        }),
-        ip_blocks: Field::new(&s.ip_blocks, &s.not_ip_blocks, parse_cidr),
-        remote_ip_blocks: Field::new(&s.remote_ip_blocks, &s.not_remote_ip_blocks, parse_cidr),
+        principals: Field::try_new("principals", &s.principals, &s.not_principals, any, errors),
+        request_principals: Field::try_new(
+            "requestPrincipals",
+            &s.request_principals,
+            &s.not_request_principals,
+            |v| Ok(ReqPrincipal::new(v)),
+            errors,
+        ),
+        namespaces: Field::try_new("namespaces", &s.namespaces, &s.not_namespaces, any, errors),
+        service_accounts: Field::try_new(
+            "serviceAccounts",
+            &s.service_accounts,
+            &s.not_service_accounts,
+            sa,
+            errors,
+        ),
+        trust_domains: Field::try_new(
+            "trustDomains",
+            &s.trust_domains,
+            &s.not_trust_domains,
+            any,
+            errors,
+        ),
+        ip_blocks: Field::try_new("ipBlocks", &s.ip_blocks, &s.not_ip_blocks, ip, errors),
+        remote_ip_blocks: Field::try_new(
+            "remoteIpBlocks",
+            &s.remote_ip_blocks,
+            &s.not_remote_ip_blocks,
+            ip,
+            errors,
+        ),
     }
 }
 
-fn compile_op(o: &Operation) -> COp {
-    COp {
-        hosts: Field::new(&o.hosts, &o.not_hosts, |v| Some(StrMatch::lower(v))),
-        ports: Field::new(&o.ports, &o.not_ports, |v| v.parse().ok()),
-        methods: Field::new(&o.methods, &o.not_methods, |v| Some(StrMatch::new(v))),
-        paths: Field::new(&o.paths, &o.not_paths, |v| Some(StrMatch::path(v))),
-    }
-}
-
-fn compile_cond(c: &Condition) -> Option<CCond> {
-    let k = c.key.as_str();
-    let key = if let Some(h) = k
-        .strip_prefix("request.headers[")
-        .and_then(|r| r.strip_suffix(']'))
-    {
-        Key::Header(http::HeaderName::from_bytes(h.as_bytes()).ok()?)
-    } else if let Some(rest) = k.strip_prefix("request.auth.claims") {
-        Key::AuthClaim(claim_path(rest)?)
-    } else {
-        match k {
-            "source.ip" => Key::SourceIp,
-            "remote.ip" => Key::RemoteIp,
-            "source.namespace" => Key::SourceNamespace,
-            "source.principal" => Key::SourcePrincipal,
-            "source.serviceAccount" => Key::SourceServiceAccount,
-            "source.trustDomain" => Key::SourceTrustDomain,
-            "request.auth.principal" => Key::AuthPrincipal,
-            "request.auth.audiences" => Key::AuthAudiences,
-            "request.auth.presenter" => Key::AuthPresenter,
-            "destination.ip" => Key::DestinationIp,
-            "destination.port" => Key::DestinationPort,
-            "connection.sni" => Key::Sni,
-            _ if k.starts_with("experimental.envoy.filters.") => Key::Experimental,
-            _ => return None,
+fn compile_op(o: &Operation, errors: &mut Vec<CompileError>) -> COp {
+    let path = |v: &str| -> Result<StrMatch, String> {
+        if v.contains('{') || v.contains('}') {
+            return template::compile(v)
+                .map(StrMatch::Template)
+                .map_err(|e| format!(": {e}"));
         }
+        Ok(StrMatch::new(v))
     };
+    COp {
+        hosts: Field::try_new(
+            "hosts",
+            &o.hosts,
+            &o.not_hosts,
+            |v| Ok(StrMatch::lower(v)),
+            errors,
+        ),
+        ports: Field::try_new("ports", &o.ports, &o.not_ports, port, errors),
+        methods: Field::try_new(
+            "methods",
+            &o.methods,
+            &o.not_methods,
+            |v| Ok(StrMatch::new(v)),
+            errors,
+        ),
+        paths: Field::try_new("paths", &o.paths, &o.not_paths, path, errors),
+    }
+}
+
+/// The attribute a `when` key names; Err for a key Istio refuses.
+fn condition_key(k: &str) -> Result<Key, String> {
+    if let Some(rest) = k.strip_prefix("request.headers[") {
+        let name = rest
+            .strip_suffix(']')
+            .filter(|n| !n.is_empty() && !n.contains(['[', ']']))
+            .ok_or_else(|| format!("{k:?} must be request.headers[<name>]"))?;
+        return Ok(match name {
+            ":authority" => Key::Authority,
+            ":method" => Key::Method,
+            ":path" => Key::Path,
+            ":scheme" => Key::Scheme,
+            // Any other name that no HTTP request can carry: accepted, and never matches.
+            _ => match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => Key::Header(h),
+                Err(_) => Key::Never,
+            },
+        });
+    }
+    if let Some(rest) = k.strip_prefix("request.auth.claims") {
+        return claim_path(rest)
+            .map(Key::AuthClaim)
+            .ok_or_else(|| format!("{k:?} must be request.auth.claims[<name>]..."));
+    }
+    if k.starts_with("experimental.envoy.filters.") {
+        return if k.ends_with(']') && k.contains('[') {
+            Ok(Key::Experimental)
+        } else {
+            Err(format!("unknown attribute {k:?}"))
+        };
+    }
+    Ok(match k {
+        "source.ip" => Key::SourceIp,
+        "remote.ip" => Key::RemoteIp,
+        "source.namespace" => Key::SourceNamespace,
+        "source.principal" => Key::SourcePrincipal,
+        "source.serviceAccount" => Key::SourceServiceAccount,
+        "source.trustDomain" => Key::SourceTrustDomain,
+        "request.auth.principal" => Key::AuthPrincipal,
+        "request.auth.audiences" => Key::AuthAudiences,
+        "request.auth.presenter" => Key::AuthPresenter,
+        "destination.ip" => Key::DestinationIp,
+        "destination.port" => Key::DestinationPort,
+        "connection.sni" => Key::Sni,
+        _ => return Err(format!("unknown attribute {k:?}")),
+    })
+}
+
+fn compile_cond(c: &Condition, errors: &mut Vec<CompileError>) -> Result<CCond, String> {
+    let k = c.key.as_str();
+    let key = condition_key(k)?;
+    if c.values.is_none() && c.not_values.is_none() {
+        return Err(format!(
+            "{k}: at least one of values or notValues must be set"
+        ));
+    }
     let values = match key {
         Key::SourceIp | Key::RemoteIp | Key::DestinationIp => {
-            CondValues::Ip(Field::new(&c.values, &c.not_values, parse_cidr))
+            CondValues::Ip(Field::try_new(k, &c.values, &c.not_values, ip, errors))
         }
         Key::DestinationPort => {
-            CondValues::Port(Field::new(&c.values, &c.not_values, |v| v.parse().ok()))
+            CondValues::Port(Field::try_new(k, &c.values, &c.not_values, port, errors))
         }
-        Key::AuthPrincipal => CondValues::Principal(Field::new(&c.values, &c.not_values, |v| {
-            Some(ReqPrincipal::new(v))
-        })),
-        _ => CondValues::Str(Field::new(&c.values, &c.not_values, |v| {
-            Some(StrMatch::new(v))
-        })),
+        Key::AuthPrincipal => CondValues::Principal(Field::try_new(
+            k,
+            &c.values,
+            &c.not_values,
+            |v| Ok(ReqPrincipal::new(v)),
+            errors,
+        )),
+        _ => CondValues::Str(Field::try_new(
+            k,
+            &c.values,
+            &c.not_values,
+            |v| Ok(StrMatch::new(v)),
+            errors,
+        )),
     };
-    Some(CCond { key, values })
+    Ok(CCond { key, values })
 }
 
 impl CSource {
+    fn len(&self) -> usize {
+        self.principals.len()
+            + self.request_principals.len()
+            + self.namespaces.len()
+            + self.service_accounts.len()
+            + self.trust_domains.len()
+            + self.ip_blocks.len()
+            + self.remote_ip_blocks.len()
+    }
+
     fn matches(&self, a: &Attrs) -> bool {
         let peer = a.peer;
         let principal = peer.map(Peer::principal);
@@ -512,6 +749,10 @@ fn glob(m: &StrMatch, s: &str) -> bool {
 }
 
 impl COp {
+    fn len(&self) -> usize {
+        self.hosts.len() + self.ports.len() + self.methods.len() + self.paths.len()
+    }
+
     fn matches(&self, a: &Attrs) -> bool {
         if !self.ports.eval(|p| *p == a.dest_port) {
             return false;
@@ -533,6 +774,11 @@ impl CCond {
         matches!(
             self.key,
             Key::Header(_)
+                | Key::Authority
+                | Key::Method
+                | Key::Path
+                | Key::Scheme
+                | Key::Never
                 | Key::AuthPrincipal
                 | Key::AuthAudiences
                 | Key::AuthPresenter
@@ -557,6 +803,23 @@ impl CCond {
                     })
                 })
             }
+            (Key::Authority, CondValues::Str(f)) => {
+                let h = a.http.expect("checked above");
+                f.eval(|m| m.matches(h.host))
+            }
+            (Key::Method, CondValues::Str(f)) => {
+                let h = a.http.expect("checked above");
+                f.eval(|m| m.matches(h.method))
+            }
+            (Key::Path, CondValues::Str(f)) => {
+                let h = a.http.expect("checked above");
+                f.eval(|m| m.matches(h.path_and_query))
+            }
+            // Plaintext only: every request the agent sees is http.
+            (Key::Scheme, CondValues::Str(f)) => f.eval(|m| m.matches("http")),
+            // Never matches, whichever of values or notValues is set: ALLOW gains nothing and
+            // DENY denies nothing more.
+            (Key::Never, _) => false,
             (Key::SourceIp, CondValues::Ip(f)) => {
                 f.eval(|n| a.source_ip.is_some_and(|ip| n.contains(&ip)))
             }

@@ -81,8 +81,10 @@ pub enum PathNormalization {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AgentSettings {
-    /// Listener port inside each pod netns (127.0.0.1 and ::1).
-    pub port: u16,
+    /// Deprecated and ignored: the agent's listener in each pod's netns takes a port the kernel
+    /// picks at enrollment (recorded in the pod's map entry), so a pod cannot squat it first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// Metrics and health, in the agent's own netns.
     pub admin: SocketAddr,
     /// cgroup v2 directory the programs attach to; default: the cgroup2 mount.
@@ -115,6 +117,10 @@ pub struct AgentSettings {
     /// Connections one pod may have open through the agent; more are closed at once, so one
     /// noisy pod cannot starve the others on the node.
     pub max_connections_per_pod: u64,
+    /// Connections open through the agent at once, all pods together; more are closed at once.
+    /// 0 (default) = as many as the descriptor limit allows, which the agent raises to its hard
+    /// limit at start; a larger value is lowered to that.
+    pub max_connections: u64,
     /// How long a client may take to send a request head (also between keep-alive requests).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -126,7 +132,7 @@ pub struct AgentSettings {
 impl Default for AgentSettings {
     fn default() -> Self {
         AgentSettings {
-            port: 15001,
+            port: None,
             admin: "127.0.0.1:15020".parse().unwrap(),
             cgroup_root: None,
             root_namespace: "istio-system".into(),
@@ -142,6 +148,7 @@ impl Default for AgentSettings {
             bpffs: PathBuf::from("/sys/fs/bpf/authz"),
             drain_timeout: Duration::from_secs(5),
             max_connections_per_pod: 4096,
+            max_connections: 0,
             header_read_timeout: Duration::from_secs(30),
             tcp_idle_timeout: Duration::from_secs(3600),
         }
@@ -276,9 +283,6 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.agent.port == 0 {
-            return Err("agent.port: must not be 0".into());
-        }
         if self.agent.max_connections_per_pod == 0 {
             return Err("agent.maxConnectionsPerPod: must be at least 1".into());
         }
@@ -367,7 +371,6 @@ mod tests {
         let cfg = Config::parse(
             r#"
 agent:
-  port: 15001
   admin: 127.0.0.1:15020
 pods:
   - name: sleep
@@ -395,7 +398,7 @@ policies: []
 
     #[test]
     fn unknown_field_names_file_and_line() {
-        let err = Config::parse("agent:\n  port: 15001\n  prot: 1\n", "a.yaml").unwrap_err();
+        let err = Config::parse("agent:\n  admin: 127.0.0.1:15020\n  prot: 1\n", "a.yaml").unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("a.yaml:3:"), "{msg}");
         assert!(msg.contains("prot"), "{msg}");

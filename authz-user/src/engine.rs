@@ -237,10 +237,12 @@ impl Engine {
 
         // AuthorizationPolicy.
         let peer = self.peer(c.source);
+        let target = format!("{path}{query}");
         let a = Attrs {
             http: Some(HttpAttrs {
                 method: r.method,
                 path: &path,
+                path_and_query: &target,
                 host: r.host,
                 headers: r.headers,
                 identity: identity.as_ref(),
@@ -263,7 +265,7 @@ impl Engine {
         d.body = "allowed".into();
         d.reason = v.reason;
         d.policy = v.policy;
-        d.forward_target = Some(format!("{path}{query}"));
+        d.forward_target = Some(target);
         d
     }
 

@@ -8,7 +8,10 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod head;
 pub mod jwt;
+#[cfg(feature = "kernel")]
+pub mod limits;
 #[cfg(feature = "kernel")]
 pub mod kernel;
 #[cfg(feature = "kube")]

@@ -19,6 +19,10 @@ pub struct Metrics {
     pub connections_starting: AtomicU64,
     /// Connections closed at once because their pod was at `maxConnectionsPerPod`.
     pub connections_over_pod_limit: AtomicU64,
+    /// Connections closed at once because the agent had `maxConnections` open.
+    pub connections_over_agent_limit: AtomicU64,
+    /// The agent-wide cap in force (from `maxConnections` and the descriptor limit).
+    pub connections_max: AtomicU64,
     /// HTTP connections closed because a request head did not arrive within headerReadTimeout.
     pub header_timeouts: AtomicU64,
     /// TCP relays closed after tcpIdleTimeout without a byte either way.
@@ -35,6 +39,9 @@ pub struct Metrics {
     /// Pods enrolled now, and pods that should be but cannot be yet (Kubernetes mode).
     pub pods_enrolled: AtomicU64,
     pub pods_not_enrolled: AtomicU64,
+    /// Pods located but whose listener or kernel entry failed: pending, their connections to
+    /// enforced destinations refused, retried.
+    pub pods_pending: AtomicU64,
     /// Policy objects (or versions of them) found invalid and not enforced (Kubernetes mode).
     pub policies_rejected: AtomicU64,
 }
@@ -68,6 +75,21 @@ impl Metrics {
             "authz_connections_over_pod_limit_total",
             "Redirected connections closed at once: their pod had maxConnectionsPerPod open.",
             self.connections_over_pod_limit.load(Relaxed),
+        );
+        counter(
+            "authz_connections_over_agent_limit_total",
+            "Redirected connections closed at once: the agent had maxConnections open.",
+            self.connections_over_agent_limit.load(Relaxed),
+        );
+        counter(
+            "authz_upstream_bytes_sent_total",
+            "Bytes TCP relays sent to original destinations.",
+            self.bytes_to_upstream.load(Relaxed),
+        );
+        counter(
+            "authz_upstream_bytes_received_total",
+            "Bytes TCP relays received from original destinations.",
+            self.bytes_from_upstream.load(Relaxed),
         );
         counter(
             "authz_http_header_timeouts_total",
@@ -141,14 +163,20 @@ impl Metrics {
                 k.connect_refused,
             );
             counter(
+                "authz_kernel_connect_pending_total",
+                "connect() refused because the pod's agent listener was not open yet.",
+                k.connect_pending,
+            );
+            counter(
                 "authz_kernel_connect_bypassed_total",
                 "connect() let through directly while the agent was gone (fail open).",
                 k.connect_bypassed,
             );
         }
         let _ = writeln!(s, "# HELP authz_connections_active Connections open through the agent.\n# TYPE authz_connections_active gauge\nauthz_connections_active {}", self.connections_active.load(Relaxed));
+        let _ = writeln!(s, "# HELP authz_connections_max Connections the agent takes at once before refusing new ones.\n# TYPE authz_connections_max gauge\nauthz_connections_max {}", self.connections_max.load(Relaxed));
         let _ = writeln!(s, "# HELP authz_pods_enrolled Pods whose connections the agent steers.\n# TYPE authz_pods_enrolled gauge\nauthz_pods_enrolled {}", self.pods_enrolled.load(Relaxed));
-        let _ = writeln!(s, "# HELP authz_pods_not_enrolled Pods of this node that should be enrolled but cannot be yet.\n# TYPE authz_pods_not_enrolled gauge\nauthz_pods_not_enrolled {}", self.pods_not_enrolled.load(Relaxed));
+        let _ = writeln!(s, "# HELP authz_pods_not_enrolled Pods of this node that should be enrolled but cannot be yet.\n# TYPE authz_pods_not_enrolled gauge\nauthz_pods_not_enrolled {}", self.pods_not_enrolled.load(Relaxed) + self.pods_pending.load(Relaxed));
         let _ = writeln!(s, "# HELP authz_requests_total HTTP requests by decision and reason.\n# TYPE authz_requests_total counter");
         for ((d, r), v) in self.requests.lock().unwrap().iter() {
             let _ = writeln!(

@@ -256,3 +256,81 @@ fn header_conditions_see_every_value() {
         .allowed
     );
 }
+
+/// A raw request head as the data path sees it: normalised by `head::normalize` (one authority,
+/// hop-by-hop headers gone), then decided on exactly what would be forwarded.
+fn decide_raw(
+    e: &Engine,
+    version: http::Version,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (Result<authz::head::Head, authz::head::BadHead>, Option<Decision>, http::Request<()>) {
+    let mut b = http::Request::builder().version(version).method(method).uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let mut req = b.body(()).unwrap();
+    let head = authz::head::normalize(&mut req);
+    let d = head.as_ref().ok().map(|h| {
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let hs: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        decide(e, method, &target, &h.authority, &hs)
+    });
+    (head, d, req)
+}
+
+#[test]
+fn data_path_classes_from_inside_a_pod() {
+    const NO_ADMIN_HOST: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-host, namespace: foo}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {hosts: [\"admin.internal\", \"admin.internal:*\"]}}]}]\n";
+    let e = engine(NO_ADMIN_HOST, PathNormalization::Base);
+    let v11 = http::Version::HTTP_11;
+    // Two authorities: the absolute-form target's wins, in the decision and upstream.
+    let (_, d, req) = decide_raw(&e, v11, "GET", "http://admin.internal/x", &[("host", "public")]);
+    assert_eq!(d.unwrap().status, 403);
+    assert_eq!(req.headers()["host"], "admin.internal");
+    let (_, d, req) = decide_raw(&e, v11, "GET", "http://public/x", &[("host", "admin.internal")]);
+    assert!(d.unwrap().allowed);
+    assert_eq!(req.uri().to_string(), "/x");
+    assert_eq!(req.headers()["host"], "public");
+    // HTTP/2: :authority and a disagreeing host header are refused.
+    let (h, d, _) = decide_raw(
+        &e,
+        http::Version::HTTP_2,
+        "GET",
+        "http://admin.internal/x",
+        &[("host", "public")],
+    );
+    assert!(h.is_err() && d.is_none());
+    let (h, _, _) = decide_raw(&e, v11, "GET", "/x", &[("host", "a"), ("host", "admin.internal")]);
+    assert!(h.is_err(), "two Host headers");
+    // h2c: the upgrade never reaches the upstream; the request stays HTTP/1.1.
+    let (h, d, req) = decide_raw(
+        &e,
+        v11,
+        "GET",
+        "/x",
+        &[
+            ("host", "public"),
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "H2C"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ],
+    );
+    assert!(d.unwrap().allowed && !h.unwrap().upgrade);
+    assert!(req.headers().get("upgrade").is_none() && req.headers().get("http2-settings").is_none());
+    // CONNECT to a denied authority is denied; to another, flagged for a 404, never a tunnel.
+    let (h, d, _) = decide_raw(&e, v11, "CONNECT", "admin.internal:443", &[("host", "admin.internal:443")]);
+    assert_eq!(d.unwrap().status, 403);
+    assert!(h.unwrap().connect);
+}

@@ -672,6 +672,15 @@ pub fn loaded_bpf_programs() -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
+/// The ports listening on 127.0.0.1 in `host`'s netns (in test pods, the agent's listener).
+pub fn loopback_listeners(host: &Host) -> Vec<u16> {
+    let out = Net::run(host, false, "ss", &["-Hltn"]).expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3)?.strip_prefix("127.0.0.1:")?.parse().ok())
+        .collect()
+}
+
 /// Pod YAML entry for the agent config.
 pub fn pod_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
     format!(
@@ -695,7 +704,7 @@ pub fn workload_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
 /// `agent:` mapping (e.g. `", failMode: open"`).
 pub fn one_pod_config(pod: &Host, workload: &Host, agent_extra: &str) -> String {
     format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"{agent_extra}}}\npods:\n{}workloads:\n{}",
+        "agent: {{admin: \"{{ADMIN}}\"{agent_extra}}}\npods:\n{}workloads:\n{}",
         pod_yaml(pod, "foo", &format!("{{app: {}}}", pod.name), &pod.name),
         workload_yaml(
             workload,

@@ -32,7 +32,7 @@ fn jwks_served_in_the_cluster() {
         std::fs::read_to_string(data_dir().join("faq/jwks-in-cluster/requestauthentication.yaml"))
             .unwrap();
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}services:\n  - {{name: nginx-proxy, namespace: foo, ips: [{}], ports: [{{port: 80}}]}}\n  - {{name: httpbin, namespace: foo, ips: [{}], ports: [{{port: 8000}}]}}\npolicies: [policies]\n",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}services:\n  - {{name: nginx-proxy, namespace: foo, ips: [{}], ports: [{{port: 80}}]}}\n  - {{name: httpbin, namespace: foo, ips: [{}], ports: [{{port: 8000}}]}}\npolicies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&httpbin, "foo", "{app: httpbin}", "httpbin"),
         nginx.ip,
@@ -106,7 +106,7 @@ fn jwks_over_https_and_through_an_outage() {
         .unwrap()
         .replace("JWKS_PORT", &server.port.to_string());
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", jwksCaFile: {}, tokenCacheSize: 0}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        "agent: {{admin: \"{{ADMIN}}\", jwksCaFile: {}, tokenCacheSize: 0}}\npods:\n{}workloads:\n{}policies: [policies]\n",
         server.ca_file.display(),
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&httpbin, "foo", "{app: httpbin}", "httpbin"),
@@ -143,7 +143,7 @@ fn skip_jwt_for_some_paths() {
     let ap =
         std::fs::read_to_string(data_dir().join("faq/skip-path/authorizationpolicy.yaml")).unwrap();
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&gw, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
     );
@@ -211,7 +211,7 @@ fn http2_streams_and_upgrades_are_decided_per_request() {
     net.serve(&web, "http", 8000).unwrap();
     let ap = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: foo}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]\n";
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&web, "foo", "{app: web}", "web"),
     );

@@ -19,7 +19,7 @@ fn setup() -> Setup {
     net.serve(&server, "http", 8000).unwrap();
     net.serve(&server, "echo", 9000).unwrap();
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}",
         pod_yaml(&client, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&server, "foo", "{app: httpbin}", "httpbin"),
     );
@@ -200,7 +200,7 @@ fn two_pods_with_the_same_ports_do_not_mix() {
     let server = net.host("srv", 3).unwrap();
     net.serve(&server, "http", 8000).unwrap();
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}{}workloads:\n{}",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}{}workloads:\n{}",
         pod_yaml(&a, "foo", "{app: a}", "a"),
         pod_yaml(&b, "foo", "{app: b}", "b"),
         workload_yaml(&server, "foo", "{app: srv}", "srv"),
@@ -243,13 +243,10 @@ fn dialing_the_agent_port_directly_forwards_nothing() {
         return;
     }
     let s = setup();
-    let out = Net::run(
-        &s.client,
-        true,
-        "curl",
-        &["-sS", "-m", "5", "http://127.0.0.1:15001/"],
-    )
-    .unwrap();
+    let ports = loopback_listeners(&s.client);
+    assert_eq!(ports.len(), 1, "one agent listener in the pod: {ports:?}");
+    let url = format!("http://127.0.0.1:{}/", ports[0]);
+    let out = Net::run(&s.client, true, "curl", &["-sS", "-m", "5", &url]).unwrap();
     assert!(
         !out.status.success(),
         "a connection with no recorded destination is closed"
@@ -275,8 +272,10 @@ fn a_stopped_agent_fails_closed_until_cleanup() {
         took < Duration::from_secs(1),
         "refused at once, not hung: {took:?}"
     );
-    let out = Net::run(&s.client, false, "ss", &["-Hltn", "sport = :15001"]).unwrap();
-    assert!(out.stdout.is_empty(), "listener removed from the pod netns");
+    assert!(
+        loopback_listeners(&s.client).is_empty(),
+        "listener removed from the pod netns"
+    );
 
     s.agent.cleanup().unwrap();
     assert!(!s.agent.bpffs.exists(), "pin directory removed");

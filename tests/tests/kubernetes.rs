@@ -30,7 +30,7 @@ fn eventually(what: &str, agent: &Agent, mut f: impl FnMut() -> bool) {
 /// kubeconfig beside it (the `files` of the agent); `admin` is "{ADMIN}" or "{ADMIN_ANY}".
 fn kube_config(net: &Net, admin: &str, agent_extra: &str) -> String {
     format!(
-        "agent: {{port: 15001, admin: \"{admin}\", cgroupRoot: {}{agent_extra}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: kubeconfig}}\n",
+        "agent: {{admin: \"{admin}\", cgroupRoot: {}{agent_extra}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: kubeconfig}}\n",
         net.cgroup_base().display()
     )
 }

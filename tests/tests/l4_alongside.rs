@@ -13,7 +13,7 @@ fn l4_connection_keeps_flowing_while_other_connections_come_and_go() {
     net.serve(&web, "echo", 9000).unwrap();
     net.serve(&extra, "http", 8000).unwrap();
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}{}",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}{}",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&web, "foo", "{app: web}", "web"),
         workload_yaml(&extra, "foo", "{app: extra}", "extra")

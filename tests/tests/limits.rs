@@ -26,7 +26,7 @@ fn a_pod_at_its_connection_limit_does_not_starve_others() {
     let w = net.host("w", 4).unwrap();
     net.serve(&w, "echo", 9000).unwrap();
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", maxConnectionsPerPod: 2}}\npods:\n{}{}workloads:\n{}",
+        "agent: {{admin: \"{{ADMIN}}\", maxConnectionsPerPod: 2}}\npods:\n{}{}workloads:\n{}",
         pod_yaml(&noisy, "foo", "{app: noisy}", "noisy"),
         pod_yaml(&quiet, "foo", "{app: quiet}", "quiet"),
         workload_yaml(&w, "foo", "{app: w}", "w"),

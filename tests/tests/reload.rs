@@ -35,7 +35,7 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
     net.serve(&web, "echo", 9000).unwrap();
     net.serve(&extra, "http", 8000).unwrap();
     let base = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&web, "foo", "{app: web}", "web"),
     );

@@ -30,7 +30,7 @@ fn smuggling_and_malformed_requests() {
     net.serve(&web, "http", 8000).unwrap();
     let ap = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: foo}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]\n";
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", headerReadTimeout: 1s}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        "agent: {{admin: \"{{ADMIN}}\", headerReadTimeout: 1s}}\npods:\n{}workloads:\n{}policies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&web, "foo", "{app: web}", "web"),
     );

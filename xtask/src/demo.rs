@@ -31,7 +31,7 @@ pub fn run(root: &Path) -> Result<()> {
     let gw = net.host("ingressgw", 3)?;
     net.serve(&gw, "http", 80)?;
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&gw, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
     );

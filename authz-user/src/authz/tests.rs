@@ -12,7 +12,7 @@ fn policies(yaml: &str) -> Vec<Arc<Compiled>> {
     assert!(set.is_valid(), "{:?}", set.problems);
     set.authorization_policies
         .iter()
-        .map(|p| Arc::new(Compiled::new(p)))
+        .map(|p| Arc::new(Compiled::try_new(p).unwrap()))
         .collect()
 }
 
@@ -67,7 +67,8 @@ fn allowed(p: &[Arc<Compiled>], r: &Req) -> bool {
     let a = Attrs {
         http: r.http.then_some(HttpAttrs {
             method: r.method,
-            path: r.path,
+            path: r.path.split('?').next().unwrap_or(""),
+            path_and_query: r.path,
             host: r.host,
             headers: &h,
             identity: r.identity.as_ref(),
@@ -488,4 +489,203 @@ fn validation_errors_name_file_and_line() {
         "{:?}",
         set.problems
     );
+}
+
+#[test]
+fn conditions_the_engine_cannot_read_are_refused_or_never_match() {
+    // Pseudo-headers are matched as Envoy does: against the authority, method, path and scheme.
+    let c = |when: &str| ap(&format!("  rules: [{{when: [{when}]}}]\n"));
+    let authority = c("{key: \"request.headers[:authority]\", values: [\"admin.*\"]}");
+    assert!(allowed(
+        &authority,
+        &Req {
+            host: "admin.internal",
+            ..req()
+        }
+    ));
+    assert!(!allowed(&authority, &req()));
+    let method = c("{key: \"request.headers[:method]\", values: [POST]}");
+    assert!(!allowed(&method, &req()));
+    assert!(allowed(
+        &method,
+        &Req {
+            method: "POST",
+            ..req()
+        }
+    ));
+    let path = c("{key: \"request.headers[:path]\", values: [\"/a?x=*\"]}");
+    assert!(allowed(
+        &path,
+        &Req {
+            path: "/a?x=1",
+            ..req()
+        }
+    ));
+    assert!(!allowed(&path, &req()));
+    let scheme = c("{key: \"request.headers[:scheme]\", values: [https]}");
+    assert!(!allowed(&scheme, &req()), "plaintext is http");
+    // A name no request can carry: accepted by Istio, never matches: ALLOW gains nothing, DENY
+    // denies nothing more.
+    for when in [
+        "{key: \"request.headers[x bad]\", values: [\"*\"]}",
+        "{key: \"request.headers[x bad]\", notValues: [a]}",
+        "{key: \"request.headers[:other]\", values: [\"*\"]}",
+    ] {
+        assert!(!allowed(&c(when), &req()), "{when}");
+        let deny = ap(&format!("  action: DENY\n  rules: [{{when: [{when}]}}]\n"));
+        assert!(allowed(&deny, &req()), "{when}");
+    }
+}
+
+#[test]
+fn values_istio_refuses_are_refused_not_dropped() {
+    for (spec, want) in [
+        ("  rules: [{to: [{operation: {ports: [\"80x\"]}}]}]\n", "rules[0]: to[0].operation: ports: \"80x\" is not a port"),
+        ("  rules: [{to: [{operation: {notPaths: [\"/a/{x}\"]}}]}]\n", "rules[0]: to[0].operation: notPaths: \"/a/{x}\""),
+        ("  rules: [{from: [{source: {notIpBlocks: [nope]}}]}]\n", "rules[0]: from[0].source: notIpBlocks: \"nope\" is not"),
+        ("  rules: [{when: [{key: destination.port, values: [\"-1\"]}]}]\n", "rules[0]: destination.port values: \"-1\" is not a port"),
+        ("  rules: [{when: [{key: \"request.headers[]\", values: [a]}]}]\n", "rules[0]: when[0]: \"request.headers[]\" must be"),
+        ("  rules: [{when: [{key: request.auth.claims, values: [a]}]}]\n", "rules[0]: when[0]: \"request.auth.claims\" must be"),
+        ("  rules: [{when: [{key: source.ip}]}]\n", "rules[0]: when[0]: source.ip: at least one of values"),
+        ("  rules: [{from: [{}]}]\n", "rules[0]: from[0]: source must not be empty"),
+        ("  rules: [{to: [{operation: {}}]}]\n", "rules[0]: to[0]: operation must not be empty"),
+        ("  rules: [{from: []}]\n", "rules[0]: from must not be empty"),
+    ] {
+        let mut set = PolicySet::default();
+        load_str(&format!("{HEAD}spec:\n{spec}"), "t.yaml", &mut set);
+        let text: Vec<String> = set.errors().map(|p| p.to_string()).collect();
+        assert!(
+            text.iter().any(|t| t.contains(want)),
+            "{spec}: {text:#?}"
+        );
+        assert!(set.authorization_policies.is_empty(), "{spec}: not loaded");
+    }
+}
+
+/// A small deterministic generator (xorshift), so the property runs the same on every machine.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+const VALUES: &[&str] = &["a", "a*", "*b", "*", "/x", "/x/*", "GET", "POST", "foo", "10.0.0.0/8", "8000", "80", "i/s", "admin.internal"];
+const KEYS: &[&str] = &[
+    "request.headers[x-a]",
+    "request.headers[:authority]",
+    "request.headers[:method]",
+    "request.headers[:path]",
+    "request.headers[:scheme]",
+    "request.headers[x bad]",
+    "request.auth.claims[groups]",
+    "request.auth.principal",
+    "source.namespace",
+    "source.ip",
+    "destination.port",
+    "connection.sni",
+    "request.bogus",
+];
+
+fn gen_condition(g: &mut Gen) -> String {
+    let key = g.pick(KEYS);
+    let vals = |g: &mut Gen| {
+        (0..1 + g.next() % 2)
+            .map(|_| format!("\"{}\"", g.pick(VALUES)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match g.next() % 3 {
+        0 => format!("{{key: \"{key}\", values: [{}]}}", vals(g)),
+        1 => format!("{{key: \"{key}\", notValues: [{}]}}", vals(g)),
+        _ => format!(
+            "{{key: \"{key}\", values: [{}], notValues: [{}]}}",
+            vals(g),
+            vals(g)
+        ),
+    }
+}
+
+fn gen_requests(g: &mut Gen) -> Vec<Req<'static>> {
+    (0..24)
+        .map(|_| Req {
+            method: g.pick(&["GET", "POST"]),
+            path: g.pick(&["/x", "/x/y", "/a", "/x?q=1"]),
+            host: g.pick(&["admin.internal", "foo", "a"]),
+            headers: match g.next() % 3 {
+                0 => vec![],
+                1 => vec![("x-a", g.pick(&["a", "ab", "b"]))],
+                _ => vec![("x-a", "a"), ("x-a", "xb")],
+            },
+            identity: ident("i", "s", serde_json::json!({"groups": ["a", "foo"]})),
+            port: if g.next() % 2 == 0 { 8000 } else { 80 },
+            ..req()
+        })
+        .collect()
+}
+
+#[test]
+fn property_every_condition_is_compiled_and_conditions_only_narrow_allow() {
+    let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+    let mut accepted = 0;
+    for _ in 0..400 {
+        let n = (g.next() % 3) as usize;
+        let conds: Vec<String> = (0..n).map(|_| gen_condition(&mut g)).collect();
+        let extra = gen_condition(&mut g);
+        let yaml = |conds: &[String]| {
+            format!(
+                "{HEAD}spec:\n  rules: [{{to: [{{operation: {{methods: [GET, POST]}}}}], when: [{}]}}]\n",
+                conds.join(", ")
+            )
+        };
+        let load = |y: &str| {
+            let mut set = PolicySet::default();
+            load_str(y, "t.yaml", &mut set);
+            set
+        };
+        let base = load(&yaml(&conds));
+        let mut more = conds.clone();
+        more.push(extra);
+        let narrowed = load(&yaml(&more));
+        for set in [&base, &narrowed] {
+            // Accepted by validation <=> compiled, and nothing is dropped on the way.
+            for p in &set.authorization_policies {
+                let c = Compiled::try_new(p).expect("validated policies compile");
+                let yaml_conds: Vec<usize> = p
+                    .spec
+                    .rules
+                    .iter()
+                    .flatten()
+                    .map(|r| r.when.as_ref().map_or(0, Vec::len))
+                    .collect();
+                let compiled: Vec<usize> = c.matcher_counts().iter().map(|(_, w)| *w).collect();
+                assert_eq!(compiled, yaml_conds);
+                assert_eq!(c.matcher_counts()[0].0, 2, "methods: both values kept");
+            }
+        }
+        if !(base.is_valid() && narrowed.is_valid()) {
+            continue;
+        }
+        accepted += 1;
+        let (b, m) = (
+            Arc::new(Compiled::try_new(&base.authorization_policies[0]).unwrap()),
+            Arc::new(Compiled::try_new(&narrowed.authorization_policies[0]).unwrap()),
+        );
+        for r in gen_requests(&mut g) {
+            if allowed(&[m.clone()], &r) {
+                assert!(
+                    allowed(&[b.clone()], &r),
+                    "a condition made ALLOW allow more: {more:?}"
+                );
+            }
+        }
+    }
+    assert!(accepted > 100, "the generator reaches accepted policies: {accepted}");
 }

@@ -56,6 +56,7 @@ pub struct KernelCounters {
     pub skmsg_bytes: u64,
     pub connect_refused: u64,
     pub connect_bypassed: u64,
+    pub connect_pending: u64,
 }
 
 pub struct Kernel {
@@ -186,9 +187,9 @@ impl Kernel {
         map.set(0, state, 0).context("AGENT_STATE set")
     }
 
-    /// Enrolls the pod whose cgroup is `cgroup`; returns the cgroup id.
-    pub fn enroll(&self, cgroup: &Path, pod_id: u32, agent_port: u16) -> Result<u64> {
-        let id = cgroup_id(cgroup)?;
+    /// Enrolls the pod of cgroup `id` with its listener at `agent_port`; 0 marks it pending
+    /// (its connections to enforced destinations are refused until its listener is open).
+    pub fn enroll(&self, id: u64, pod_id: u32, agent_port: u16) -> Result<()> {
         let info = PodInfo {
             pod_id,
             agent_port,
@@ -198,8 +199,17 @@ impl Kernel {
             .lock()
             .unwrap()
             .insert(id, info, 0)
-            .context("ENROLLED_PODS insert")?;
-        Ok(id)
+            .context("ENROLLED_PODS insert")
+    }
+
+    /// The listener port recorded for the pod of cgroup `id` (by this agent or the one it
+    /// adopted the maps from); None when not enrolled or pending.
+    pub fn enrolled_port(&self, id: u64) -> Option<u16> {
+        let map = self.enrolled.lock().unwrap();
+        map.get(&id, 0)
+            .ok()
+            .map(|p| p.agent_port)
+            .filter(|p| *p != 0)
     }
 
     pub fn release(&self, cgroup_id: u64) -> Result<()> {
@@ -268,6 +278,7 @@ impl Kernel {
             skmsg_bytes: sum(counter::SKMSG_BYTES),
             connect_refused: sum(counter::CONNECT_REFUSED),
             connect_bypassed: sum(counter::CONNECT_BYPASSED),
+            connect_pending: sum(counter::CONNECT_PENDING),
         }
     }
 

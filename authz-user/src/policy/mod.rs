@@ -164,7 +164,14 @@ impl PolicyIndex {
         let aps = set
             .authorization_policies
             .iter()
-            .map(|p| Arc::new(Compiled::new(p)))
+            .map(|p| {
+                Arc::new(Compiled::try_new(p).unwrap_or_else(|errors| {
+                    // Validation compiled it already, so this cannot happen; if it did, the
+                    // policy denies rather than vanishes.
+                    tracing::error!(policy = %p.id(), ?errors, "policy not compilable: it denies every request it applies to");
+                    Compiled::deny_all(p)
+                }))
+            })
             .collect();
         PolicyIndex {
             root_namespace: root_namespace.to_string(),

@@ -3,9 +3,9 @@ use std::sync::Arc;
 
 use super::{
     load::{line_of, AuthorizationPolicy, Problem, RequestAuthentication},
-    types::{Action, Condition, Operation, Source},
+    types::{Action, Condition, Source},
 };
-use crate::{authz::template, jwt::keys::Jwks};
+use crate::jwt::keys::Jwks;
 
 struct Report<'a> {
     file: Arc<str>,
@@ -167,45 +167,6 @@ pub fn request_authentication(r: &RequestAuthentication, doc: &str) -> Vec<Probl
     rep.out
 }
 
-pub const WHEN_KEYS: &[&str] = &[
-    "source.ip",
-    "remote.ip",
-    "source.namespace",
-    "source.principal",
-    "source.serviceAccount",
-    "source.trustDomain",
-    "request.auth.principal",
-    "request.auth.audiences",
-    "request.auth.presenter",
-    "destination.ip",
-    "destination.port",
-    "connection.sni",
-];
-
-/// `request.headers[...]`, `request.auth.claims[...]...`, `experimental.envoy.filters.*[...]` or a plain key.
-pub fn valid_when_key(key: &str) -> bool {
-    if let Some(rest) = key.strip_prefix("request.headers[") {
-        return rest.len() > 1
-            && rest.ends_with(']')
-            && !rest[..rest.len() - 1].contains(['[', ']']);
-    }
-    if let Some(rest) = key.strip_prefix("request.auth.claims") {
-        return crate::authz::claim_path(rest).is_some();
-    }
-    if key.starts_with("experimental.envoy.filters.") {
-        return key.ends_with(']') && key.contains('[');
-    }
-    WHEN_KEYS.contains(&key)
-}
-
-fn check_ip(v: &str) -> bool {
-    crate::authz::parse_cidr(v).is_some()
-}
-
-fn check_port(v: &str) -> bool {
-    v.parse::<u16>().is_ok()
-}
-
 pub fn authorization_policy(r: &AuthorizationPolicy, doc: &str) -> Vec<Problem> {
     let mut rep = Report {
         file: r.origin.file.clone(),
@@ -256,58 +217,26 @@ pub fn authorization_policy(r: &AuthorizationPolicy, doc: &str) -> Vec<Problem> 
     }
     for (i, rule) in spec.rules.iter().flatten().enumerate() {
         let at = format!("{id}: rules[{i}]");
-        if rule.from.as_ref().is_some_and(Vec::is_empty) {
-            rep.err("from:", format!("{at}: from must not be empty"));
-        }
-        if rule.to.as_ref().is_some_and(Vec::is_empty) {
-            rep.err("to:", format!("{at}: to must not be empty"));
-        }
         for (j, f) in rule.from.iter().flatten().enumerate() {
-            match &f.source {
-                None => rep.err(
-                    "from:",
-                    format!("{at}: from[{j}]: source must not be empty"),
-                ),
-                Some(s) if *s == Source::default() => rep.err(
-                    "source",
-                    format!("{at}: from[{j}]: source must not be empty"),
-                ),
-                Some(s) => source(&mut rep, &format!("{at}: from[{j}].source"), s, spec.action),
-            }
-        }
-        for (j, t) in rule.to.iter().flatten().enumerate() {
-            match &t.operation {
-                None => rep.err("to:", format!("{at}: to[{j}]: operation must not be empty")),
-                Some(o) if *o == Operation::default() => rep.err(
-                    "operation",
-                    format!("{at}: to[{j}]: operation must not be empty"),
-                ),
-                Some(o) => operation(&mut rep, &format!("{at}: to[{j}].operation"), o),
+            if let Some(s) = &f.source {
+                source(&mut rep, &format!("{at}: from[{j}].source"), s, spec.action);
             }
         }
         for (j, c) in rule.when.iter().flatten().enumerate() {
             condition(&mut rep, &format!("{at}: when[{j}]"), c, spec.action);
         }
     }
+    // Values are checked by compiling them, the same conversion the engine uses: a rule that
+    // passes here is enforced whole.
+    if let Err(errors) = crate::authz::Compiled::try_new(r) {
+        for e in errors {
+            rep.err(&e.near, format!("{id}: {}", e.message));
+        }
+    }
     rep.out
 }
 
 fn source(rep: &mut Report, at: &str, s: &Source, action: Action) {
-    for (name, v) in [
-        ("ipBlocks", &s.ip_blocks),
-        ("notIpBlocks", &s.not_ip_blocks),
-        ("remoteIpBlocks", &s.remote_ip_blocks),
-        ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-    ] {
-        for x in v.iter().flatten() {
-            if !check_ip(x) {
-                rep.err(
-                    name,
-                    format!("{at}: {name}: {x:?} is not an IP address or CIDR"),
-                );
-            }
-        }
-    }
     if (s.service_accounts.is_some() || s.not_service_accounts.is_some())
         && (s.principals.is_some()
             || s.not_principals.is_some()
@@ -367,74 +296,18 @@ fn source(rep: &mut Report, at: &str, s: &Source, action: Action) {
     }
 }
 
-fn operation(rep: &mut Report, at: &str, o: &Operation) {
-    for (name, v) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
-        for x in v.iter().flatten() {
-            if !check_port(x) {
-                rep.err(name, format!("{at}: {name}: {x:?} is not a port (0-65535)"));
-            }
-        }
-    }
-    for (name, v) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
-        for x in v.iter().flatten() {
-            if x.contains('{') || x.contains('}') {
-                if let Err(e) = template::compile(x) {
-                    rep.err(name, format!("{at}: {name}: {x:?}: {e}"));
-                }
-            }
-        }
-    }
-}
-
 fn condition(rep: &mut Report, at: &str, c: &Condition, action: Action) {
-    if !valid_when_key(&c.key) {
-        rep.err(&c.key, format!("{at}: unknown attribute {:?}", c.key));
-        return;
-    }
-    if c.values.is_none() && c.not_values.is_none() {
-        rep.err(
-            &c.key,
-            format!(
-                "{at}: {}: at least one of values or notValues must be set",
-                c.key
-            ),
-        );
-    }
-    let all = c
-        .values
-        .iter()
-        .flatten()
-        .chain(c.not_values.iter().flatten());
-    match c.key.as_str() {
-        "source.ip" | "remote.ip" | "destination.ip" => {
-            for v in all {
-                if !check_ip(v) {
-                    rep.err(
-                        &c.key,
-                        format!("{at}: {}: {v:?} is not an IP address or CIDR", c.key),
-                    );
-                }
-            }
-        }
-        "destination.port" => {
-            for v in all {
-                if !check_port(v) {
-                    rep.err(&c.key, format!("{at}: {}: {v:?} is not a port", c.key));
-                }
-            }
-        }
-        k if action == Action::Custom
-            && (k.starts_with("request.auth.")
-                || matches!(
-                    k,
-                    "source.namespace"
-                        | "source.principal"
-                        | "source.serviceAccount"
-                        | "source.trustDomain"
-                )) =>
-        {
-            rep.err(k, format!("{at}: {k} is not supported with CUSTOM"));
-        }
-        _ => {}
+    let k = c.key.as_str();
+    if action == Action::Custom
+        && (k.starts_with("request.auth.")
+            || matches!(
+                k,
+                "source.namespace"
+                    | "source.principal"
+                    | "source.serviceAccount"
+                    | "source.trustDomain"
+            ))
+    {
+        rep.err(k, format!("{at}: {k} is not supported with CUSTOM"));
     }
 }

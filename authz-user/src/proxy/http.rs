@@ -89,14 +89,17 @@ where
 
 async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> Response<Body> {
     let conn = &upstream.conn;
+    // One authority and no hop-by-hop headers from here on: the decision and the upstream see
+    // the same request.
+    let head = match crate::head::normalize(&mut req) {
+        Ok(h) => h,
+        Err(e) => {
+            px.metrics.request("deny", "bad request");
+            tracing::debug!(dst = %conn.dst, "request refused: {e}");
+            return local_reply(StatusCode::BAD_REQUEST, "Bad Request".into());
+        }
+    };
     if let Some(dest) = &conn.destination {
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
         let target = req
             .uri()
             .path_and_query()
@@ -110,7 +113,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
                 &crate::engine::Request {
                     method: req.method().as_str(),
                     target: &target,
-                    host: &host,
+                    host: &head.authority,
                     headers: req.headers(),
                     http2: req.version() == Version::HTTP_2,
                 },
@@ -158,9 +161,11 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
     } else {
         px.metrics.request("allow", "not an enforced workload");
     }
-    let upgrade =
-        req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    if head.connect {
+        // Envoy's sidecar routes by path, which CONNECT has none of: 404, never a tunnel.
+        return local_reply(StatusCode::NOT_FOUND, String::new());
+    }
+    let downstream_upgrade = head.upgrade.then(|| hyper::upgrade::on(&mut req));
     let mut resp = match upstream.send(req).await {
         Ok(r) => r,
         Err(e) => {
@@ -171,14 +176,25 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             );
         }
     };
-    if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(down) = downstream_upgrade else {
+            // A 101 to a request that asked for no upgrade (h2c was removed): never relayed.
+            return local_reply(
+                StatusCode::BAD_GATEWAY,
+                "upstream switched protocols unasked".into(),
+            );
+        };
         let up = hyper::upgrade::on(&mut resp);
+        // The tunnel keeps the connection's context, so it stays counted for the pod and the
+        // agent (maxConnectionsPerPod, the global cap, draining) until it closes.
+        let conn = upstream.conn.clone();
         tokio::spawn(async move {
             if let (Ok(down), Ok(up)) = (down.await, up.await) {
                 let _ =
                     tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up))
                         .await;
             }
+            drop(conn);
         });
     }
     resp.map(|b| b.boxed())

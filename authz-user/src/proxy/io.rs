@@ -71,17 +71,30 @@ pub enum Sniffed {
     Tcp,
 }
 
-pub fn sniff(first: &[u8]) -> Sniffed {
-    const H2: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let n = first.len().min(H2.len());
-    if n >= 3 && first[..n] == H2[..n] {
-        return Sniffed::Http2;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest method token taken for HTTP.
+const MAX_METHOD: usize = 32;
+
+/// What the bytes so far say, or `None` while they could still be either (a slow client writing
+/// its method one byte at a time is HTTP, not TCP).
+pub fn sniff(first: &[u8]) -> Option<Sniffed> {
+    let n = first.len().min(H2_PREFACE.len());
+    if n > 0 && first[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Sniffed::Http2);
     }
     let token_len = first.iter().take_while(|b| is_tchar(**b)).count();
-    if (1..=32).contains(&token_len) && first.get(token_len) == Some(&b' ') {
-        return Sniffed::Http1;
+    match first.get(token_len) {
+        _ if token_len > MAX_METHOD => Some(Sniffed::Tcp),
+        Some(b' ') if token_len > 0 => Some(Sniffed::Http1),
+        Some(_) => Some(Sniffed::Tcp),
+        None => None,
     }
-    Sniffed::Tcp
+}
+
+/// The verdict when no more bytes come in time (or the client half-closed): still ambiguous
+/// means not HTTP, which gets the L4 policy, never less strict than the HTTP one.
+pub fn sniff_final(first: &[u8]) -> Sniffed {
+    sniff(first).unwrap_or(Sniffed::Tcp)
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -94,12 +107,29 @@ mod tests {
 
     #[test]
     fn sniffing() {
-        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniffed::Http1);
-        assert_eq!(sniff(b"get / HTTP/1.1\r\n"), Sniffed::Http1);
-        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Sniffed::Http2);
-        assert_eq!(sniff(b"PRI * HT"), Sniffed::Http2);
-        assert_eq!(sniff(b"\x16\x03\x01\x02\x00"), Sniffed::Tcp);
-        assert_eq!(sniff(b"hello"), Sniffed::Tcp);
-        assert_eq!(sniff(b"\r\nGET / HTTP/1.1"), Sniffed::Tcp);
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(Sniffed::Http1));
+        assert_eq!(sniff(b"get / HTTP/1.1\r\n"), Some(Sniffed::Http1));
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Sniffed::Http2));
+        assert_eq!(sniff(b"\x16\x03\x01\x02\x00"), Some(Sniffed::Tcp));
+        assert_eq!(sniff(b"hello\n"), Some(Sniffed::Tcp));
+        assert_eq!(sniff(b"\r\nGET / HTTP/1.1"), Some(Sniffed::Tcp));
+        assert_eq!(sniff(&[b'A'; 40]), Some(Sniffed::Tcp));
+    }
+
+    #[test]
+    fn slow_writers_are_waited_for() {
+        // Every prefix of an HTTP/1 request line or the HTTP/2 preface is undecided, then HTTP.
+        let line = b"GET /productpage HTTP/1.1\r\n";
+        for i in 1..4 {
+            assert_eq!(sniff(&line[..i]), None, "{i}");
+        }
+        assert_eq!(sniff(&line[..4]), Some(Sniffed::Http1));
+        for i in 1..H2_PREFACE.len() {
+            assert_eq!(sniff(&H2_PREFACE[..i]), None, "{i}");
+        }
+        // No more bytes in time: an undecided prefix is not HTTP.
+        assert_eq!(sniff_final(b"GE"), Sniffed::Tcp);
+        assert_eq!(sniff_final(b""), Sniffed::Tcp);
+        assert_eq!(sniff_final(b"GET "), Sniffed::Http1);
     }
 }

@@ -43,6 +43,8 @@ pub struct Proxy {
     pub registry: Arc<RwLock<Arc<Registry>>>,
     /// Turns true when the agent stops: HTTP connections finish the request in flight and close.
     pub draining: tokio::sync::watch::Receiver<bool>,
+    /// Connections open through the agent at once, all pods together (see `limits`).
+    pub max_connections: u64,
 }
 
 impl Proxy {
@@ -64,6 +66,9 @@ pub struct ConnCtx {
     pub src_ip: Option<IpAddr>,
     /// Where the pod was connecting to.
     pub dst: SocketAddr,
+    /// Counts the connection open while anything (a request, a relay, an upgraded tunnel) still
+    /// uses it.
+    pub _open: OpenGuard,
 }
 
 /// The agent's listeners inside one pod's namespace.
@@ -71,31 +76,48 @@ pub struct PodListeners {
     pub pod: Arc<Pod>,
     pub netns: Arc<NetNs>,
     pub netns_cookie: u64,
+    /// The port of the listeners, recorded in the pod's map entry for connect4/6.
+    pub port: u16,
     pub listeners: Vec<TcpListener>,
     /// Connections of this pod open through the agent (for maxConnectionsPerPod).
     pub open: AtomicU64,
 }
 
 impl PodListeners {
-    /// Binds 127.0.0.1:port (and [::1]:port where the pod has IPv6) inside the pod's netns.
-    pub fn open(pod: Arc<Pod>, port: u16) -> anyhow::Result<PodListeners> {
+    /// Binds 127.0.0.1 (and [::1] where the pod has IPv6) inside the pod's netns on one port:
+    /// `reuse` when given (the port a previous agent recorded, so a hot restart listens beside
+    /// it), else one the kernel picks, which the pod cannot have taken in advance. A port whose
+    /// IPv6 side is taken is given up for another.
+    pub fn open(pod: Arc<Pod>, reuse: Option<u16>) -> anyhow::Result<PodListeners> {
         use anyhow::Context;
-        let netns = Arc::new(NetNs::open(&pod.netns).with_context(|| {
-            format!(
-                "pod {}/{}: netns {}",
-                pod.workload.namespace,
-                pod.workload.name,
-                pod.netns.display()
-            )
-        })?);
-        let v4 = netns
-            .listen(SocketAddr::from(([127, 0, 0, 1], port)))
-            .with_context(|| {
-                format!(
-                    "pod {}/{}: listening on 127.0.0.1:{port} in its netns",
-                    pod.workload.namespace, pod.workload.name
-                )
-            })?;
+        let name = format!("{}/{}", pod.workload.namespace, pod.workload.name);
+        let netns = Arc::new(
+            NetNs::open(&pod.netns)
+                .with_context(|| format!("pod {name}: netns {}", pod.netns.display()))?,
+        );
+        let mut tries = reuse.into_iter().chain(std::iter::repeat_n(0, 8));
+        let (v4, v6) = loop {
+            let Some(port) = tries.next() else {
+                anyhow::bail!("pod {name}: no port free on both 127.0.0.1 and [::1] in its netns");
+            };
+            let v4 = match netns.listen(SocketAddr::from(([127, 0, 0, 1], port))) {
+                Ok(l) => l,
+                Err(e) if port != 0 && e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("pod {name}: listening on 127.0.0.1 in its netns"))
+                }
+            };
+            let port = v4.local_addr()?.port();
+            match netns.listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))) {
+                Ok(v6) => break (v4, Some(v6)),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => {
+                    tracing::debug!(pod = %name, "no IPv6 listener: {e}");
+                    break (v4, None);
+                }
+            }
+        };
         let netns_cookie = crate::netns::netns_cookie(&v4).context("SO_NETNS_COOKIE")?;
         // During a hot restart the old agent closes its listener while the new one listens on the
         // same port (SO_REUSEPORT): connections still in the old one's accept queue move to the
@@ -103,18 +125,19 @@ impl PodListeners {
         match netns.enter(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
             Ok(Ok(())) => {}
             Ok(Err(e)) | Err(e) => {
-                tracing::debug!(pod = %pod.workload.name, "tcp_migrate_req not set: {e}")
+                tracing::debug!(pod = %name, "tcp_migrate_req not set: {e}")
             }
         }
+        let port = v4.local_addr()?.port();
         let mut listeners = vec![TcpListener::from_std(v4)?];
-        match netns.listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))) {
-            Ok(v6) => listeners.push(TcpListener::from_std(v6)?),
-            Err(e) => tracing::debug!(pod = %pod.workload.name, "no IPv6 listener: {e}"),
+        if let Some(v6) = v6 {
+            listeners.push(TcpListener::from_std(v6)?);
         }
         Ok(PodListeners {
             pod,
             netns,
             netns_cookie,
+            port,
             listeners,
             open: AtomicU64::new(0),
         })
@@ -174,9 +197,16 @@ async fn handle(
         return;
     };
     px.metrics.connections_redirected.fetch_add(1, Relaxed);
-    let Some(_open) = OpenGuard::take(&px, &pl) else {
-        px.metrics.connections_over_pod_limit.fetch_add(1, Relaxed);
-        return;
+    let open = match OpenGuard::take(&px, &pl) {
+        Ok(g) => g,
+        Err(Limit::Pod) => {
+            px.metrics.connections_over_pod_limit.fetch_add(1, Relaxed);
+            return;
+        }
+        Err(Limit::Agent) => {
+            px.metrics.connections_over_agent_limit.fetch_add(1, Relaxed);
+            return;
+        }
     };
     drop(starting);
     let _ = stream.set_nodelay(true);
@@ -201,16 +231,26 @@ async fn handle(
         netns: pl.netns.clone(),
         src_ip,
         dst,
+        _open: open,
     });
 
+    // Wait until the bytes tell (a method and a space, or the whole HTTP/2 preface), at most
+    // sniffTimeout: a client writing slowly is still HTTP.
     let mut first = BytesMut::with_capacity(4096);
-    let sniffed =
-        match tokio::time::timeout(px.settings.sniff_timeout, stream.read_buf(&mut first)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(_)) => io::sniff(&first),
-            // Server-speaks-first protocols.
-            Err(_) => io::Sniffed::Tcp,
-        };
+    let deadline = tokio::time::Instant::now() + px.settings.sniff_timeout;
+    let sniffed = loop {
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await {
+            Ok(Err(_)) => return,
+            Ok(Ok(0)) if first.is_empty() => return,
+            Ok(Ok(0)) => break io::sniff_final(&first),
+            Ok(Ok(_)) => match io::sniff(&first) {
+                Some(s) => break s,
+                None => continue,
+            },
+            // Server-speaks-first protocols, or a client that stalls mid-token.
+            Err(_) => break io::sniff_final(&first),
+        }
+    };
     let stream = io::Prefixed::new(first.freeze(), stream);
     match sniffed {
         io::Sniffed::Http1 | io::Sniffed::Http2 => http::serve(px.clone(), conn, stream).await,
@@ -234,29 +274,42 @@ impl Drop for Starting {
     }
 }
 
-/// One open connection, counted for the agent and its pod while it lives.
-struct OpenGuard<'a> {
-    px: &'a Proxy,
-    pl: &'a PodListeners,
+/// Which limit refused a connection.
+enum Limit {
+    Pod,
+    Agent,
 }
 
-impl<'a> OpenGuard<'a> {
-    /// None when the pod is at its limit.
-    fn take(px: &'a Proxy, pl: &'a PodListeners) -> Option<Self> {
-        let limit = px.settings.max_connections_per_pod;
-        if pl.open.fetch_add(1, Relaxed) >= limit {
+/// One open connection, counted for the agent and its pod while it lives.
+pub struct OpenGuard {
+    metrics: Arc<Metrics>,
+    pl: Arc<PodListeners>,
+}
+
+impl OpenGuard {
+    fn take(px: &Proxy, pl: &Arc<PodListeners>) -> Result<Self, Limit> {
+        if pl.open.fetch_add(1, Relaxed) >= px.settings.max_connections_per_pod {
             pl.open.fetch_sub(1, Relaxed);
-            return None;
+            return Err(Limit::Pod);
         }
-        px.metrics.connections_active.fetch_add(1, Relaxed);
-        Some(OpenGuard { px, pl })
+        // The agent-wide cap sits below the descriptor limit, so the agent refuses a connection
+        // before accept() fails for every pod and the admin port.
+        if px.metrics.connections_active.fetch_add(1, Relaxed) >= px.max_connections {
+            px.metrics.connections_active.fetch_sub(1, Relaxed);
+            pl.open.fetch_sub(1, Relaxed);
+            return Err(Limit::Agent);
+        }
+        Ok(OpenGuard {
+            metrics: px.metrics.clone(),
+            pl: pl.clone(),
+        })
     }
 }
 
-impl Drop for OpenGuard<'_> {
+impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.pl.open.fetch_sub(1, Relaxed);
-        self.px.metrics.connections_active.fetch_sub(1, Relaxed);
+        self.metrics.connections_active.fetch_sub(1, Relaxed);
     }
 }
 

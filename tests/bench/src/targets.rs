@@ -272,7 +272,7 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 ));
             }
             let cfg = format!(
-                "agent: {{port: 15001, admin: \"{{ADMIN}}\", workerThreads: {threads}, tokenCacheSize: {}}}\npods:\n{pods}workloads:\n{}policies: [policies]\n",
+                "agent: {{admin: \"{{ADMIN}}\", workerThreads: {threads}, tokenCacheSize: {}}}\npods:\n{pods}workloads:\n{}policies: [policies]\n",
                 if cache { 10_000 } else { 0 },
                 workload_yaml(server, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
             );

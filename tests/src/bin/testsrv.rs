@@ -4,6 +4,12 @@
 //! connection, printing "STATUS BODY" per line.
 //! `authz-testsrv h2flood ADDR rapid-reset|continuation N`: an HTTP/2 attacker (raw frames),
 //! printing what the server did as JSON {goaway, responses, closed}.
+//! `authz-testsrv h2req ADDR AUTHORITY HOST PATH`: one HTTP/2 request with that `:authority` and,
+//! unless HOST is `-`, a `host` header; prints "STATUS BODY".
+//! `authz-testsrv tunnels ADDR N`: opens N connections asking for a WebSocket upgrade, prints
+//! {"upgraded": k, "refused": N-k}, and holds the tunnels open until its stdin closes.
+//! The server answers `Upgrade: h2c` with 101 and then speaks HTTP/2 on the connection, as Go's
+//! h2c handler, Tomcat or nghttpx do, so a proxy that forwards the upgrade is caught.
 //! Every HTTP reply is JSON: {client, method, path, version, headers, body_len, body_sha256};
 //! `GET /__count` answers how many requests the server has seen (not counting itself).
 use std::{
@@ -37,6 +43,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if mode == "h2flood" {
         return h2flood(addr, &args[3], args[4].parse()?).await;
+    }
+    if mode == "h2req" {
+        return h2req(addr, &args[3], &args[4], &args[5]).await;
+    }
+    if mode == "tunnels" {
+        return tunnels(addr, args[3].parse()?).await;
     }
     let listener = TcpListener::bind(addr).await?;
     let file = match mode {
@@ -97,6 +109,31 @@ async fn reply(
     if req
         .headers()
         .get("upgrade")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+    {
+        // h2c upgrade: from here the connection speaks HTTP/2, and every stream is answered.
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let svc = hyper::service::service_fn(move |req| async move {
+                    REQUESTS.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Infallible>(describe(peer, req).await)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(up, svc)
+                    .await;
+            }
+        });
+        return Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "h2c")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    }
+    if req
+        .headers()
+        .get("upgrade")
         .is_some_and(|v| v == "websocket")
     {
         // Minimal upgrade: switch protocols, then echo bytes.
@@ -119,6 +156,11 @@ async fn reply(
             .body(Full::new(Bytes::new()))
             .unwrap();
     }
+    describe(peer, req).await
+}
+
+/// The request as JSON: what the upstream saw.
+async fn describe(peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
     let path = req.uri().to_string();
     let version = format!("{:?}", req.version());
@@ -172,6 +214,64 @@ async fn h2get(addr: SocketAddr, paths: &[String]) -> anyhow::Result<()> {
         let body = resp.into_body().collect().await?.to_bytes();
         println!("{status} {}", String::from_utf8_lossy(&body));
     }
+    Ok(())
+}
+
+async fn h2req(addr: SocketAddr, authority: &str, host: &str, path: &str) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::get(format!("http://{authority}{path}"));
+    if host != "-" {
+        req = req.header("host", host);
+    }
+    let resp = send
+        .send_request(req.body(http_body_util::Empty::<Bytes>::new())?)
+        .await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    println!("{status} {}", String::from_utf8_lossy(&body));
+    Ok(())
+}
+
+async fn tunnels(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+                .await
+        else {
+            continue;
+        };
+        let ask = b"GET /ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        if s.write_all(ask).await.is_err() {
+            continue;
+        }
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        let read = async {
+            while !head.ends_with(b"\r\n\r\n") {
+                match s.read(&mut b).await {
+                    Ok(1) => head.push(b[0]),
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), read).await;
+        if head.starts_with(b"HTTP/1.1 101") {
+            open.push(s);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"upgraded": open.len(), "refused": n - open.len()})
+    );
+    // Hold the tunnels until told to stop.
+    let mut stdin = tokio::io::stdin();
+    let mut sink = Vec::new();
+    let _ = stdin.read_to_end(&mut sink).await;
+    drop(open);
     Ok(())
 }
 

@@ -75,7 +75,7 @@ fn measure(a: &Args, populated: bool) -> Result<Sample> {
         }
     }
     let cfg = format!(
-        "agent: {{port: 15001, admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: kubeconfig}}\n",
+        "agent: {{admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: kubeconfig}}\n",
         net.cgroup_base().display()
     );
     let kubeconfig = api.kubeconfig();
