@@ -89,12 +89,11 @@ fn h2c_upgrade_is_stripped_so_no_stream_follows_unchecked() {
     }
     let s = setup("", &[]);
     let ask = b"GET /productpage HTTP/1.1\r\nHost: w\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
-    // The upstream does switch to HTTP/2 when asked directly: the attack is real.
-    let direct = raw(&s.web, false, &s.web.ip, ask);
-    assert!(
-        status(&direct).contains("101"),
-        "upstream speaks h2c: {direct}"
-    );
+    // The upstream does switch to HTTP/2 when asked directly: the attack is real. (Its HTTP/2
+    // side may reset the connection when nc half-closes instead of sending a preface, and a reset
+    // can drop the 101 before nc reads it, so a few tries.)
+    let switched = (0..5).any(|_| status(&raw(&s.web, false, &s.web.ip, ask)).contains("101"));
+    assert!(switched, "upstream speaks h2c");
     let before = upstream_count(&s.web, &s.web.ip);
     let resp = raw(&s.client, true, &s.web.ip, ask);
     assert!(status(&resp).contains("200"), "{resp}");
