@@ -407,11 +407,14 @@ impl Compiled {
 
     /// Whether any rule matches.
     pub fn matches(&self, a: &Attrs) -> bool {
-        let Some(rules) = &self.rules else {
-            return false;
-        };
+        self.matched_rule(a).is_some()
+    }
+
+    /// The index of the first rule that matches.
+    pub fn matched_rule(&self, a: &Attrs) -> Option<usize> {
+        let rules = self.rules.as_ref()?;
         let allow = self.action == Action::Allow;
-        rules.iter().any(|r| {
+        rules.iter().position(|r| {
             if a.http.is_none() && allow && r.http_only {
                 // Istio drops ALLOW rules with HTTP-only fields from TCP filter chains.
                 return false;
@@ -874,76 +877,135 @@ fn claim_matches(v: Option<&Value>, m: &StrMatch, space_delimited: bool) -> bool
     }
 }
 
+/// A policy and the rule of it that matched.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RuleMatch {
+    pub policy: String,
+    pub rule: usize,
+}
+
+/// What would happen if the dry-run policies were enforced with the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DryRun {
+    pub allowed: bool,
+    /// The policy (and rule) that would decide; None when none would (no policy of an action
+    /// applies, or no ALLOW matched).
+    pub decided_by: Option<RuleMatch>,
+}
+
 /// The outcome of authorization.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub allowed: bool,
     /// The policy that decided (`ns/name`), if one did.
     pub policy: Option<String>,
-    pub reason: String,
-    /// Dry-run policies that would have denied.
-    pub dry_run_denied_by: Option<String>,
-    /// AUDIT policies that matched.
-    pub audited_by: Option<String>,
+    pub reason: Why,
+    /// AUDIT policies that matched, each with its first matching rule.
+    pub audits: Vec<RuleMatch>,
+    /// Set when a dry-run policy applies to the workload.
+    pub dry_run: Option<DryRun>,
+}
+
+/// Why authorization decided as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// No policy of an action that decides applies.
+    NoPolicy,
+    AllowMatched,
+    DenyMatched,
+    NoAllowMatched,
+    /// CUSTOM is not supported: a match denies.
+    CustomMatched,
+}
+
+impl Why {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Why::NoPolicy => "allowed",
+            Why::AllowMatched => "allowed by ALLOW policy",
+            Why::DenyMatched => "denied by DENY policy",
+            Why::NoAllowMatched => "no ALLOW policy matched",
+            Why::CustomMatched => {
+                "CUSTOM policy matched, and external authorization is not supported: denied"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Istio's order over the policies that count: CUSTOM, DENY, then ALLOW.
+fn decide(policies: &[Arc<Compiled>], a: &Attrs, with_dry_run: bool) -> (Why, Option<RuleMatch>) {
+    let counts = |p: &&Arc<Compiled>| with_dry_run || !p.dry_run;
+    let first = |action: Action| {
+        policies
+            .iter()
+            .filter(|p| p.action == action)
+            .filter(counts)
+            .find_map(|p| {
+                p.matched_rule(a).map(|rule| RuleMatch {
+                    policy: p.id.clone(),
+                    rule,
+                })
+            })
+    };
+    if let Some(m) = first(Action::Custom) {
+        return (Why::CustomMatched, Some(m));
+    }
+    if let Some(m) = first(Action::Deny) {
+        return (Why::DenyMatched, Some(m));
+    }
+    let any_allow = policies
+        .iter()
+        .filter(counts)
+        .any(|p| p.action == Action::Allow);
+    if !any_allow {
+        return (Why::NoPolicy, None);
+    }
+    match first(Action::Allow) {
+        Some(m) => (Why::AllowMatched, Some(m)),
+        None => (Why::NoAllowMatched, None),
+    }
+}
+
+fn allows(w: Why) -> bool {
+    matches!(w, Why::NoPolicy | Why::AllowMatched)
 }
 
 /// Evaluates the policies that apply to one workload.
 pub fn evaluate(policies: &[Arc<Compiled>], a: &Attrs) -> Verdict {
-    let mut v = Verdict {
-        allowed: true,
-        policy: None,
-        reason: "allowed".into(),
-        dry_run_denied_by: None,
-        audited_by: None,
-    };
-    for p in policies.iter().filter(|p| p.action == Action::Audit) {
-        if p.matches(a) && v.audited_by.is_none() {
-            v.audited_by = Some(p.id.clone());
-        }
-    }
-    for p in policies
+    let audits = policies
         .iter()
-        .filter(|p| p.action == Action::Custom && !p.dry_run)
-    {
-        if p.matches(a) {
-            return deny(
-                v,
-                &p.id,
-                "CUSTOM policy matched, and external authorization is not supported: denied",
-            );
-        }
-    }
-    for p in policies.iter().filter(|p| p.action == Action::Deny) {
-        if p.matches(a) {
-            if p.dry_run {
-                v.dry_run_denied_by.get_or_insert_with(|| p.id.clone());
-                continue;
-            }
-            return deny(v, &p.id, "denied by DENY policy");
-        }
-    }
-    let allows: Vec<&Arc<Compiled>> = policies
-        .iter()
-        .filter(|p| p.action == Action::Allow && !p.dry_run)
+        .filter(|p| p.action == Action::Audit)
+        .filter_map(|p| {
+            p.matched_rule(a).map(|rule| RuleMatch {
+                policy: p.id.clone(),
+                rule,
+            })
+        })
         .collect();
-    if allows.is_empty() {
-        return v;
+    let (why, by) = decide(policies, a, false);
+    let dry_run = policies
+        .iter()
+        .any(|p| p.dry_run && p.action != Action::Audit)
+        .then(|| {
+            let (w, decided_by) = decide(policies, a, true);
+            DryRun {
+                allowed: allows(w),
+                decided_by,
+            }
+        });
+    Verdict {
+        allowed: allows(why),
+        policy: by.map(|m| m.policy),
+        reason: why,
+        audits,
+        dry_run,
     }
-    if let Some(p) = allows.iter().find(|p| p.matches(a)) {
-        v.policy = Some(p.id.clone());
-        v.reason = "allowed by ALLOW policy".into();
-        return v;
-    }
-    v.allowed = false;
-    v.reason = "no ALLOW policy matched".into();
-    v
-}
-
-fn deny(mut v: Verdict, id: &str, reason: &str) -> Verdict {
-    v.allowed = false;
-    v.policy = Some(id.to_string());
-    v.reason = reason.to_string();
-    v
 }
 
 #[cfg(test)]

@@ -112,6 +112,12 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
             "principal": d.principal,
             "headers": hdrs,
             "detail": d.reason,
+            // AUDIT policies that matched, and what enforcing the dry-run ones would give.
+            "audit": d.audits.iter().map(|m| m.policy.clone()).collect::<Vec<_>>(),
+            "dryRun": d.dry_run.as_ref().map(|r| serde_json::json!({
+                "allowed": r.allowed,
+                "policy": r.decided_by.as_ref().map(|m| m.policy.clone()),
+            })),
         });
         Ok((out, d.allowed))
     })

@@ -76,6 +76,10 @@ pub struct Decision {
     pub forward_target: Option<String>,
     /// Extra reply headers on a deny (`www-authenticate`).
     pub reply_headers: Vec<(HeaderName, HeaderValue)>,
+    /// AUDIT policies that matched (authorization ran).
+    pub audits: Vec<authz::RuleMatch>,
+    /// What the dry-run policies would have decided (when one applies).
+    pub dry_run: Option<authz::DryRun>,
 }
 
 impl Decision {
@@ -146,12 +150,12 @@ impl Engine {
             sni: None,
         };
         let v = authz::evaluate(&pol.authz, &a);
-        if v.allowed {
+        let mut d = if v.allowed {
             Decision {
                 allowed: true,
                 status: 200,
                 body: "allowed".into(),
-                reason: v.reason,
+                reason: v.reason.to_string(),
                 policy: v.policy,
                 ..Default::default()
             }
@@ -159,10 +163,13 @@ impl Engine {
             Decision::deny(
                 403,
                 "connection closed due to policy rejection",
-                &v.reason,
+                v.reason.as_str(),
                 v.policy,
             )
-        }
+        };
+        d.audits = v.audits;
+        d.dry_run = v.dry_run;
+        d
     }
 
     pub async fn decide_http(&self, c: &Conn<'_>, r: &Request<'_>) -> Decision {
@@ -256,15 +263,19 @@ impl Engine {
         };
         let v = authz::evaluate(&pol.authz, &a);
         if !v.allowed {
-            let mut deny = Decision::deny(403, RBAC_DENIED, &v.reason, v.policy);
+            let mut deny = Decision::deny(403, RBAC_DENIED, v.reason.as_str(), v.policy);
             deny.principal = d.principal;
+            deny.audits = v.audits;
+            deny.dry_run = v.dry_run;
             return deny;
         }
         d.allowed = true;
         d.status = 200;
         d.body = "allowed".into();
-        d.reason = v.reason;
+        d.reason = v.reason.to_string();
         d.policy = v.policy;
+        d.audits = v.audits;
+        d.dry_run = v.dry_run;
         d.forward_target = Some(target);
         d
     }

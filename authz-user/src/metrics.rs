@@ -34,6 +34,10 @@ pub struct Metrics {
     pub bytes_from_upstream: AtomicU64,
     /// (decision, reason) -> count.
     requests: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// AUDIT policy -> matched requests or connections.
+    audits: Mutex<BTreeMap<String, u64>>,
+    /// (policy that would decide, or "-"; would-be result) -> dry-run verdicts.
+    dry_runs: Mutex<BTreeMap<(String, &'static str), u64>>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     /// Pods enrolled now, and pods that should be but cannot be yet (Kubernetes mode).
@@ -54,6 +58,24 @@ impl Metrics {
         } else {
             m.insert((decision, reason.to_string()), 1);
         }
+    }
+
+    pub fn audit(&self, policy: &str) {
+        *self
+            .audits
+            .lock()
+            .unwrap()
+            .entry(policy.to_string())
+            .or_default() += 1;
+    }
+
+    pub fn dry_run(&self, policy: &str, result: &'static str) {
+        *self
+            .dry_runs
+            .lock()
+            .unwrap()
+            .entry((policy.to_string(), result))
+            .or_default() += 1;
     }
 
     pub fn render(&self, kernel: Option<KernelCounters>) -> String {
@@ -183,6 +205,18 @@ impl Metrics {
                 s,
                 "authz_requests_total{{decision=\"{d}\",reason=\"{}\"}} {v}",
                 escape(r)
+            );
+        }
+        let _ = writeln!(s, "# HELP authz_audit_total Requests and connections an AUDIT policy matched.\n# TYPE authz_audit_total counter");
+        for (p, v) in self.audits.lock().unwrap().iter() {
+            let _ = writeln!(s, "authz_audit_total{{policy=\"{}\"}} {v}", escape(p));
+        }
+        let _ = writeln!(s, "# HELP authz_dry_run_total Dry-run verdicts: the policy that would decide (\"-\" for none) and the would-be result.\n# TYPE authz_dry_run_total counter");
+        for ((p, r), v) in self.dry_runs.lock().unwrap().iter() {
+            let _ = writeln!(
+                s,
+                "authz_dry_run_total{{policy=\"{}\",result=\"{r}\"}} {v}",
+                escape(p)
             );
         }
         s

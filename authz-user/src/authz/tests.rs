@@ -689,3 +689,77 @@ fn property_every_condition_is_compiled_and_conditions_only_narrow_allow() {
     }
     assert!(accepted > 100, "the generator reaches accepted policies: {accepted}");
 }
+
+fn verdict(p: &[Arc<Compiled>], r: &Req) -> Verdict {
+    let h = HeaderMap::new();
+    let src: IpAddr = r.src.parse().unwrap();
+    let a = Attrs {
+        http: Some(HttpAttrs {
+            method: r.method,
+            path: r.path,
+            path_and_query: r.path,
+            host: r.host,
+            headers: &h,
+            identity: r.identity.as_ref(),
+        }),
+        peer: r.peer.as_ref(),
+        source_ip: Some(src),
+        remote_ip: Some(src),
+        dest_ip: None,
+        dest_port: r.port,
+        sni: None,
+    };
+    evaluate(p, &a)
+}
+
+#[test]
+fn audit_and_dry_run_are_reported_with_their_rule() {
+    let p = policies(concat!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audit-admin, namespace: foo}\nspec:\n  action: AUDIT\n  rules: [{to: [{operation: {paths: [/x]}}]}, {to: [{operation: {paths: [\"/admin*\"]}}]}]\n",
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: trial-deny, namespace: foo, annotations: {istio.io/dry-run: \"true\"}}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]\n",
+    ));
+    let admin = Req {
+        path: "/admin/users",
+        ..req()
+    };
+    let v = verdict(&p, &admin);
+    assert!(v.allowed, "neither AUDIT nor dry-run changes the decision");
+    assert_eq!(
+        v.audits,
+        vec![RuleMatch {
+            policy: "foo/audit-admin".into(),
+            rule: 1
+        }]
+    );
+    let dry = v.dry_run.unwrap();
+    assert!(!dry.allowed, "the dry-run DENY would deny");
+    assert_eq!(
+        dry.decided_by,
+        Some(RuleMatch {
+            policy: "foo/trial-deny".into(),
+            rule: 0
+        })
+    );
+    let v = verdict(&p, &req());
+    assert!(v.audits.is_empty());
+    assert_eq!(
+        v.dry_run,
+        Some(DryRun {
+            allowed: true,
+            decided_by: None
+        })
+    );
+    // No dry-run policy for the workload: nothing to report.
+    assert!(verdict(&ap("  rules: [{}]\n"), &req()).dry_run.is_none());
+    // A dry-run ALLOW: enforced, it would deny what it does not match.
+    let p = policies("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: trial-allow, namespace: foo, annotations: {istio.io/dry-run: \"true\"}}\nspec:\n  rules: [{to: [{operation: {paths: [/ok]}}]}]\n");
+    let v = verdict(&p, &req());
+    assert!(v.allowed);
+    assert_eq!(
+        v.dry_run,
+        Some(DryRun {
+            allowed: false,
+            decided_by: None
+        })
+    );
+}

@@ -121,6 +121,17 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             .await;
         px.metrics
             .request(if d.allowed { "allow" } else { "deny" }, &d.reason);
+        super::records::emit(
+            &px.metrics,
+            &d,
+            &super::records::Subject {
+                workload: dest,
+                source: conn.src_ip,
+                method: Some(req.method().as_str()),
+                host: Some(&head.authority),
+                target: Some(&target),
+            },
+        );
         if !d.allowed {
             tracing::info!(
                 target: "authz::deny",

@@ -30,6 +30,7 @@ use crate::{
 
 pub mod http;
 pub mod io;
+pub mod records;
 pub mod tcp;
 pub mod upstream;
 

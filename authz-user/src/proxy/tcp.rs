@@ -23,6 +23,17 @@ where
         let d = px.engine().decide_tcp(&conn.engine_conn(dest));
         px.metrics
             .request(if d.allowed { "allow" } else { "deny" }, &d.reason);
+        super::records::emit(
+            &px.metrics,
+            &d,
+            &super::records::Subject {
+                workload: dest,
+                source: conn.src_ip,
+                method: None,
+                host: None,
+                target: None,
+            },
+        );
         if !d.allowed {
             tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %format!("{}/{}", conn.pod.workload.namespace, conn.pod.workload.name), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "tcp connection denied");
             return;
