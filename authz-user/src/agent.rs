@@ -120,6 +120,9 @@ struct PendingPod {
     spec: PodSpec,
     cgroup_id: Option<u64>,
     reason: String,
+    since: std::time::Instant,
+    /// Posted as an Event on the pod (Kubernetes mode).
+    reported: bool,
 }
 
 fn log_problems(set: &crate::policy::PolicySet) {
@@ -215,6 +218,7 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
     let (drain_tx, draining) = tokio::sync::watch::channel(false);
     let px = Arc::new(Proxy {
         max_connections,
+        policies_changed: tokio::sync::watch::channel(0).0,
         kernel: kernel.clone(),
         metrics: metrics.clone(),
         settings: cfg.agent.clone(),
@@ -430,6 +434,8 @@ fn apply(
     let registry = Arc::new(Registry::from_config(cfg));
     *px.registry.write().unwrap() = registry.clone();
     *px.engine.write().unwrap() = Arc::new(eng);
+    // Open TCP relays re-check themselves against the new policies.
+    px.policies_changed.send_modify(|g| *g += 1);
     apply_registry(px, state, cfg, &registry)?;
     px.metrics
         .pods_enrolled
@@ -635,6 +641,18 @@ struct Pending {
     reported: bool,
 }
 
+/// Kubernetes mode: pods whose enrollment keeps failing get an Event, once per reason.
+fn report_pending(k: &KubeInput, state: &mut State) {
+    let Some(ev) = &k.events else { return };
+    for ((ns, name), p) in state.pending.iter_mut() {
+        if !p.reported && p.since.elapsed() >= NOT_ENROLLED_EVENT_AFTER {
+            p.reported = true;
+            let (ev, ns, name, reason) = (ev.clone(), ns.clone(), name.clone(), p.reason.clone());
+            tokio::spawn(async move { ev.pod_pending(&ns, &name, &reason).await });
+        }
+    }
+}
+
 /// Kubernetes mode: applies what the stores hold now.
 fn apply_snapshot(
     k: &mut KubeInput,
@@ -661,6 +679,7 @@ fn apply_snapshot(
             metrics
                 .pods_enrolled
                 .store(state.pods.len() as u64, Ordering::Relaxed);
+            report_pending(k, state);
         }
         return cfg;
     }
@@ -673,6 +692,7 @@ fn apply_snapshot(
             metrics.reloads_failed.fetch_add(1, Ordering::Relaxed)
         }
     };
+    report_pending(k, state);
     cfg
 }
 
@@ -740,18 +760,22 @@ fn apply_registry(
             }
             Err((cgroup_id, e)) => {
                 let reason = format!("{e:#}");
-                let known = state.pending.get(&key).map(|p| p.reason.clone());
-                if known.as_deref() != Some(reason.as_str()) {
-                    tracing::error!(pod = %name, pending = cgroup_id.is_some(), "pod not enrolled, retrying: {reason}");
+                match state.pending.get_mut(&key) {
+                    Some(p) if p.reason == reason => p.cgroup_id = cgroup_id,
+                    _ => {
+                        tracing::error!(pod = %name, pending = cgroup_id.is_some(), "pod not enrolled, retrying: {reason}");
+                        state.pending.insert(
+                            key,
+                            PendingPod {
+                                spec,
+                                cgroup_id,
+                                reason,
+                                since: std::time::Instant::now(),
+                                reported: false,
+                            },
+                        );
+                    }
                 }
-                state.pending.insert(
-                    key,
-                    PendingPod {
-                        spec,
-                        cgroup_id,
-                        reason,
-                    },
-                );
             }
         }
     }

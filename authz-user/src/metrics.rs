@@ -27,6 +27,8 @@ pub struct Metrics {
     pub header_timeouts: AtomicU64,
     /// TCP relays closed after tcpIdleTimeout without a byte either way.
     pub tcp_idle_timeouts: AtomicU64,
+    /// Open TCP relays closed because new policies deny them.
+    pub tcp_closed_by_policy: AtomicU64,
     pub connections_tcp: AtomicU64,
     pub connections_http: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
@@ -122,6 +124,11 @@ impl Metrics {
             "authz_tcp_idle_timeouts_total",
             "TCP relays closed after tcpIdleTimeout without a byte either way.",
             self.tcp_idle_timeouts.load(Relaxed),
+        );
+        counter(
+            "authz_tcp_closed_by_policy_total",
+            "Open TCP relays closed because a policy change denies them.",
+            self.tcp_closed_by_policy.load(Relaxed),
         );
         counter(
             "authz_connections_tcp_total",

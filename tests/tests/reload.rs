@@ -196,3 +196,39 @@ fn policies_changed_every_100ms_under_load() {
         agent.log_text()
     );
 }
+
+#[test]
+fn a_policy_change_closes_the_open_relays_it_denies() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let sleep = net.host("sleep", 2).unwrap();
+    let web = net.host("web", 3).unwrap();
+    net.serve(&web, "echo", 9000).unwrap();
+    net.serve(&web, "echo", 9001).unwrap();
+    let cfg = format!(
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
+        workload_yaml(&web, "foo", "{app: web}", "web"),
+    );
+    let deny_port = |port: u16| format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-port, namespace: foo}}\nspec:\n  action: DENY\n  rules: [{{to: [{{operation: {{ports: [\"{port}\"]}}}}]}}]\n");
+    let agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", &deny_port(1))]).unwrap();
+    let mut denied = Echo::open(&sleep, &web.ip, 9000);
+    let mut kept = Echo::open(&sleep, &web.ip, 9001);
+    assert_eq!(denied.echo("one").as_deref(), Some("one"));
+    assert_eq!(kept.echo("one").as_deref(), Some("one"));
+    std::fs::write(agent.dir.join("policies/ap.yaml"), deny_port(9000)).unwrap();
+    assert!(
+        within(Duration::from_secs(2), || agent
+            .metric("authz_tcp_closed_by_policy_total")
+            == 1.0),
+        "the relay to the now denied port is closed"
+    );
+    assert_eq!(
+        kept.echo("two").as_deref(),
+        Some("two"),
+        "a relay the new policies still allow stays open"
+    );
+    assert_eq!(agent.metric("authz_connections_active"), 1.0);
+}

@@ -80,6 +80,23 @@ impl Events {
             .await;
     }
 
+    /// A pod located on this node whose listener or kernel entry failed: its connections to
+    /// protected destinations are refused until it is enrolled.
+    pub async fn pod_pending(&self, namespace: &str, name: &str, reason: &str) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        };
+        let note = format!(
+            "{reason}; its connections to protected destinations are refused until the agent enrolls it (retrying)"
+        );
+        self.post(&reference, EventType::Warning, "NotEnrolled", note)
+            .await;
+    }
+
     async fn post(
         &self,
         reference: &ObjectReference,

@@ -46,6 +46,8 @@ pub struct Proxy {
     pub draining: tokio::sync::watch::Receiver<bool>,
     /// Connections open through the agent at once, all pods together (see `limits`).
     pub max_connections: u64,
+    /// Bumped when new policies are in force: open TCP relays decide again.
+    pub policies_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Proxy {

@@ -39,6 +39,7 @@ where
             return;
         }
     }
+    let mut changed = px.policies_changed.subscribe();
     let mut upstream = match super::upstream::connect(&conn.netns, conn.dst).await {
         Ok(s) => s,
         Err(e) => {
@@ -65,6 +66,18 @@ where
                     Err(e) => tracing::debug!(dst = %conn.dst, "relay ended: {e}"),
                 }
                 return;
+            }
+            Ok(()) = changed.changed() => {
+                // A reload or an API-server change: a relay the policies now deny is closed, as
+                // ztunnel closes open connections.
+                if let Some(dest) = &conn.destination {
+                    let d = px.engine().decide_tcp(&conn.engine_conn(dest));
+                    if !d.allowed {
+                        px.metrics.tcp_closed_by_policy.fetch_add(1, Relaxed);
+                        tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %format!("{}/{}", conn.pod.workload.namespace, conn.pod.workload.name), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "open tcp connection closed: the policies now deny it");
+                        return;
+                    }
+                }
             }
             _ = tokio::time::sleep(idle.saturating_sub(clock.idle())) => {
                 if clock.idle() >= idle {
