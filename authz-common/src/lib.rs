@@ -58,13 +58,8 @@ impl SockKey {
     }
 }
 
-/// `IpKey` value flags for `ENFORCED_IPS`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Enforced {
-    pub workload_id: u32,
-    pub _pad: u32,
-}
+/// `ENFORCED_IPS` value: the address is enforced (the key's presence is what counts).
+pub const ENFORCED: u8 = 1;
 
 /// Heartbeat and fail mode, written by the agent (slot 0 of `AGENT_STATE`).
 #[repr(C)]
@@ -136,6 +131,5 @@ mod pod {
     unsafe impl aya::Pod for PodInfo {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SockKey {}
-    unsafe impl aya::Pod for Enforced {}
     unsafe impl aya::Pod for AgentState {}
 }

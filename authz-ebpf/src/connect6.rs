@@ -2,16 +2,13 @@
 //! ::ffff:127.0.0.1, a real IPv6 one to [::1], both at the agent port in the pod's netns.
 use core::ptr::{read_volatile, write_volatile};
 
-use authz_common::{counter, OrigDst, AF_INET, AF_INET6};
+use authz_common::{AF_INET, AF_INET6};
 use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 
-use crate::{
-    helpers::{agent_verdict, count, current_pod, Verdict},
-    maps::{ENFORCED_IPS, ORIG_DST},
-};
+use crate::helpers::{steer, Steer};
 
 const IPPROTO_TCP: u32 = 6;
 const ALLOW: i32 = 1;
@@ -23,52 +20,27 @@ pub fn authz_connect6(ctx: SockAddrContext) -> i32 {
     if sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
-    let Some(pod) = current_pod() else {
-        return ALLOW;
-    };
     let dst = read_ip6(sa);
-    if unsafe { ENFORCED_IPS.get(&dst) }.is_none() {
-        return ALLOW;
-    }
-    match agent_verdict() {
-        Verdict::Redirect => {}
-        Verdict::Direct => {
-            count(counter::CONNECT_BYPASSED, 1);
-            return ALLOW;
-        }
-        Verdict::Refuse => {
-            count(counter::CONNECT_REFUSED, 1);
-            return REFUSE;
-        }
-    }
-    if pod.agent_port == 0 {
-        // Known pod, listener not open yet: refused, so a pod cannot stay unenrolled (e.g. by
-        // holding the port first) and reach the destination unchecked.
-        count(counter::CONNECT_PENDING, 1);
-        return REFUSE;
-    }
     let mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == u32::from_be(0xffff);
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let orig = OrigDst {
-        addr: dst,
-        port: u16::from_be(sa.user_port as u16),
-        family: if mapped { AF_INET } else { AF_INET6 },
-        pod_id: pod.pod_id,
-    };
-    if ORIG_DST.insert(&cookie, &orig, 0).is_err() {
-        return REFUSE;
+    let cookie = || unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let port = u16::from_be(sa.user_port as u16);
+    let family = if mapped { AF_INET } else { AF_INET6 };
+    match steer(cookie, dst, port, family) {
+        Steer::Leave => ALLOW,
+        Steer::Refuse => REFUSE,
+        Steer::To(agent_port) => {
+            write_ip6(
+                sa,
+                if mapped {
+                    [0, 0, u32::from_be(0xffff), u32::from_be(0x7f00_0001)]
+                } else {
+                    [0, 0, 0, u32::from_be(1)]
+                },
+            );
+            sa.user_port = u32::from(agent_port.to_be());
+            ALLOW
+        }
     }
-    write_ip6(
-        sa,
-        if mapped {
-            [0, 0, u32::from_be(0xffff), u32::from_be(0x7f00_0001)]
-        } else {
-            [0, 0, 0, u32::from_be(1)]
-        },
-    );
-    sa.user_port = u32::from(pod.agent_port.to_be());
-    count(counter::CONNECT_REDIRECTED, 1);
-    ALLOW
 }
 
 // The verifier only accepts ctx accesses at constant offsets from the ctx pointer: copy the

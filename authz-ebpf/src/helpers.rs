@@ -1,10 +1,10 @@
 //! Small helpers shared by the programs.
-use authz_common::{Addr, AgentState, PodInfo, SockKey, FAIL_OPEN, MAX_CGROUP_DEPTH};
+use authz_common::{counter, Addr, AgentState, OrigDst, PodInfo, SockKey, FAIL_OPEN, MAX_CGROUP_DEPTH};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
 };
 
-use crate::maps::{AGENT_STATE, COUNTERS, ENROLLED_PODS};
+use crate::maps::{AGENT_STATE, COUNTERS, ENFORCED_IPS, ENROLLED_PODS, ORIG_DST};
 
 #[inline(always)]
 pub fn count(slot: u32, n: u64) {
@@ -61,6 +61,57 @@ pub fn agent_verdict() -> Verdict {
     } else {
         Verdict::Refuse
     }
+}
+
+/// What connect4/6 do with a TCP `connect()`.
+pub enum Steer {
+    /// Not an enrolled pod's connection to an enforced address, or fail open: untouched.
+    Leave,
+    /// Fail closed, a pod whose listener is not open yet, or no room to record the destination.
+    Refuse,
+    /// Rewrite the destination to the pod's agent listener on this port (host order).
+    To(u16),
+}
+
+/// The decision both connect programs share: `dst`/`port` (host order) as the application asked,
+/// `family` the one it used; `cookie` is taken only for a connection that is steered.
+#[inline(always)]
+pub fn steer(cookie: impl FnOnce() -> u64, dst: Addr, port: u16, family: u16) -> Steer {
+    let Some(pod) = current_pod() else {
+        return Steer::Leave;
+    };
+    if unsafe { ENFORCED_IPS.get(&dst) }.is_none() {
+        return Steer::Leave;
+    }
+    match agent_verdict() {
+        Verdict::Redirect => {}
+        Verdict::Direct => {
+            count(counter::CONNECT_BYPASSED, 1);
+            return Steer::Leave;
+        }
+        Verdict::Refuse => {
+            count(counter::CONNECT_REFUSED, 1);
+            return Steer::Refuse;
+        }
+    }
+    if pod.agent_port == 0 {
+        // Known pod, listener not open yet: refused, so a pod cannot stay unenrolled (e.g. by
+        // holding the port first) and reach the destination unchecked.
+        count(counter::CONNECT_PENDING, 1);
+        return Steer::Refuse;
+    }
+    let orig = OrigDst {
+        addr: dst,
+        port,
+        family,
+        pod_id: pod.pod_id,
+    };
+    if ORIG_DST.insert(&cookie(), &orig, 0).is_err() {
+        // Without a record the agent could not forward: refuse rather than pass unenforced.
+        return Steer::Refuse;
+    }
+    count(counter::CONNECT_REDIRECTED, 1);
+    Steer::To(pod.agent_port)
 }
 
 /// The endpoints of a socket (`$ctx`: a pointer to a ctx struct with the usual

@@ -1,6 +1,6 @@
 //! Every map of the programs, in one place. The agent fills ENROLLED_PODS, ENFORCED_IPS and
 //! AGENT_STATE; the programs fill the rest.
-use authz_common::{AgentState, Enforced, OrigDst, PodInfo, SockKey};
+use authz_common::{AgentState, OrigDst, PodInfo, SockKey};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
@@ -12,7 +12,7 @@ pub static ENROLLED_PODS: HashMap<u64, PodInfo> = HashMap::with_max_entries(16_3
 
 /// Workload address (IPv6 form) whose traffic the agent enforces.
 #[map]
-pub static ENFORCED_IPS: HashMap<[u32; 4], Enforced> = HashMap::with_max_entries(65_536, 0);
+pub static ENFORCED_IPS: HashMap<[u32; 4], u8> = HashMap::with_max_entries(65_536, 0);
 
 /// Socket cookie of a redirected app socket -> its original destination (connect time).
 #[map]

@@ -112,6 +112,8 @@ struct State {
     /// Pods that should be enrolled and are not (yet): retried every second.
     pending: HashMap<(String, String), PendingPod>,
     enforced: HashSet<IpAddr>,
+    /// Destination addresses the kernel refused last time: retried every second.
+    failed_ips: HashSet<IpAddr>,
 }
 
 /// A pod whose enrollment failed. With a cgroup id, its kernel entry is in place with no port:
@@ -230,10 +232,11 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
         pods: HashMap::new(),
         pending: HashMap::new(),
         enforced: HashSet::new(),
+        failed_ips: HashSet::new(),
     };
     // From files, every pod must enroll at start; on reload, and always in Kubernetes mode
     // (pods come and go), a pod that cannot is reported and retried, never half-enrolled.
-    apply_registry(&px, &mut state, &cfg, &registry)?;
+    apply_registry(&px, &mut state, &cfg, &registry);
     if kernel.adopted {
         forget_stale(&kernel, &state);
     }
@@ -305,16 +308,14 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
                 last_cost = started.elapsed();
                 *admin.dump.write().unwrap() = Arc::new(current.clone());
             }
-            _ = retry.tick(), if !state.pending.is_empty() || kube.as_ref().is_some_and(|k| k.pending(&state)) => {
+            _ = retry.tick(), if !state.pending.is_empty() || !state.failed_ips.is_empty() || kube.as_ref().is_some_and(|k| k.pending(&state)) => {
                 match kube.as_mut() {
                     Some(k) => {
                         current = apply_snapshot(k, &current, &px, &mut state, &store, &cache, &metrics);
                     }
                     None => {
                         let registry = px.registry();
-                        if let Err(e) = apply_registry(&px, &mut state, &current, &registry) {
-                            tracing::error!("retrying enrollments: {e:#}");
-                        }
+                        apply_registry(&px, &mut state, &current, &registry);
                         metrics.pods_enrolled.store(state.pods.len() as u64, Ordering::Relaxed);
                     }
                 }
@@ -396,7 +397,8 @@ fn release_freed_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
-/// Re-reads everything; on any error nothing changes.
+/// Re-reads everything. A config or policy error changes nothing; once both are valid the new
+/// policies are in force, and kernel operations that fail are retried (`apply_registry`).
 fn reload(
     config_path: &Path,
     old: &Config,
@@ -416,7 +418,7 @@ fn reload(
     if !set.is_valid() {
         anyhow::bail!("invalid policies (see above)");
     }
-    apply(px, state, &cfg, &set, store, cache)?;
+    apply(px, state, &cfg, &set, store, cache);
     Ok(cfg)
 }
 
@@ -429,14 +431,14 @@ fn apply(
     set: &crate::policy::PolicySet,
     store: &Arc<JwksStore>,
     cache: &Arc<TokenCache>,
-) -> Result<()> {
+) {
     let eng = engine::build_from(&cfg.agent, set, Some(store), cache.clone());
     let registry = Arc::new(Registry::from_config(cfg));
     *px.registry.write().unwrap() = registry.clone();
     *px.engine.write().unwrap() = Arc::new(eng);
     // Open TCP relays re-check themselves against the new policies.
     px.policies_changed.send_modify(|g| *g += 1);
-    apply_registry(px, state, cfg, &registry)?;
+    apply_registry(px, state, cfg, &registry);
     px.metrics
         .pods_enrolled
         .store(state.pods.len() as u64, Ordering::Relaxed);
@@ -448,7 +450,6 @@ fn apply(
         authorization_policies = px.engine().index().authorization_policies,
         "applied"
     );
-    Ok(())
 }
 
 /// Kubernetes mode: the API server's stores, and what the agent remembers between snapshots.
@@ -540,8 +541,7 @@ impl KubeInput {
             if let Some((_, cg, ns)) = located.get(uid) {
                 return Ok((cg.clone(), ns.clone()));
             }
-            let (cg, ns) = crate::kubernetes::discover::locate(&root, &proc_root, uid)
-                .map_err(|e| e.to_string())?;
+            let (cg, ns) = crate::kubernetes::discover::locate(&root, &proc_root, uid)?;
             let ips = live.get(uid).cloned().unwrap_or_default();
             located.insert(uid.to_string(), (ips, cg.clone(), ns.clone()));
             Ok((cg, ns))
@@ -629,6 +629,7 @@ impl KubeInput {
     fn pending(&self, state: &State) -> bool {
         !self.not_enrolled.is_empty()
             || !state.pending.is_empty()
+            || !state.failed_ips.is_empty()
             || state.pods.len() < self.last_wanted
     }
 }
@@ -673,9 +674,7 @@ fn apply_snapshot(
         if k.pending(state) {
             // Only enrollments to retry: the engine stays.
             let registry = px.registry();
-            if let Err(e) = apply_registry(px, state, &cfg, &registry) {
-                tracing::error!("retrying enrollments: {e:#}");
-            }
+            apply_registry(px, state, &cfg, &registry);
             metrics
                 .pods_enrolled
                 .store(state.pods.len() as u64, Ordering::Relaxed);
@@ -685,13 +684,8 @@ fn apply_snapshot(
     }
     k.last_wanted = cfg.pods.len();
     k.applied_generation = k.policies.generation;
-    match apply(px, state, &cfg, &set, store, cache) {
-        Ok(()) => metrics.reloads_ok.fetch_add(1, Ordering::Relaxed),
-        Err(e) => {
-            tracing::error!("applying the API server's state: {e:#}");
-            metrics.reloads_failed.fetch_add(1, Ordering::Relaxed)
-        }
-    };
+    apply(px, state, &cfg, &set, store, cache);
+    metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
     report_pending(k, state);
     cfg
 }
@@ -706,7 +700,7 @@ fn apply_registry(
     state: &mut State,
     cfg: &Config,
     registry: &Arc<Registry>,
-) -> Result<()> {
+) {
     let kernel = &px.kernel;
     let wanted: HashMap<(String, String), &PodSpec> = cfg
         .pods
@@ -787,12 +781,24 @@ fn apply_registry(
         .copied()
         .collect();
     for ip in state.enforced.difference(&ips).copied().collect::<Vec<_>>() {
-        let _ = kernel.unenforce(ip);
+        if let Err(e) = kernel.unenforce(ip) {
+            // Still enforced in the kernel: stricter, never looser; retried.
+            tracing::error!(%ip, "destination not released, retrying: {e:#}");
+            continue;
+        }
         state.enforced.remove(&ip);
     }
+    state.failed_ips.clear();
     for ip in ips {
-        if state.enforced.insert(ip) {
-            kernel.enforce(ip, 0)?;
+        if !state.enforced.contains(&ip) {
+            // Recorded as enforced only once the kernel has it; a failure leaves the rest
+            // applied and is retried every second.
+            if let Err(e) = kernel.enforce(ip) {
+                tracing::error!(%ip, "destination not enforced yet, retrying: {e:#}");
+                state.failed_ips.insert(ip);
+                continue;
+            }
+            state.enforced.insert(ip);
             let name = match (registry.by_ip.get(&ip), registry.vips.get(&ip)) {
                 (Some(w), _) => format!("{}/{}", w.namespace, w.name),
                 (None, Some(s)) => format!("service {}/{}", s.namespace, s.name),
@@ -801,7 +807,6 @@ fn apply_registry(
             tracing::info!(ip = %ip, workload = %name, "destination enforced");
         }
     }
-    Ok(())
 }
 
 /// Enrolls one pod: pending entry, listeners, then the entry with their port. On error, returns

@@ -94,12 +94,13 @@ impl Identity {
     }
 
     fn claim(&self, path: &[String]) -> Option<&Value> {
-        let mut v = self.payload.as_ref();
-        for p in path {
-            v = v.get(p)?;
-        }
-        Some(v)
+        claim_at(&self.payload, path)
     }
+}
+
+/// The claim at `path` (`[a][b]` as ["a", "b"]) of a JWT payload.
+pub fn claim_at<'a>(payload: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(payload, |v, part| v.get(part))
 }
 
 /// The source of a connection (an enrolled pod).

@@ -111,7 +111,7 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
             "policy": d.policy,
             "principal": d.principal,
             "headers": hdrs,
-            "detail": d.reason,
+            "detail": d.reason.as_str(),
             // AUDIT policies that matched, and what enforcing the dry-run ones would give.
             "audit": d.audits.iter().map(|m| m.policy.clone()).collect::<Vec<_>>(),
             "dryRun": d.dry_run.as_ref().map(|r| serde_json::json!({

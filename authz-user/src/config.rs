@@ -316,9 +316,31 @@ impl Config {
             }
         }
         let mut ips = std::collections::HashMap::new();
+        let mut workloads = std::collections::HashSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
             if w.name.is_empty() || w.namespace.is_empty() {
                 return Err(format!("workloads[{i}]: name and namespace are required"));
+            }
+            // Policies are looked up per workload name: two workloads of one name, or a pod and
+            // a workload of one name with different labels or identity, would share the wrong
+            // ones.
+            if !workloads.insert((&w.namespace, &w.name)) {
+                return Err(format!(
+                    "workloads[{i}]: duplicate workload {}/{}",
+                    w.namespace, w.name
+                ));
+            }
+            if let Some(p) = self
+                .pods
+                .iter()
+                .find(|p| p.namespace == w.namespace && p.name == w.name)
+            {
+                if p.labels != w.labels || p.service_account != w.service_account {
+                    return Err(format!(
+                        "workloads[{i}]: {}/{} is also a pod with other labels or serviceAccount; one name is one workload",
+                        w.namespace, w.name
+                    ));
+                }
             }
             if w.ips.is_empty() {
                 return Err(format!(
@@ -422,5 +444,26 @@ policies: []
         )
         .unwrap_err();
         assert!(err.to_string().contains("already used by n/a"), "{err}");
+    }
+
+    #[test]
+    fn one_name_is_one_workload() {
+        let err = Config::parse(
+            "workloads:\n  - {name: a, namespace: n, ips: [10.0.0.1]}\n  - {name: a, namespace: n, ips: [10.0.0.2]}\n",
+            "d.yaml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("duplicate workload n/a"), "{err}");
+        let err = Config::parse(
+            "pods:\n  - {name: a, namespace: n, labels: {app: x}, netns: /n, cgroup: /c}\nworkloads:\n  - {name: a, namespace: n, labels: {app: y}, ips: [10.0.0.1]}\n",
+            "d.yaml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("also a pod with other labels"), "{err}");
+        Config::parse(
+            "pods:\n  - {name: a, namespace: n, labels: {app: x}, netns: /n, cgroup: /c}\nworkloads:\n  - {name: a, namespace: n, labels: {app: x}, ips: [10.0.0.1]}\n",
+            "d.yaml",
+        )
+        .unwrap();
     }
 }

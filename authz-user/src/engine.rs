@@ -63,8 +63,8 @@ pub struct Decision {
     pub status: u16,
     /// Reply body when denied; "allowed" otherwise.
     pub body: String,
-    /// Why, for logs and `check`.
-    pub reason: String,
+    /// Why, for logs, metrics and `check`.
+    pub reason: Reason,
     pub policy: Option<String>,
     /// `iss/sub` of the verified token, if any.
     pub principal: Option<String>,
@@ -82,13 +82,46 @@ pub struct Decision {
     pub dry_run: Option<authz::DryRun>,
 }
 
+/// Why a request or connection was decided as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Refused before any policy: malformed, ambiguous or smuggling-prone.
+    BadRequest(&'static str),
+    /// A presented token failed, with Envoy's jwt_verify_lib reason.
+    Jwt(JwtError),
+    /// Authorization decided (allowed, denied by DENY, no ALLOW matched, CUSTOM).
+    Authz(authz::Why),
+}
+
+impl Default for Reason {
+    fn default() -> Reason {
+        Reason::Authz(authz::Why::NoPolicy)
+    }
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::BadRequest(why) => why,
+            Reason::Jwt(e) => e.message(),
+            Reason::Authz(w) => w.as_str(),
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Decision {
-    fn deny(status: u16, body: &str, reason: &str, policy: Option<String>) -> Decision {
+    fn deny(status: u16, body: &str, reason: Reason, policy: Option<String>) -> Decision {
         Decision {
             allowed: false,
             status,
             body: body.into(),
-            reason: reason.into(),
+            reason,
             policy,
             ..Default::default()
         }
@@ -155,7 +188,7 @@ impl Engine {
                 allowed: true,
                 status: 200,
                 body: "allowed".into(),
-                reason: v.reason.to_string(),
+                reason: Reason::Authz(v.reason),
                 policy: v.policy,
                 ..Default::default()
             }
@@ -163,7 +196,7 @@ impl Engine {
             Decision::deny(
                 403,
                 "connection closed due to policy rejection",
-                v.reason.as_str(),
+                Reason::Authz(v.reason),
                 v.policy,
             )
         };
@@ -218,7 +251,7 @@ impl Engine {
                     }
                     let Some((claims, p)) = ok else {
                         let e = best.unwrap_or(JwtError::UnknownIssuer);
-                        let mut deny = Decision::deny(e.status(), e.message(), e.message(), None);
+                        let mut deny = Decision::deny(e.status(), e.message(), Reason::Jwt(e), None);
                         deny.reply_headers
                             .push((http::header::WWW_AUTHENTICATE, www_authenticate(r, &path)));
                         return deny;
@@ -263,7 +296,7 @@ impl Engine {
         };
         let v = authz::evaluate(&pol.authz, &a);
         if !v.allowed {
-            let mut deny = Decision::deny(403, RBAC_DENIED, v.reason.as_str(), v.policy);
+            let mut deny = Decision::deny(403, RBAC_DENIED, Reason::Authz(v.reason), v.policy);
             deny.principal = d.principal;
             deny.audits = v.audits;
             deny.dry_run = v.dry_run;
@@ -272,7 +305,7 @@ impl Engine {
         d.allowed = true;
         d.status = 200;
         d.body = "allowed".into();
-        d.reason = v.reason.to_string();
+        d.reason = Reason::Authz(v.reason);
         d.policy = v.policy;
         d.audits = v.audits;
         d.dry_run = v.dry_run;
@@ -289,20 +322,20 @@ impl Engine {
                 None => (None, 0, Some(r)),
             },
         };
-        if let Some(claims) = self.cache.get(token, p.uid, generation) {
+        // Issuer, time and audience are checked on every use, cached or not (Envoy's order).
+        let checks = |claims: &Claims| -> Result<(), JwtError> {
             if !p.issuer.is_empty() && claims.iss != p.issuer {
                 return Err(JwtError::UnknownIssuer);
             }
-            jwt::check_time(&claims, now)?;
-            jwt::check_audience(&claims, &p.audiences)?;
+            jwt::check_time(claims, now)?;
+            jwt::check_audience(claims, &p.audiences)
+        };
+        if let Some(claims) = self.cache.get(token, p.uid, generation) {
+            checks(&claims)?;
             return Ok(claims);
         }
         let (claims, signed, sig) = jwt::parse(token)?;
-        if !p.issuer.is_empty() && claims.iss != p.issuer {
-            return Err(JwtError::UnknownIssuer);
-        }
-        jwt::check_time(&claims, now)?;
-        jwt::check_audience(&claims, &p.audiences)?;
+        checks(&claims)?;
         let store = self.store.as_ref();
         let (jwks, generation) = match (jwks, remote, store) {
             (Some(j), _, _) => (j, generation),
@@ -336,8 +369,8 @@ impl Engine {
 }
 
 /// 400, and the connection is closed after it so nothing after a bad request is read as a request.
-fn bad_request(why: &str) -> Decision {
-    let mut d = Decision::deny(400, "Bad Request", why, None);
+fn bad_request(why: &'static str) -> Decision {
+    let mut d = Decision::deny(400, "Bad Request", Reason::BadRequest(why), None);
     d.reply_headers
         .push((http::header::CONNECTION, HeaderValue::from_static("close")));
     d
@@ -401,20 +434,9 @@ fn apply_outputs(
         }
     }
     for (h, path) in &p.claim_to_headers {
-        let mut v = claims.payload.as_ref();
-        let mut found = true;
-        for part in path {
-            match v.get(part) {
-                Some(x) => v = x,
-                None => {
-                    found = false;
-                    break;
-                }
-            }
-        }
-        if !found {
+        let Some(v) = authz::claim_at(&claims.payload, path) else {
             continue;
-        }
+        };
         let text = match v {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(n) => n.to_string(),
@@ -452,7 +474,7 @@ pub fn jwks_store(
     let resolve: jwt::remote::ServiceResolver = Arc::new(move |host, ns| {
         let r = reg.read().unwrap().clone();
         let s = r.resolve_service(host, ns)?;
-        Some((s.ips.clone(), None))
+        Some(s.ips.clone())
     });
     let fetcher = jwt::remote::Fetcher::new(
         cfg.agent.jwks_ca_file.as_deref(),
@@ -747,7 +769,7 @@ mod tests {
             d.status, 403,
             "CORS preflight skips JWT (then authz needs an identity)"
         );
-        assert!(d.reason.contains("ALLOW"));
+        assert_eq!(d.reason, Reason::Authz(authz::Why::NoAllowMatched));
     }
 
     #[test]

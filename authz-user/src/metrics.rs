@@ -32,10 +32,12 @@ pub struct Metrics {
     pub connections_tcp: AtomicU64,
     pub connections_http: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
+    /// Connections to a service address with no backend on the port asked for (closed).
+    pub connections_no_backend: AtomicU64,
     pub bytes_to_upstream: AtomicU64,
     pub bytes_from_upstream: AtomicU64,
     /// (decision, reason) -> count.
-    requests: Mutex<BTreeMap<(&'static str, String), u64>>,
+    requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// AUDIT policy -> matched requests or connections.
     audits: Mutex<BTreeMap<String, u64>>,
     /// (policy that would decide, or "-"; would-be result) -> dry-run verdicts.
@@ -53,13 +55,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn request(&self, decision: &'static str, reason: &str) {
-        let mut m = self.requests.lock().unwrap();
-        if let Some(v) = m.get_mut(&(decision, reason.to_string())) {
-            *v += 1;
-        } else {
-            m.insert((decision, reason.to_string()), 1);
-        }
+    pub fn request(&self, decision: &'static str, reason: &'static str) {
+        *self
+            .requests
+            .lock()
+            .unwrap()
+            .entry((decision, reason))
+            .or_default() += 1;
     }
 
     pub fn audit(&self, policy: &str) {
@@ -139,6 +141,11 @@ impl Metrics {
             "authz_connections_http_total",
             "Redirected connections handled as HTTP.",
             self.connections_http.load(Relaxed),
+        );
+        counter(
+            "authz_connections_no_backend_total",
+            "Connections to a service address with no backend on that port (closed).",
+            self.connections_no_backend.load(Relaxed),
         );
         counter(
             "authz_upstream_connect_errors_total",

@@ -119,10 +119,6 @@ impl Registry {
         self.by_ip.get(&normalize(ip))
     }
 
-    pub fn pod(&self, id: u32) -> Option<&Arc<Pod>> {
-        self.pods.get(id.checked_sub(1)? as usize)
-    }
-
     /// Resolve a host name the way cluster DNS would for a client in `namespace`:
     /// `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`.
     pub fn resolve_service(&self, host: &str, namespace: &str) -> Option<&ServiceSpec> {

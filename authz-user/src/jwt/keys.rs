@@ -58,17 +58,64 @@ impl std::fmt::Debug for Jwks {
 /// Largest JWKS document accepted, inline or fetched.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
 
+/// Why a JWKS document is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    #[error("JWKS is larger than {MAX_JWKS_BYTES} bytes")]
+    TooLarge,
+    #[error("JWKS is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("JWKS has no \"keys\" array")]
+    NoKeysArray,
+    /// Envoy's wording, with why each key was refused.
+    #[error("Jwks doesn't have any valid public key{}", list(.0))]
+    NoValidKey(Vec<(usize, KeyError)>),
+}
+
+fn list(errors: &[(usize, KeyError)]) -> String {
+    if errors.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = errors.iter().map(|(i, e)| format!("keys[{i}]: {e}")).collect();
+    format!(" ({})", parts.join("; "))
+}
+
+/// Why one key of a set is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("[{0}] field is missing or not a string")]
+    Missing(&'static str),
+    #[error("{0} is not base64url")]
+    NotBase64(&'static str),
+    #[error("RSA keys shorter than 2048 bits are refused")]
+    RsaTooShort,
+    #[error("EC curve {0:?} is not supported")]
+    UnsupportedCurve(String),
+    #[error("EC {curve} coordinates must be {bytes} bytes")]
+    CoordinateSize { curve: &'static str, bytes: usize },
+    #[error("EC P-521 point is not on the curve")]
+    NotOnCurve,
+    #[error("OKP curve must be Ed25519")]
+    OkpCurve,
+    #[error("Ed25519 [x] must be 32 bytes")]
+    Ed25519Size,
+    #[error("kty {0:?} is not supported")]
+    UnsupportedKty(String),
+    #[error("{0}")]
+    Decoding(String),
+}
+
 impl Jwks {
-    pub fn parse(bytes: &[u8]) -> Result<Jwks, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Jwks, JwksError> {
         if bytes.len() > MAX_JWKS_BYTES {
-            return Err(format!("JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+            return Err(JwksError::TooLarge);
         }
         let v: Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("JWKS is not valid JSON: {e}"))?;
+            serde_json::from_slice(bytes).map_err(|e| JwksError::NotJson(e.to_string()))?;
         let keys = v
             .get("keys")
             .and_then(Value::as_array)
-            .ok_or("JWKS has no \"keys\" array")?;
+            .ok_or(JwksError::NoKeysArray)?;
         let mut out = Jwks {
             keys: Vec::new(),
             has_private_material: false,
@@ -81,31 +128,32 @@ impl Jwks {
             match parse_key(k) {
                 Ok(Some(j)) => out.keys.push(j),
                 Ok(None) => {}
-                Err(e) => errors.push(format!("keys[{i}]: {e}")),
+                Err(e) => errors.push((i, e)),
             }
         }
         if out.keys.is_empty() {
-            return Err(if errors.is_empty() {
-                "Jwks doesn't have any valid public key".into()
-            } else {
-                format!(
-                    "Jwks doesn't have any valid public key ({})",
-                    errors.join("; ")
-                )
-            });
+            return Err(JwksError::NoValidKey(errors));
         }
         Ok(out)
     }
 }
 
-fn s<'a>(k: &'a Value, f: &str) -> Result<&'a str, String> {
+fn s<'a>(k: &'a Value, f: &'static str) -> Result<&'a str, KeyError> {
     k.get(f)
         .and_then(Value::as_str)
         .filter(|x| !x.is_empty())
-        .ok_or_else(|| format!("[{f}] field is missing or not a string"))
+        .ok_or(KeyError::Missing(f))
 }
 
-fn parse_key(k: &Value) -> Result<Option<Jwk>, String> {
+fn b64(v: &str, what: &'static str) -> Result<Vec<u8>, KeyError> {
+    B64.decode(v).map_err(|_| KeyError::NotBase64(what))
+}
+
+fn decoding(e: jsonwebtoken::errors::Error) -> KeyError {
+    KeyError::Decoding(e.to_string())
+}
+
+fn parse_key(k: &Value) -> Result<Option<Jwk>, KeyError> {
     let kty = s(k, "kty")?;
     let kid = k.get("kid").and_then(Value::as_str).map(String::from);
     let alg = k.get("alg").and_then(Value::as_str).map(String::from);
@@ -118,44 +166,37 @@ fn parse_key(k: &Value) -> Result<Option<Jwk>, String> {
     let (kty, material) = match kty {
         "RSA" => {
             let (n, e) = (s(k, "n")?, s(k, "e")?);
-            let nb = B64.decode(n).map_err(|_| "RSA [n] is not base64url")?;
-            B64.decode(e).map_err(|_| "RSA [e] is not base64url")?;
+            let nb = b64(n, "RSA [n]")?;
+            b64(e, "RSA [e]")?;
             if nb.len() < 256 - 1 {
-                return Err("RSA keys shorter than 2048 bits are refused".into());
+                return Err(KeyError::RsaTooShort);
             }
             (
                 Kty::Rsa,
-                Material::Std(DecodingKey::from_rsa_components(n, e).map_err(|e| e.to_string())?),
+                Material::Std(DecodingKey::from_rsa_components(n, e).map_err(decoding)?),
             )
         }
         "EC" => {
             let crv = s(k, "crv")?;
             let (x, y) = (s(k, "x")?, s(k, "y")?);
-            let (xb, yb) = (
-                B64.decode(x).map_err(|_| "EC [x] is not base64url")?,
-                B64.decode(y).map_err(|_| "EC [y] is not base64url")?,
-            );
-            let want = match crv {
-                "P-256" => 32,
-                "P-384" => 48,
-                "P-521" => 66,
-                c => return Err(format!("EC curve {c:?} is not supported")),
+            let (xb, yb) = (b64(x, "EC [x]")?, b64(y, "EC [y]")?);
+            let (curve, bytes) = match crv {
+                "P-256" => ("P-256", 32),
+                "P-384" => ("P-384", 48),
+                "P-521" => ("P-521", 66),
+                c => return Err(KeyError::UnsupportedCurve(c.into())),
             };
-            if xb.len() != want || yb.len() != want {
-                return Err(format!("EC {crv} coordinates must be {want} bytes"));
+            if xb.len() != bytes || yb.len() != bytes {
+                return Err(KeyError::CoordinateSize { curve, bytes });
             }
-            match crv {
+            match curve {
                 "P-256" => (
                     Kty::Ec256,
-                    Material::Std(
-                        DecodingKey::from_ec_components(x, y).map_err(|e| e.to_string())?,
-                    ),
+                    Material::Std(DecodingKey::from_ec_components(x, y).map_err(decoding)?),
                 ),
                 "P-384" => (
                     Kty::Ec384,
-                    Material::Std(
-                        DecodingKey::from_ec_components(x, y).map_err(|e| e.to_string())?,
-                    ),
+                    Material::Std(DecodingKey::from_ec_components(x, y).map_err(decoding)?),
                 ),
                 _ => {
                     let mut sec1 = Vec::with_capacity(133);
@@ -163,31 +204,29 @@ fn parse_key(k: &Value) -> Result<Option<Jwk>, String> {
                     sec1.extend_from_slice(&xb);
                     sec1.extend_from_slice(&yb);
                     let vk = p521::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
-                        .map_err(|_| "EC P-521 point is not on the curve")?;
+                        .map_err(|_| KeyError::NotOnCurve)?;
                     (Kty::Ec521, Material::P521(Box::new(vk)))
                 }
             }
         }
         "oct" => {
-            let kb = B64
-                .decode(s(k, "k")?)
-                .map_err(|_| "oct [k] is not base64url")?;
+            let kb = b64(s(k, "k")?, "oct [k]")?;
             (Kty::Oct, Material::Std(DecodingKey::from_secret(&kb)))
         }
         "OKP" => {
             if s(k, "crv")? != "Ed25519" {
-                return Err("OKP curve must be Ed25519".into());
+                return Err(KeyError::OkpCurve);
             }
             let x = s(k, "x")?;
-            if B64.decode(x).map_err(|_| "OKP [x] is not base64url")?.len() != 32 {
-                return Err("Ed25519 [x] must be 32 bytes".into());
+            if b64(x, "OKP [x]")?.len() != 32 {
+                return Err(KeyError::Ed25519Size);
             }
             (
                 Kty::Ed25519,
-                Material::Std(DecodingKey::from_ed_components(x).map_err(|e| e.to_string())?),
+                Material::Std(DecodingKey::from_ed_components(x).map_err(decoding)?),
             )
         }
-        other => return Err(format!("kty {other:?} is not supported")),
+        other => return Err(KeyError::UnsupportedKty(other.into())),
     };
     Ok(Some(Jwk {
         kid,

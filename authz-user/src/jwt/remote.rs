@@ -20,8 +20,49 @@ use hyper_util::rt::TokioIo;
 use super::keys::{Jwks, MAX_JWKS_BYTES};
 
 /// Maps a host name to addresses the way cluster DNS would (services of the config).
-pub type ServiceResolver =
-    Arc<dyn Fn(&str, &str) -> Option<(Vec<IpAddr>, Option<u16>)> + Send + Sync>;
+pub type ServiceResolver = Arc<dyn Fn(&str, &str) -> Option<Vec<IpAddr>> + Send + Sync>;
+
+/// Why a JWKS (or OIDC discovery) fetch failed; the last good keys stay in force.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("{uri}: {why}")]
+    BadUri { uri: String, why: String },
+    #[error("{0}: only http and https are supported")]
+    Scheme(String),
+    #[error("{0}: no host")]
+    NoHost(String),
+    #[error("{uri}: resolving {host}: {why}")]
+    Resolve {
+        uri: String,
+        host: String,
+        why: String,
+    },
+    #[error("{uri}: {host} resolves only to link-local or metadata addresses (refused; set agent.allowLinkLocalJwks to allow)")]
+    Forbidden { uri: String, host: String },
+    #[error("{uri}: connecting to {addr}: {why}")]
+    Connect {
+        uri: String,
+        addr: SocketAddr,
+        why: String,
+    },
+    #[error("{uri}: TLS: {why}")]
+    Tls { uri: String, why: String },
+    #[error("{uri}: HTTP: {why}")]
+    Http { uri: String, why: String },
+    #[error("{uri}: HTTP status {status} (redirects are not followed)")]
+    Status { uri: String, status: u16 },
+    #[error("{uri}: reading body: {why}")]
+    Body { uri: String, why: String },
+    #[error("fetching {uri}: timed out after {after:?}")]
+    Timeout { uri: String, after: Duration },
+    #[error("OIDC discovery for {issuer}: {why}")]
+    Discovery { issuer: String, why: String },
+    #[error("{uri}: {source}")]
+    Jwks {
+        uri: String,
+        source: super::keys::JwksError,
+    },
+}
 
 /// Least time between two fetches triggered by requests (unknown kid, never fetched).
 const REFETCH_GAP: Duration = Duration::from_secs(5);
@@ -71,43 +112,61 @@ impl Fetcher {
         uri: &str,
         namespace: &str,
         timeout: Duration,
-    ) -> Result<Bytes, String> {
+    ) -> Result<Bytes, FetchError> {
         tokio::time::timeout(timeout, self.get_inner(uri, namespace))
             .await
-            .map_err(|_| format!("fetching {uri}: timed out after {timeout:?}"))?
+            .map_err(|_| FetchError::Timeout {
+                uri: uri.into(),
+                after: timeout,
+            })?
     }
 
-    async fn get_inner(&self, uri: &str, namespace: &str) -> Result<Bytes, String> {
-        let u: http::Uri = uri.parse().map_err(|e| format!("{uri}: {e}"))?;
+    async fn get_inner(&self, uri: &str, namespace: &str) -> Result<Bytes, FetchError> {
+        let u: http::Uri = uri.parse().map_err(|e: http::uri::InvalidUri| FetchError::BadUri {
+            uri: uri.into(),
+            why: e.to_string(),
+        })?;
         let https = match u.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(format!("{uri}: only http and https are supported")),
+            _ => return Err(FetchError::Scheme(uri.into())),
         };
         let host = u
             .host()
-            .ok_or_else(|| format!("{uri}: no host"))?
+            .ok_or_else(|| FetchError::NoHost(uri.into()))?
             .trim_matches(|c| c == '[' || c == ']')
             .to_string();
-        let mut port = u.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let port = u.port_u16().unwrap_or(if https { 443 } else { 80 });
         let addrs: Vec<IpAddr> = if let Ok(ip) = host.parse::<IpAddr>() {
             vec![ip]
-        } else if let Some((ips, target)) = (self.resolve)(&host, namespace) {
-            if let Some(t) = target {
-                port = t;
-            }
+        } else if let Some(ips) = (self.resolve)(&host, namespace) {
             ips
         } else {
             tokio::net::lookup_host((host.as_str(), port))
                 .await
-                .map_err(|e| format!("{uri}: resolving {host}: {e}"))?
+                .map_err(|e| FetchError::Resolve {
+                    uri: uri.into(),
+                    host: host.clone(),
+                    why: e.to_string(),
+                })?
                 .map(|a| a.ip())
                 .collect()
         };
-        let addr = addrs.into_iter().find(|ip| self.allow_link_local || !forbidden(*ip)).ok_or_else(|| format!("{uri}: {host} resolves only to link-local or metadata addresses (refused; set agent.allowLinkLocalJwks to allow)"))?;
-        let tcp = tokio::net::TcpStream::connect(SocketAddr::new(addr, port))
+        let addr = addrs
+            .into_iter()
+            .find(|ip| self.allow_link_local || !forbidden(*ip))
+            .ok_or_else(|| FetchError::Forbidden {
+                uri: uri.into(),
+                host: host.clone(),
+            })?;
+        let addr = SocketAddr::new(addr, port);
+        let tcp = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("{uri}: connecting to {addr}:{port}: {e}"))?;
+            .map_err(|e| FetchError::Connect {
+                uri: uri.into(),
+                addr,
+                why: e.to_string(),
+            })?;
         let _ = tcp.set_nodelay(true);
         let path = u
             .path_and_query()
@@ -123,28 +182,43 @@ impl Fetcher {
             .header(http::header::HOST, authority)
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| FetchError::Http {
+                uri: uri.into(),
+                why: e.to_string(),
+            })?;
+        let tls_error = |why: String| FetchError::Tls {
+            uri: uri.into(),
+            why,
+        };
+        let http_error = |why: String| FetchError::Http {
+            uri: uri.into(),
+            why,
+        };
         let resp = if https {
             let name = rustls::pki_types::ServerName::try_from(host.clone())
-                .map_err(|e| format!("{uri}: {e}"))?;
+                .map_err(|e| tls_error(e.to_string()))?;
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("{uri}: TLS: {e}"))?;
-            send(TokioIo::new(tls), req).await?
+                .map_err(|e| tls_error(e.to_string()))?;
+            send(TokioIo::new(tls), req).await.map_err(http_error)?
         } else {
-            send(TokioIo::new(tcp), req).await?
+            send(TokioIo::new(tcp), req).await.map_err(http_error)?
         };
         let status = resp.status();
         if status != http::StatusCode::OK {
-            return Err(format!(
-                "{uri}: HTTP status {status} (redirects are not followed)"
-            ));
+            return Err(FetchError::Status {
+                uri: uri.into(),
+                status: status.as_u16(),
+            });
         }
         let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
             .collect()
             .await
-            .map_err(|e| format!("{uri}: reading body: {e}"))?;
+            .map_err(|e| FetchError::Body {
+                uri: uri.into(),
+                why: e.to_string(),
+            })?;
         Ok(body.to_bytes())
     }
 }
@@ -192,7 +266,7 @@ pub struct RemoteJwks {
     generation: AtomicU64,
     last_attempt: Mutex<Option<Instant>>,
     fetching: tokio::sync::Mutex<()>,
-    pub last_error: Mutex<Option<String>>,
+    pub last_error: Mutex<Option<FetchError>>,
 }
 
 impl RemoteJwks {
@@ -204,7 +278,7 @@ impl RemoteJwks {
             .map(|k| (k, self.generation.load(Ordering::Acquire)))
     }
 
-    pub async fn refresh(&self, f: &Fetcher) -> Result<(), String> {
+    pub async fn refresh(&self, f: &Fetcher) -> Result<(), FetchError> {
         let _g = self.fetching.lock().await;
         *self.last_attempt.lock().unwrap() = Some(Instant::now());
         let uri = match &self.discover_from {
@@ -220,16 +294,23 @@ impl RemoteJwks {
                         self.timeout,
                     )
                     .await?;
-                let v: serde_json::Value = serde_json::from_slice(&doc)
-                    .map_err(|e| format!("OIDC discovery for {issuer}: {e}"))?;
+                let discovery = |why: String| FetchError::Discovery {
+                    issuer: issuer.clone(),
+                    why,
+                };
+                let v: serde_json::Value =
+                    serde_json::from_slice(&doc).map_err(|e| discovery(e.to_string()))?;
                 v.get("jwks_uri")
                     .and_then(|u| u.as_str())
-                    .ok_or_else(|| format!("OIDC discovery for {issuer}: no jwks_uri"))?
+                    .ok_or_else(|| discovery("no jwks_uri".into()))?
                     .to_string()
             }
         };
         let r = match f.get(&uri, &self.namespace, self.timeout).await {
-            Ok(body) => Jwks::parse(&body).map_err(|e| format!("{uri}: {e}")),
+            Ok(body) => Jwks::parse(&body).map_err(|source| FetchError::Jwks {
+                uri: uri.clone(),
+                source,
+            }),
             Err(e) => Err(e),
         };
         match r {

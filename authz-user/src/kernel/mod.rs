@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use authz_common::{
-    counter, maps, AgentState, Enforced, OrigDst, PodInfo, SockKey, FAIL_CLOSED, FAIL_OPEN,
+    counter, maps, AgentState, OrigDst, PodInfo, SockKey, FAIL_CLOSED, FAIL_OPEN,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
@@ -32,7 +32,7 @@ pub use addr::{addr_key, key_addr};
 /// them: an adopted map of another layout is refused rather than misread.
 const PINNED_MAPS: [(&str, usize, usize); 7] = [
     (maps::ENROLLED_PODS, 8, std::mem::size_of::<PodInfo>()),
-    (maps::ENFORCED_IPS, 16, std::mem::size_of::<Enforced>()),
+    (maps::ENFORCED_IPS, 16, 1),
     (maps::ORIG_DST, 8, std::mem::size_of::<OrigDst>()),
     (
         maps::CONN_ORIG,
@@ -63,7 +63,7 @@ pub struct Kernel {
     // bpf_link attachments are always multi-program: `Single` only means "no flags".
     // Field order matters for drop: maps and logger go before the programs' links.
     enrolled: Mutex<HashMap<MapData, u64, PodInfo>>,
-    enforced: Mutex<HashMap<MapData, [u32; 4], Enforced>>,
+    enforced: Mutex<HashMap<MapData, [u32; 4], u8>>,
     conn_orig: Mutex<HashMap<MapData, SockKey, OrigDst>>,
     counters: PerCpuArray<MapData, u64>,
     state: Mutex<Array<MapData, AgentState>>,
@@ -71,7 +71,8 @@ pub struct Kernel {
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     // Pinned: dropping these closes our fds only; the attachments stay.
     _links: Vec<PinnedLink>,
-    ebpf: Ebpf,
+    /// Keeps the loaded programs' fds for the agent's lifetime.
+    _ebpf: Ebpf,
     pub cgroup_root: PathBuf,
     /// Whether the maps were adopted from a previous agent (hot restart or recovery).
     pub adopted: bool,
@@ -148,7 +149,7 @@ impl Kernel {
             _sock_hash: sock_hash,
             logger: Mutex::new(logger),
             _links: links,
-            ebpf,
+            _ebpf: ebpf,
             cgroup_root,
             adopted,
         })
@@ -220,15 +221,11 @@ impl Kernel {
             .context("ENROLLED_PODS remove")
     }
 
-    pub fn enforce(&self, ip: IpAddr, workload_id: u32) -> Result<()> {
-        let v = Enforced {
-            workload_id,
-            _pad: 0,
-        };
+    pub fn enforce(&self, ip: IpAddr) -> Result<()> {
         self.enforced
             .lock()
             .unwrap()
-            .insert(addr_key(ip), v, 0)
+            .insert(addr_key(ip), authz_common::ENFORCED, 0)
             .context("ENFORCED_IPS insert")
     }
 
@@ -307,11 +304,6 @@ impl Kernel {
                 guard.clear_ready();
             }
         });
-    }
-
-    /// Names of the programs as the kernel lists them (for health output).
-    pub fn program_names(&self) -> Vec<String> {
-        self.ebpf.programs().map(|(n, _)| n.to_string()).collect()
     }
 }
 

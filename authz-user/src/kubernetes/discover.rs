@@ -1,9 +1,21 @@
 //! Finding a pod of this node on the host: its cgroup (kubelet's layout, systemd or cgroupfs
 //! driver, cgroup v2) and its network namespace (through a process of the pod; needs hostPID).
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
+
+/// Why a pod of this node cannot be located on the host (yet).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocateError {
+    #[error("pod uid {0:?} is not a UUID")]
+    BadUid(String),
+    #[error("no cgroup for pod uid {uid} under {root} (kubepods, systemd or cgroupfs layout)")]
+    NoCgroup { uid: String, root: PathBuf },
+    #[error("no process in {0} yet (pod not started)")]
+    NotStarted(PathBuf),
+    #[error("process {0} of the pod is in the host's network namespace")]
+    HostNetwork(u32),
+    #[error("{path}: {why}")]
+    Io { path: PathBuf, why: String },
+}
 
 /// Where kubelet puts a pod's cgroup, relative to the cgroup2 mount, for a pod UID.
 /// systemd driver: `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice`
@@ -30,9 +42,9 @@ fn valid_uid(uid: &str) -> bool {
 
 /// The pod's cgroup directory under `root`: kubelet's own paths first, then a bounded search
 /// for nested layouts (kind, or kubelet in a slice of its own).
-pub fn find_cgroup(root: &Path, uid: &str) -> io::Result<PathBuf> {
+pub fn find_cgroup(root: &Path, uid: &str) -> Result<PathBuf, LocateError> {
     if !valid_uid(uid) {
-        return Err(io::Error::other(format!("pod uid {uid:?} is not a UUID")));
+        return Err(LocateError::BadUid(uid.into()));
     }
     for rel in cgroup_candidates(uid) {
         let p = root.join(rel);
@@ -47,13 +59,10 @@ pub fn find_cgroup(root: &Path, uid: &str) -> io::Result<PathBuf> {
     if let Some(p) = search(root, &names, 0) {
         return Ok(p);
     }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!(
-            "no cgroup for pod uid {uid} under {} (kubepods, systemd or cgroupfs layout)",
-            root.display()
-        ),
-    ))
+    Err(LocateError::NoCgroup {
+        uid: uid.into(),
+        root: root.into(),
+    })
 }
 
 fn search(dir: &Path, names: &[String; 2], depth: usize) -> Option<PathBuf> {
@@ -81,7 +90,7 @@ fn search(dir: &Path, names: &[String; 2], depth: usize) -> Option<PathBuf> {
 
 /// A process in the pod's cgroup or below it (the sandbox or a container), lowest PID first
 /// so the same pod always gives the same answer.
-pub fn pod_process(cgroup: &Path) -> io::Result<u32> {
+pub fn pod_process(cgroup: &Path) -> Result<u32, LocateError> {
     fn walk(dir: &Path, depth: usize, best: &mut Option<u32>) {
         if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
@@ -101,27 +110,30 @@ pub fn pod_process(cgroup: &Path) -> io::Result<u32> {
     }
     let mut best = None;
     walk(cgroup, 0, &mut best);
-    best.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no process in {} yet (pod not started)", cgroup.display()),
-        )
-    })
+    best.ok_or_else(|| LocateError::NotStarted(cgroup.into()))
 }
 
 /// The pod's cgroup and a path to its network namespace. The netns must differ from the
 /// agent's own: a pod sharing the host's network is never enrolled.
-pub fn locate(cgroup_root: &Path, proc_root: &Path, uid: &str) -> io::Result<(PathBuf, PathBuf)> {
+pub fn locate(
+    cgroup_root: &Path,
+    proc_root: &Path,
+    uid: &str,
+) -> Result<(PathBuf, PathBuf), LocateError> {
     use std::os::unix::fs::MetadataExt;
     let cgroup = find_cgroup(cgroup_root, uid)?;
     let pid = pod_process(&cgroup)?;
     let netns = proc_root.join(format!("{pid}/ns/net"));
-    let theirs = std::fs::metadata(&netns)?;
-    let ours = std::fs::metadata("/proc/self/ns/net")?;
+    let meta = |p: &Path| {
+        std::fs::metadata(p).map_err(|e| LocateError::Io {
+            path: p.into(),
+            why: e.to_string(),
+        })
+    };
+    let theirs = meta(&netns)?;
+    let ours = meta(Path::new("/proc/self/ns/net"))?;
     if theirs.ino() == ours.ino() && theirs.dev() == ours.dev() {
-        return Err(io::Error::other(format!(
-            "process {pid} of the pod is in the host's network namespace"
-        )));
+        return Err(LocateError::HostNetwork(pid));
     }
     Ok((cgroup, netns))
 }

@@ -42,11 +42,12 @@ pub struct NotEnrolled {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    pub reason: String,
+    pub reason: super::discover::LocateError,
 }
 
 /// Where a pod of this node lives on the host: (cgroup, netns path).
-pub type Locate<'a> = dyn FnMut(&str) -> Result<(PathBuf, PathBuf), String> + 'a;
+pub type Locate<'a> =
+    dyn FnMut(&str) -> Result<(PathBuf, PathBuf), super::discover::LocateError> + 'a;
 
 fn name_of(p: &Pod) -> String {
     format!(
@@ -548,8 +549,8 @@ mod tests {
         namespaces: &[Arc<Namespace>],
         services: &[Arc<Service>],
     ) -> Desired {
-        desired("n1", pods, namespaces, services, true, &mut |_| {
-            Err("x".into())
+        desired("n1", pods, namespaces, services, true, &mut |uid| {
+            Err(crate::kubernetes::discover::LocateError::BadUid(uid.into()))
         })
     }
 
@@ -609,7 +610,9 @@ mod tests {
         ];
         let mut locate = |uid: &str| {
             if uid == "missing" {
-                Err("no cgroup".to_string())
+                Err(crate::kubernetes::discover::LocateError::NotStarted(
+                    "/cg/missing".into(),
+                ))
             } else {
                 Ok((
                     PathBuf::from(format!("/cg/{uid}")),
@@ -629,9 +632,9 @@ mod tests {
                 ne.namespace.as_str(),
                 ne.name.as_str(),
                 ne.uid.as_str(),
-                ne.reason.as_str()
+                ne.reason.to_string().as_str()
             ),
-            ("mesh", "h", "missing", "no cgroup")
+            ("mesh", "h", "missing", "no process in /cg/missing yet (pod not started)")
         );
         assert_eq!(d.pods[0].service_account, "a");
         assert_eq!(d.pods[0].cgroup, PathBuf::from("/cg/uid-a"));

@@ -26,6 +26,7 @@ where
     px.metrics.connections_http.fetch_add(1, Relaxed);
     let upstream = Arc::new(Upstream {
         conn: conn.clone(),
+        metrics: px.metrics.clone(),
         h1: Mutex::new(None),
         h2: Mutex::new(None),
     });
@@ -120,7 +121,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             )
             .await;
         px.metrics
-            .request(if d.allowed { "allow" } else { "deny" }, &d.reason);
+            .request(if d.allowed { "allow" } else { "deny" }, d.reason.as_str());
         super::records::emit(
             &px.metrics,
             &d,
@@ -228,20 +229,28 @@ pub fn local_reply(status: StatusCode, body: String) -> Response<Body> {
 /// The upstream side of one downstream connection, connected on first use.
 struct Upstream {
     conn: Arc<ConnCtx>,
+    metrics: Arc<crate::metrics::Metrics>,
     h1: Mutex<Option<http1::SendRequest<Incoming>>>,
     h2: Mutex<Option<http2::SendRequest<Incoming>>>,
 }
 
 impl Upstream {
+    /// A connection to the original destination from the pod's netns, counted when it fails.
+    async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let r = super::upstream::connect(&self.conn.netns, self.conn.dst).await;
+        if r.is_err() {
+            self.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
+        }
+        r
+    }
+
     async fn send(&self, req: Request<Incoming>) -> anyhow::Result<Response<Incoming>> {
         if req.version() == Version::HTTP_2 {
             let mut slot = self.h2.lock().await;
             let sender = match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let io = TokioIo::new(
-                        super::upstream::connect(&self.conn.netns, self.conn.dst).await?,
-                    );
+                    let io = TokioIo::new(self.connect().await?);
                     let (s, c) = http2::handshake(TokioExecutor::new(), io).await?;
                     tokio::spawn(c);
                     *slot = Some(s.clone());
@@ -260,7 +269,7 @@ impl Upstream {
             None => false,
         };
         if !reuse {
-            let io = TokioIo::new(super::upstream::connect(&self.conn.netns, self.conn.dst).await?);
+            let io = TokioIo::new(self.connect().await?);
             let (s, c) = http1::handshake(io).await?;
             tokio::spawn(c.with_upgrades());
             *slot = Some(s);

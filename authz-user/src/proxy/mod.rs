@@ -218,7 +218,7 @@ async fn handle(
         usize::from(peer.port()),
     ) else {
         // A service address with no backend on this port.
-        px.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
+        px.metrics.connections_no_backend.fetch_add(1, Relaxed);
         return;
     };
     let src_ip = pl

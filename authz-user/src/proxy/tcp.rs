@@ -22,7 +22,7 @@ where
     if let Some(dest) = &conn.destination {
         let d = px.engine().decide_tcp(&conn.engine_conn(dest));
         px.metrics
-            .request(if d.allowed { "allow" } else { "deny" }, &d.reason);
+            .request(if d.allowed { "allow" } else { "deny" }, d.reason.as_str());
         super::records::emit(
             &px.metrics,
             &d,
