@@ -1,5 +1,7 @@
 //! Small helpers shared by the programs.
-use authz_common::{counter, Addr, AgentState, OrigDst, PodInfo, SockKey, FAIL_OPEN, MAX_CGROUP_DEPTH};
+use authz_common::{
+    counter, Addr, AgentState, OrigDst, PodInfo, SockKey, FAIL_OPEN, MAX_CGROUP_DEPTH,
+};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns,
 };

@@ -210,7 +210,9 @@ async fn run_async(source: Source, cfg: Config) -> Result<()> {
         );
     }
     if cfg.agent.port.is_some() {
-        tracing::warn!("agent.port is ignored: each pod's listener takes a port picked at enrollment");
+        tracing::warn!(
+            "agent.port is ignored: each pod's listener takes a port picked at enrollment"
+        );
     }
     metrics
         .connections_max
@@ -695,12 +697,7 @@ fn apply_snapshot(
 /// destinations refused), then its listener opens on a port of its own and the entry names it,
 /// so a pod is never steered to a port nobody listens on, nor left to go direct. A pod that
 /// cannot be enrolled stays pending, is reported and retried; it never stops the others.
-fn apply_registry(
-    px: &Arc<Proxy>,
-    state: &mut State,
-    cfg: &Config,
-    registry: &Arc<Registry>,
-) {
+fn apply_registry(px: &Arc<Proxy>, state: &mut State, cfg: &Config, registry: &Arc<Registry>) {
     let kernel = &px.kernel;
     let wanted: HashMap<(String, String), &PodSpec> = cfg
         .pods
@@ -773,7 +770,9 @@ fn apply_registry(
             }
         }
     }
-    px.metrics.pods_pending.store(state.pending.len() as u64, Ordering::Relaxed);
+    px.metrics
+        .pods_pending
+        .store(state.pending.len() as u64, Ordering::Relaxed);
     let ips: HashSet<IpAddr> = registry
         .by_ip
         .keys()

@@ -527,8 +527,7 @@ fn ip(v: &str) -> Result<IpNet, String> {
 }
 
 fn port(v: &str) -> Result<u16, String> {
-    v.parse()
-        .map_err(|_| "is not a port (0-65535)".to_string())
+    v.parse().map_err(|_| "is not a port (0-65535)".to_string())
 }
 
 fn compile_source(s: &Source, ns: &str, errors: &mut Vec<CompileError>) -> CSource {

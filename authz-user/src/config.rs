@@ -420,7 +420,8 @@ policies: []
 
     #[test]
     fn unknown_field_names_file_and_line() {
-        let err = Config::parse("agent:\n  admin: 127.0.0.1:15020\n  prot: 1\n", "a.yaml").unwrap_err();
+        let err =
+            Config::parse("agent:\n  admin: 127.0.0.1:15020\n  prot: 1\n", "a.yaml").unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("a.yaml:3:"), "{msg}");
         assert!(msg.contains("prot"), "{msg}");
@@ -459,7 +460,10 @@ policies: []
             "d.yaml",
         )
         .unwrap_err();
-        assert!(err.to_string().contains("also a pod with other labels"), "{err}");
+        assert!(
+            err.to_string().contains("also a pod with other labels"),
+            "{err}"
+        );
         Config::parse(
             "pods:\n  - {name: a, namespace: n, labels: {app: x}, netns: /n, cgroup: /c}\nworkloads:\n  - {name: a, namespace: n, labels: {app: x}, ips: [10.0.0.1]}\n",
             "d.yaml",

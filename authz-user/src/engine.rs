@@ -251,7 +251,8 @@ impl Engine {
                     }
                     let Some((claims, p)) = ok else {
                         let e = best.unwrap_or(JwtError::UnknownIssuer);
-                        let mut deny = Decision::deny(e.status(), e.message(), Reason::Jwt(e), None);
+                        let mut deny =
+                            Decision::deny(e.status(), e.message(), Reason::Jwt(e), None);
                         deny.reply_headers
                             .push((http::header::WWW_AUTHENTICATE, www_authenticate(r, &path)));
                         return deny;

@@ -76,7 +76,8 @@ pub fn normalize<B>(req: &mut Request<B>) -> Result<Head, BadHead> {
                     .unwrap_or("/")
                     .to_string();
                 if *req.method() != Method::CONNECT {
-                    *req.uri_mut() = Uri::try_from(origin).unwrap_or_else(|_| Uri::from_static("/"));
+                    *req.uri_mut() =
+                        Uri::try_from(origin).unwrap_or_else(|_| Uri::from_static("/"));
                 }
                 let v = HeaderValue::from_str(&a).map_err(|_| BadHead::HostNotAscii)?;
                 req.headers_mut().insert(header::HOST, v);
@@ -86,7 +87,8 @@ pub fn normalize<B>(req: &mut Request<B>) -> Result<Head, BadHead> {
         }
     };
     let connect = *req.method() == Method::CONNECT;
-    let upgrade = req.version() == Version::HTTP_11 && !connect && strip_hop_by_hop(req.headers_mut());
+    let upgrade =
+        req.version() == Version::HTTP_11 && !connect && strip_hop_by_hop(req.headers_mut());
     if req.version() != Version::HTTP_11 || connect {
         for h in HOP_BY_HOP {
             req.headers_mut().remove(h);

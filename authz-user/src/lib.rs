@@ -11,11 +11,11 @@ pub mod engine;
 pub mod head;
 pub mod jwt;
 #[cfg(feature = "kernel")]
-pub mod limits;
-#[cfg(feature = "kernel")]
 pub mod kernel;
 #[cfg(feature = "kube")]
 pub mod kubernetes;
+#[cfg(feature = "kernel")]
+pub mod limits;
 #[cfg(feature = "kernel")]
 pub mod metrics;
 #[cfg(feature = "kernel")]

@@ -265,8 +265,15 @@ fn decide_raw(
     method: &str,
     uri: &str,
     headers: &[(&str, &str)],
-) -> (Result<authz::head::Head, authz::head::BadHead>, Option<Decision>, http::Request<()>) {
-    let mut b = http::Request::builder().version(version).method(method).uri(uri);
+) -> (
+    Result<authz::head::Head, authz::head::BadHead>,
+    Option<Decision>,
+    http::Request<()>,
+) {
+    let mut b = http::Request::builder()
+        .version(version)
+        .method(method)
+        .uri(uri);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
@@ -296,10 +303,22 @@ fn data_path_classes_from_inside_a_pod() {
     let e = engine(NO_ADMIN_HOST, PathNormalization::Base);
     let v11 = http::Version::HTTP_11;
     // Two authorities: the absolute-form target's wins, in the decision and upstream.
-    let (_, d, req) = decide_raw(&e, v11, "GET", "http://admin.internal/x", &[("host", "public")]);
+    let (_, d, req) = decide_raw(
+        &e,
+        v11,
+        "GET",
+        "http://admin.internal/x",
+        &[("host", "public")],
+    );
     assert_eq!(d.unwrap().status, 403);
     assert_eq!(req.headers()["host"], "admin.internal");
-    let (_, d, req) = decide_raw(&e, v11, "GET", "http://public/x", &[("host", "admin.internal")]);
+    let (_, d, req) = decide_raw(
+        &e,
+        v11,
+        "GET",
+        "http://public/x",
+        &[("host", "admin.internal")],
+    );
     assert!(d.unwrap().allowed);
     assert_eq!(req.uri().to_string(), "/x");
     assert_eq!(req.headers()["host"], "public");
@@ -312,7 +331,13 @@ fn data_path_classes_from_inside_a_pod() {
         &[("host", "public")],
     );
     assert!(h.is_err() && d.is_none());
-    let (h, _, _) = decide_raw(&e, v11, "GET", "/x", &[("host", "a"), ("host", "admin.internal")]);
+    let (h, _, _) = decide_raw(
+        &e,
+        v11,
+        "GET",
+        "/x",
+        &[("host", "a"), ("host", "admin.internal")],
+    );
     assert!(h.is_err(), "two Host headers");
     // h2c: the upgrade never reaches the upstream; the request stays HTTP/1.1.
     let (h, d, req) = decide_raw(
@@ -328,9 +353,17 @@ fn data_path_classes_from_inside_a_pod() {
         ],
     );
     assert!(d.unwrap().allowed && !h.unwrap().upgrade);
-    assert!(req.headers().get("upgrade").is_none() && req.headers().get("http2-settings").is_none());
+    assert!(
+        req.headers().get("upgrade").is_none() && req.headers().get("http2-settings").is_none()
+    );
     // CONNECT to a denied authority is denied; to another, flagged for a 404, never a tunnel.
-    let (h, d, _) = decide_raw(&e, v11, "CONNECT", "admin.internal:443", &[("host", "admin.internal:443")]);
+    let (h, d, _) = decide_raw(
+        &e,
+        v11,
+        "CONNECT",
+        "admin.internal:443",
+        &[("host", "admin.internal:443")],
+    );
     assert_eq!(d.unwrap().status, 403);
     assert!(h.unwrap().connect);
 }

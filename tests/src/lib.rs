@@ -677,7 +677,13 @@ pub fn loopback_listeners(host: &Host) -> Vec<u16> {
     let out = Net::run(host, false, "ss", &["-Hltn"]).expect("ss");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_whitespace().nth(3)?.strip_prefix("127.0.0.1:")?.parse().ok())
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .strip_prefix("127.0.0.1:")?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 

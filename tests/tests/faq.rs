@@ -145,7 +145,12 @@ fn skip_jwt_for_some_paths() {
     let cfg = format!(
         "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
-        workload_yaml(&gw, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
+        workload_yaml(
+            &gw,
+            "istio-system",
+            "{app: istio-ingressgateway}",
+            "istio-ingressgateway"
+        ),
     );
     let agent = Agent::start_with_files(
         &cfg,

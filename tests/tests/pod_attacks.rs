@@ -62,10 +62,8 @@ fn setup(agent_extra: &str, extra_pods: &[&str]) -> Setup {
     let client = net.host("client", 2).unwrap();
     let web = net.host("web", 3).unwrap();
     let mut pods = pod_yaml(&client, "foo", "{app: client}", "client");
-    let mut last = 10;
-    for name in extra_pods {
+    for (name, last) in extra_pods.iter().zip(10..) {
         let h = net.host(name, last).unwrap();
-        last += 1;
         pods.push_str(&pod_yaml(&h, "foo", &format!("{{app: {name}}}"), name));
     }
     net.serve(&web, "http", 8000).unwrap();
@@ -100,19 +98,18 @@ fn h2c_upgrade_is_stripped_so_no_stream_follows_unchecked() {
     let seen = body_json(&resp);
     let headers = seen["headers"].as_object().unwrap();
     for h in ["upgrade", "http2-settings", "connection"] {
-        assert!(
-            !headers.contains_key(h),
-            "{h} reached the upstream: {seen}"
-        );
+        assert!(!headers.contains_key(h), "{h} reached the upstream: {seen}");
     }
     assert_eq!(seen["version"], "HTTP/1.1");
     assert_eq!(upstream_count(&s.web, &s.web.ip), before + 1);
     // A WebSocket upgrade to an allowed path still becomes a tunnel; to a denied one it never does.
-    let ws = b"GET /ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nping";
+    let ws =
+        b"GET /ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nping";
     let resp = raw(&s.client, true, &s.web.ip, ws);
     assert!(status(&resp).contains("101"), "{resp}");
     assert!(resp.ends_with("ping"), "tunnel echoes: {resp:?}");
-    let ws_denied = b"GET /admin HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let ws_denied =
+        b"GET /admin HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
     let resp = raw(&s.client, true, &s.web.ip, ws_denied);
     assert!(status(&resp).contains("403"), "{resp}");
     // CONNECT: decided, then 404 as Envoy's sidecar answers; never a tunnel.
@@ -171,7 +168,13 @@ fn one_authority_is_decided_and_forwarded() {
             &s.client,
             true,
             &testsrv(),
-            &["h2req", &format!("{ip}:8000"), authority, host, "/productpage"],
+            &[
+                "h2req",
+                &format!("{ip}:8000"),
+                authority,
+                host,
+                "/productpage",
+            ],
         )
         .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
@@ -230,7 +233,12 @@ fn a_squatted_port_neither_blocks_enrollment_nor_stops_the_agent() {
         let (code, _) = curl(pod, true, &[&url("/productpage")]).unwrap();
         assert_eq!(code, 200, "{}", pod.name);
         let (code, body) = curl(pod, true, &[&url("/api/v1/products/0")]).unwrap();
-        assert_eq!((code, body.as_str()), (403, "RBAC: access denied"), "{}", pod.name);
+        assert_eq!(
+            (code, body.as_str()),
+            (403, "RBAC: access denied"),
+            "{}",
+            pod.name
+        );
     }
     let ports = loopback_listeners(&client);
     assert!(
@@ -240,7 +248,11 @@ fn a_squatted_port_neither_blocks_enrollment_nor_stops_the_agent() {
     let before = upstream_count(&web, &web.ip);
     let (a, _) = attempt(&broken, &url("/api/v1/products/0"));
     assert_eq!(a, Attempt::Refused, "a pending pod is refused");
-    assert_eq!(upstream_count(&web, &web.ip), before, "nothing reached the upstream");
+    assert_eq!(
+        upstream_count(&web, &web.ip),
+        before,
+        "nothing reached the upstream"
+    );
     assert_eq!(agent.metric("authz_pods_enrolled"), 2.0);
     assert_eq!(agent.metric("authz_pods_not_enrolled"), 1.0);
     assert!(agent.metric("authz_kernel_connect_pending_total") >= 1.0);
@@ -285,7 +297,13 @@ fn tunnels_count_towards_the_pod_and_agent_limits() {
         return;
     }
     let s = setup(", maxConnectionsPerPod: 4, maxConnections: 6", &["second"]);
-    let second = s.net.hosts.iter().find(|h| h.name == "second").unwrap().clone();
+    let second = s
+        .net
+        .hosts
+        .iter()
+        .find(|h| h.name == "second")
+        .unwrap()
+        .clone();
     let ip = s.web.ip.clone();
     assert_eq!(s.agent.metric("authz_connections_max"), 6.0);
     let (up, a) = tunnels(&s.client, &ip, 8);
@@ -329,11 +347,16 @@ fn a_slow_writer_is_still_http() {
         workload_yaml(&web, "foo", "{app: web}", "web"),
     );
     let agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", ap)]).unwrap();
-    let mut c = Net::command(&client, true, "nc", &["-q", "2", "-w", "5", &web.ip, "8000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = Net::command(
+        &client,
+        true,
+        "nc",
+        &["-q", "2", "-w", "5", &web.ip, "8000"],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
     {
         let stdin = c.stdin.as_mut().unwrap();
         for b in b"GET /productpage HTTP/1.1\r\nHost: w\r\n\r\n" {

@@ -212,7 +212,9 @@ fn a_policy_change_closes_the_open_relays_it_denies() {
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
         workload_yaml(&web, "foo", "{app: web}", "web"),
     );
-    let deny_port = |port: u16| format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-port, namespace: foo}}\nspec:\n  action: DENY\n  rules: [{{to: [{{operation: {{ports: [\"{port}\"]}}}}]}}]\n");
+    let deny_port = |port: u16| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-port, namespace: foo}}\nspec:\n  action: DENY\n  rules: [{{to: [{{operation: {{ports: [\"{port}\"]}}}}]}}]\n")
+    };
     let agent = Agent::start_with_files(&cfg, &[("policies/ap.yaml", &deny_port(1))]).unwrap();
     let mut denied = Echo::open(&sleep, &web.ip, 9000);
     let mut kept = Echo::open(&sleep, &web.ip, 9001);

@@ -1,7 +1,7 @@
 //! `cargo xtask ...`: everything that is not a plain `cargo build`.
 //!   setup  install the eBPF toolchain and test tools when missing
 //!   build  setup + release build of the agent (eBPF object embedded)
-//!   test   setup + build + unit tests + privileged end-to-end tests
+//!   test   setup + fmt + clippy + build + unit tests + privileged end-to-end tests + fuzzing
 //!   demo   setup + build + the skip-path scenario on demo pods, as a table
 use std::{
     path::{Path, PathBuf},
@@ -12,7 +12,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod demo;
 mod setup;
 
 #[derive(Parser)]
@@ -56,7 +55,11 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::run().map(|_| ()),
         Cmd::Build => setup::run().and_then(|env| build(&env)),
         Cmd::Test { args } => setup::run().and_then(|env| test(&env, &args)),
-        Cmd::Demo => setup::run().and_then(|env| build(&env).and_then(|_| demo::run(&root()))),
+        Cmd::Demo => setup::run().and_then(|env| {
+            build(&env)?;
+            // The demo lives in the test crate (it uses the test pods); xtask only starts it.
+            run(Command::new(root().join("target/release/authz-demo")))
+        }),
         Cmd::Bench { args } => setup::run().and_then(|env| bench::run_bench(&env, &args)),
         Cmd::Fuzz { secs } => setup::run().and_then(|env| fuzz(&env, FuzzBudget::Secs(secs))),
     };
@@ -115,6 +118,24 @@ fn build(env: &BuildEnv) -> Result<()> {
 
 fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
+    // Formatting and lints first: cheap, and a failure says what to fix.
+    let mut c = cargo(env);
+    c.args(["fmt", "--all", "--", "--check"]);
+    run(c)?;
+    let mut c = cargo(env);
+    c.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "authz-ebpf",
+        "--all-targets",
+        "--features",
+        "authz-user/testkeys",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(c)?;
     build(env)?;
     // Unit and pure tests of every crate.
     let mut c = cargo(env);

@@ -20,6 +20,7 @@ const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
 
 pub fn run() -> Result<BuildEnv> {
     apt_packages(APT)?;
+    lint_tools()?;
     let toolchain = nightly_rust_src()?;
     let path = format!(
         "{}:{}/bin:{}",
@@ -85,6 +86,25 @@ pub fn apt_packages(list: &[&str]) -> Result<()> {
     }
     if !st?.success() {
         bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// rustfmt and clippy for the stable toolchain: `cargo xtask test` checks formatting and lints.
+fn lint_tools() -> Result<()> {
+    for (component, probe) in [("rustfmt", "fmt"), ("clippy", "clippy")] {
+        if ok("cargo", &[probe, "--version"]) {
+            step(&format!("{component} present"));
+            continue;
+        }
+        step(&format!("installing {component}"));
+        let st = Command::new("rustup")
+            .args(["component", "add", component])
+            .status()
+            .context("running rustup")?;
+        if !st.success() {
+            bail!("rustup component add {component} failed");
+        }
     }
     Ok(())
 }

@@ -76,7 +76,10 @@ fn list(errors: &[(usize, KeyError)]) -> String {
     if errors.is_empty() {
         return String::new();
     }
-    let parts: Vec<String> = errors.iter().map(|(i, e)| format!("keys[{i}]: {e}")).collect();
+    let parts: Vec<String> = errors
+        .iter()
+        .map(|(i, e)| format!("keys[{i}]: {e}"))
+        .collect();
     format!(" ({})", parts.join("; "))
 }
 

@@ -122,10 +122,12 @@ impl Fetcher {
     }
 
     async fn get_inner(&self, uri: &str, namespace: &str) -> Result<Bytes, FetchError> {
-        let u: http::Uri = uri.parse().map_err(|e: http::uri::InvalidUri| FetchError::BadUri {
-            uri: uri.into(),
-            why: e.to_string(),
-        })?;
+        let u: http::Uri = uri
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| FetchError::BadUri {
+                uri: uri.into(),
+                why: e.to_string(),
+            })?;
         let https = match u.scheme_str() {
             Some("https") => true,
             Some("http") => false,

@@ -2,11 +2,14 @@
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
 use serde_json::json;
 
+/// Signs a JWT's signing input.
+type Signer = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+
 /// A signing key and its public JWK.
 pub struct TestKey {
     pub alg: &'static str,
     pub jwk: serde_json::Value,
-    sign: Box<dyn Fn(&[u8]) -> Vec<u8>>,
+    sign: Signer,
 }
 
 fn b64(b: &[u8]) -> String {

@@ -11,9 +11,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use authz_common::{
-    counter, maps, AgentState, OrigDst, PodInfo, SockKey, FAIL_CLOSED, FAIL_OPEN,
-};
+use authz_common::{counter, maps, AgentState, OrigDst, PodInfo, SockKey, FAIL_CLOSED, FAIL_OPEN};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{

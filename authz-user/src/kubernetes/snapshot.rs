@@ -634,7 +634,12 @@ mod tests {
                 ne.uid.as_str(),
                 ne.reason.to_string().as_str()
             ),
-            ("mesh", "h", "missing", "no process in /cg/missing yet (pod not started)")
+            (
+                "mesh",
+                "h",
+                "missing",
+                "no process in /cg/missing yet (pod not started)"
+            )
         );
         assert_eq!(d.pods[0].service_account, "a");
         assert_eq!(d.pods[0].cgroup, PathBuf::from("/cg/uid-a"));

@@ -109,7 +109,10 @@ mod tests {
     fn sniffing() {
         assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(Sniffed::Http1));
         assert_eq!(sniff(b"get / HTTP/1.1\r\n"), Some(Sniffed::Http1));
-        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Sniffed::Http2));
+        assert_eq!(
+            sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Sniffed::Http2)
+        );
         assert_eq!(sniff(b"\x16\x03\x01\x02\x00"), Some(Sniffed::Tcp));
         assert_eq!(sniff(b"hello\n"), Some(Sniffed::Tcp));
         assert_eq!(sniff(b"\r\nGET / HTTP/1.1"), Some(Sniffed::Tcp));

@@ -107,8 +107,9 @@ impl PodListeners {
                 Ok(l) => l,
                 Err(e) if port != 0 && e.kind() == std::io::ErrorKind::AddrInUse => continue,
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("pod {name}: listening on 127.0.0.1 in its netns"))
+                    return Err(e).with_context(|| {
+                        format!("pod {name}: listening on 127.0.0.1 in its netns")
+                    })
                 }
             };
             let port = v4.local_addr()?.port();
@@ -207,7 +208,9 @@ async fn handle(
             return;
         }
         Err(Limit::Agent) => {
-            px.metrics.connections_over_agent_limit.fetch_add(1, Relaxed);
+            px.metrics
+                .connections_over_agent_limit
+                .fetch_add(1, Relaxed);
             return;
         }
     };

@@ -244,7 +244,8 @@ async fn tunnels(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
         else {
             continue;
         };
-        let ask = b"GET /ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let ask =
+            b"GET /ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
         if s.write_all(ask).await.is_err() {
             continue;
         }

@@ -1,14 +1,26 @@
-//! `cargo xtask demo`: pods in network namespaces, the agent on the embedded default (file
-//! mode), the JWT FAQ's skip-path policies, a few requests, and a table of what happened.
-use std::path::Path;
+//! `authz-demo` (what `cargo xtask demo` runs after building): pods in network namespaces, the
+//! agent on the embedded default (file mode), the JWT FAQ's skip-path policies, a few requests,
+//! and a table of what happened.
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use authz_tests::{curl, pod_yaml, workload_yaml, Agent, Net};
 
-pub fn run(root: &Path) -> Result<()> {
+fn main() -> std::process::ExitCode {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    match run(&root) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(root: &Path) -> Result<()> {
     if std::fs::read_to_string("/proc/self/status")?
         .lines()
-        .any(|l| l.starts_with("Uid:") && !l.split_whitespace().nth(2).is_some_and(|u| u == "0"))
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2).is_none_or(|u| u != "0"))
     {
         anyhow::bail!("the demo needs root: it creates network namespaces and loads eBPF programs");
     }
@@ -33,7 +45,12 @@ pub fn run(root: &Path) -> Result<()> {
     let cfg = format!(
         "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
-        workload_yaml(&gw, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
+        workload_yaml(
+            &gw,
+            "istio-system",
+            "{app: istio-ingressgateway}",
+            "istio-ingressgateway"
+        ),
     );
     eprintln!("demo: starting the agent");
     let agent = Agent::start_with_files(
@@ -55,8 +72,8 @@ pub fn run(root: &Path) -> Result<()> {
     ];
     println!();
     println!(
-        "{:<24} {:<16} {:>8} {:>5}  {}",
-        "request (from sleep)", "token", "expected", "got", "reply"
+        "{:<24} {:<16} {:>8} {:>5}  reply",
+        "request (from sleep)", "token", "expected", "got"
     );
     let mut bad = 0;
     for (path, tok, want) in &cases {
