@@ -1,13 +1,6 @@
 //! Admin endpoint in the agent's own namespace: /healthz (the process answers), /ready
 //! (enforcing), /metrics, /config_dump.
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -19,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::{kernel::Kernel, metrics::Metrics};
 
 pub struct Admin {
-    pub ready: AtomicBool,
+    pub ready: crate::readiness::Readiness,
     pub metrics: Arc<Metrics>,
     /// Set once the programs are loaded (kernel counters on /metrics).
     pub kernel: std::sync::OnceLock<Arc<Kernel>>,
@@ -78,7 +71,7 @@ fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Response<Fu
         // Liveness: answered as soon as the agent runs, also while it waits for the API server.
         "/healthz" => reply(StatusCode::OK, "ok\n".into()),
         "/ready" => {
-            if admin.ready.load(Ordering::Acquire) {
+            if admin.ready.is_ready() {
                 reply(StatusCode::OK, "ok\n".into())
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())

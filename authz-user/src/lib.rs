@@ -4,10 +4,16 @@
 pub mod admin;
 #[cfg(feature = "kernel")]
 pub mod agent;
+#[cfg(feature = "kernel")]
+pub mod app;
 pub mod authz;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "kernel")]
+pub mod drain;
 pub mod engine;
+#[cfg(feature = "kernel")]
+pub mod enroll;
 pub mod head;
 pub mod jwt;
 #[cfg(feature = "kernel")]
@@ -24,4 +30,6 @@ pub mod normalize;
 pub mod policy;
 #[cfg(feature = "kernel")]
 pub mod proxy;
+#[cfg(feature = "kernel")]
+pub mod readiness;
 pub mod registry;

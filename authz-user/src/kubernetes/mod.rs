@@ -19,6 +19,8 @@ use tokio::sync::Notify;
 
 pub mod discover;
 pub mod events;
+#[cfg(feature = "kernel")]
+pub mod input;
 pub mod snapshot;
 
 pub const ISTIO_GROUP: &str = "security.istio.io";

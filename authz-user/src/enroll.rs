@@ -1,0 +1,389 @@
+//! Bringing the kernel and the pods' listeners in line with the registry, in two steps: a pure
+//! plan (what is applied + what is wanted -> operations) and an executor that records each
+//! operation only once it succeeded. An address counts as enforced only after the kernel took
+//! it; a failure leaves the rest applied and is retried; a pod that cannot be enrolled stays
+//! pending (its connections to enforced destinations refused) and never stops the others.
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
+
+use anyhow::Context;
+use tokio::task::AbortHandle;
+
+use crate::{
+    config::{Config, PodSpec},
+    proxy::{self, PodListeners, Proxy},
+    registry::{Pod, Registry},
+};
+
+/// A pod by (namespace, name).
+pub type PodKey = (String, String);
+
+/// An enrolled pod and the task serving its listeners.
+pub struct Enrolled {
+    pub spec: PodSpec,
+    pub cgroup_id: u64,
+    pub server: AbortHandle,
+}
+
+/// A pod whose enrollment failed. With a cgroup id, its kernel entry is in place with no port:
+/// its connections to enforced destinations are refused until it is enrolled.
+pub struct PendingPod {
+    pub spec: PodSpec,
+    pub cgroup_id: Option<u64>,
+    pub reason: String,
+    pub since: Instant,
+    /// Posted as an Event on the pod (Kubernetes mode).
+    pub reported: bool,
+}
+
+/// What the agent has put in the kernel and started.
+#[derive(Default)]
+pub struct Applied {
+    pub pods: HashMap<PodKey, Enrolled>,
+    /// Pods that should be enrolled and are not (yet).
+    pub pending: HashMap<PodKey, PendingPod>,
+    pub enforced: HashSet<IpAddr>,
+    /// Destination addresses the kernel refused last time.
+    pub failed_ips: HashSet<IpAddr>,
+}
+
+impl Applied {
+    /// Something failed last time and is worth another try.
+    pub fn needs_retry(&self) -> bool {
+        !self.pending.is_empty() || !self.failed_ips.is_empty()
+    }
+
+    /// cgroup ids this agent holds in the kernel, enrolled or pending.
+    pub fn cgroup_ids(&self) -> HashSet<u64> {
+        self.pods
+            .values()
+            .map(|p| p.cgroup_id)
+            .chain(self.pending.values().filter_map(|p| p.cgroup_id))
+            .collect()
+    }
+}
+
+/// One kernel-and-listener operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// An enrolled pod gone, or moved (another netns, cgroup, identity or address): its kernel
+    /// entry and listeners go.
+    Release(PodKey),
+    /// A pending pod no longer wanted as it was: its pending kernel entry goes.
+    Forget(PodKey),
+    /// A wanted pod that is not enrolled.
+    Enroll(PodKey),
+    Unenforce(IpAddr),
+    Enforce(IpAddr),
+}
+
+/// Whether an enrolled pod can stay as it is: the same place on the host and the same identity.
+/// Labels are not part of it (policies select destinations by labels, not sources), so a
+/// relabelled pod keeps its open connections.
+pub fn same_enrollment(a: &PodSpec, b: &PodSpec) -> bool {
+    a.netns == b.netns
+        && a.cgroup == b.cgroup
+        && a.service_account == b.service_account
+        && a.ips == b.ips
+}
+
+/// The operations that take `enrolled`/`pending`/`enforced` to `wanted` pods and `wanted_ips`:
+/// releases first, then enrollments, then addresses. Pure.
+pub fn plan<'a>(
+    enrolled: impl IntoIterator<Item = (&'a PodKey, &'a PodSpec)>,
+    pending: impl IntoIterator<Item = (&'a PodKey, &'a PodSpec)>,
+    enforced: &HashSet<IpAddr>,
+    wanted: &[PodSpec],
+    wanted_ips: &HashSet<IpAddr>,
+) -> Vec<Op> {
+    let want: HashMap<PodKey, &PodSpec> = wanted
+        .iter()
+        .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+        .collect();
+    let stays = |k: &PodKey, s: &PodSpec| want.get(k).is_some_and(|w| same_enrollment(w, s));
+    let mut ops = Vec::new();
+    let mut kept = HashSet::new();
+    let mut releases: Vec<Op> = Vec::new();
+    for (k, s) in enrolled {
+        if stays(k, s) {
+            kept.insert(k.clone());
+        } else {
+            releases.push(Op::Release(k.clone()));
+        }
+    }
+    for (k, s) in pending {
+        if !stays(k, s) {
+            releases.push(Op::Forget(k.clone()));
+        }
+    }
+    releases.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    ops.extend(releases);
+    for p in wanted {
+        let k = (p.namespace.clone(), p.name.clone());
+        if !kept.contains(&k) {
+            ops.push(Op::Enroll(k));
+        }
+    }
+    let mut gone: Vec<IpAddr> = enforced.difference(wanted_ips).copied().collect();
+    gone.sort();
+    ops.extend(gone.into_iter().map(Op::Unenforce));
+    let mut new: Vec<IpAddr> = wanted_ips.difference(enforced).copied().collect();
+    new.sort();
+    ops.extend(new.into_iter().map(Op::Enforce));
+    ops
+}
+
+/// The destination addresses a registry enforces: workloads and service addresses.
+pub fn wanted_ips(registry: &Registry) -> HashSet<IpAddr> {
+    registry
+        .by_ip
+        .keys()
+        .chain(registry.vips.keys())
+        .copied()
+        .collect()
+}
+
+/// Plans against `cfg` and `registry`, then executes.
+pub fn apply(px: &Arc<Proxy>, applied: &mut Applied, cfg: &Config, registry: &Registry) {
+    let ops = plan(
+        applied.pods.iter().map(|(k, e)| (k, &e.spec)),
+        applied.pending.iter().map(|(k, p)| (k, &p.spec)),
+        &applied.enforced,
+        &cfg.pods,
+        &wanted_ips(registry),
+    );
+    execute(px, applied, ops, cfg, registry);
+}
+
+/// Carries out `ops`; each is recorded in `applied` only once it succeeded.
+pub fn execute(
+    px: &Arc<Proxy>,
+    applied: &mut Applied,
+    ops: Vec<Op>,
+    cfg: &Config,
+    registry: &Registry,
+) {
+    let kernel = &px.kernel;
+    applied.failed_ips.clear();
+    for op in ops {
+        match op {
+            Op::Release(k) => {
+                if let Some(e) = applied.pods.remove(&k) {
+                    let _ = kernel.release(e.cgroup_id);
+                    e.server.abort();
+                    tracing::info!(pod = %format!("{}/{}", k.0, k.1), "pod released");
+                }
+            }
+            Op::Forget(k) => {
+                if let Some(id) = applied.pending.remove(&k).and_then(|p| p.cgroup_id) {
+                    let _ = kernel.release(id);
+                }
+            }
+            Op::Enroll(k) => {
+                let (Some(pod), Some(spec)) = (
+                    registry
+                        .pods
+                        .iter()
+                        .find(|p| p.workload.namespace == k.0 && p.workload.name == k.1),
+                    cfg.pods
+                        .iter()
+                        .find(|p| p.namespace == k.0 && p.name == k.1),
+                ) else {
+                    continue;
+                };
+                enroll_one(px, applied, k, pod, spec);
+            }
+            Op::Unenforce(ip) => match kernel.unenforce(ip) {
+                Ok(()) => {
+                    applied.enforced.remove(&ip);
+                }
+                // Still enforced in the kernel: stricter, never looser; retried.
+                Err(e) => {
+                    tracing::error!(%ip, "destination not released, retrying: {e:#}");
+                    applied.failed_ips.insert(ip);
+                }
+            },
+            Op::Enforce(ip) => match kernel.enforce(ip) {
+                Ok(()) => {
+                    applied.enforced.insert(ip);
+                    let name = match (registry.by_ip.get(&ip), registry.vips.get(&ip)) {
+                        (Some(w), _) => format!("{}/{}", w.namespace, w.name),
+                        (None, Some(s)) => format!("service {}/{}", s.namespace, s.name),
+                        _ => String::new(),
+                    };
+                    tracing::info!(ip = %ip, workload = %name, "destination enforced");
+                }
+                Err(e) => {
+                    tracing::error!(%ip, "destination not enforced yet, retrying: {e:#}");
+                    applied.failed_ips.insert(ip);
+                }
+            },
+        }
+    }
+    px.metrics
+        .pods_pending
+        .store(applied.pending.len() as u64, Ordering::Relaxed);
+    px.metrics
+        .pods_enrolled
+        .store(applied.pods.len() as u64, Ordering::Relaxed);
+}
+
+fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod>, spec: &PodSpec) {
+    let name = format!("{}/{}", key.0, key.1);
+    let known = applied.pending.get(&key).and_then(|p| p.cgroup_id);
+    match enroll(px, pod, known) {
+        Ok((cgroup_id, server, port)) => {
+            applied.pending.remove(&key);
+            applied.pods.insert(
+                key,
+                Enrolled {
+                    spec: spec.clone(),
+                    cgroup_id,
+                    server,
+                },
+            );
+            tracing::info!(pod = %name, cgroup_id, port, "pod enrolled");
+        }
+        Err((cgroup_id, e)) => {
+            let reason = format!("{e:#}");
+            match applied.pending.get_mut(&key) {
+                Some(p) if p.reason == reason => p.cgroup_id = cgroup_id,
+                _ => {
+                    tracing::error!(pod = %name, pending = cgroup_id.is_some(), "pod not enrolled, retrying: {reason}");
+                    applied.pending.insert(
+                        key,
+                        PendingPod {
+                            spec: spec.clone(),
+                            cgroup_id,
+                            reason,
+                            since: Instant::now(),
+                            reported: false,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Enrolls one pod: pending entry, listeners, then the entry with their port. On error, returns
+/// the cgroup id when the pending entry is in place.
+fn enroll(
+    px: &Arc<Proxy>,
+    pod: &Arc<Pod>,
+    known_id: Option<u64>,
+) -> Result<(u64, AbortHandle, u16), (Option<u64>, anyhow::Error)> {
+    let kernel = &px.kernel;
+    let id = match known_id {
+        Some(id) => id,
+        None => crate::kernel::cgroup_id(&pod.cgroup).map_err(|e| (None, e))?,
+    };
+    // A previous agent's port (hot restart): listen beside it. Otherwise the pod is pending
+    // until its listener is open.
+    let reuse = kernel.enrolled_port(id);
+    if reuse.is_none() {
+        kernel.enroll(id, pod.id, 0).map_err(|e| (None, e))?;
+    }
+    let pl = PodListeners::open(pod.clone(), reuse).map_err(|e| (Some(id), e))?;
+    let port = pl.port;
+    kernel
+        .enroll(id, pod.id, port)
+        .with_context(|| format!("enrolling cgroup {}", pod.cgroup.display()))
+        .map_err(|e| (Some(id), e))?;
+    let server = tokio::spawn(proxy::serve(px.clone(), pl)).abort_handle();
+    Ok((id, server, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, netns: &str, ip: &str) -> PodSpec {
+        PodSpec {
+            name: name.into(),
+            namespace: "ns".into(),
+            labels: Default::default(),
+            service_account: "sa".into(),
+            netns: netns.into(),
+            cgroup: format!("/cg/{name}").into(),
+            ips: vec![ip.parse().unwrap()],
+        }
+    }
+
+    fn key(name: &str) -> PodKey {
+        ("ns".into(), name.into())
+    }
+
+    fn ips(v: &[&str]) -> HashSet<IpAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn plan_releases_then_enrolls_then_addresses() {
+        let (a, b, c) = (
+            pod("a", "/n/a", "10.0.0.1"),
+            pod("b", "/n/b", "10.0.0.2"),
+            pod("c", "/n/c", "10.0.0.3"),
+        );
+        let moved_b = pod("b", "/n/b2", "10.0.0.2");
+        let enrolled = [(key("a"), a.clone()), (key("b"), b.clone())];
+        let pending = [(key("c"), c.clone())];
+        let ops = plan(
+            enrolled.iter().map(|(k, s)| (k, s)),
+            pending.iter().map(|(k, s)| (k, s)),
+            &ips(&["10.1.0.1", "10.1.0.2"]),
+            &[a.clone(), moved_b, c.clone(), pod("d", "/n/d", "10.0.0.4")],
+            &ips(&["10.1.0.2", "10.1.0.3"]),
+        );
+        assert_eq!(
+            ops,
+            vec![
+                Op::Release(key("b")),
+                Op::Enroll(key("b")),
+                Op::Enroll(key("c")),
+                Op::Enroll(key("d")),
+                Op::Unenforce("10.1.0.1".parse().unwrap()),
+                Op::Enforce("10.1.0.3".parse().unwrap()),
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_to_do_when_applied_matches_and_failures_come_back() {
+        let a = pod("a", "/n/a", "10.0.0.1");
+        let enrolled = [(key("a"), a.clone())];
+        let wanted = ips(&["10.1.0.1"]);
+        let none = plan(
+            enrolled.iter().map(|(k, s)| (k, s)),
+            [],
+            &wanted,
+            std::slice::from_ref(&a),
+            &wanted,
+        );
+        assert!(none.is_empty(), "{none:?}");
+        // An address the kernel refused is not recorded as enforced: the next plan has it again.
+        let again = plan(
+            enrolled.iter().map(|(k, s)| (k, s)),
+            [],
+            &HashSet::new(),
+            std::slice::from_ref(&a),
+            &wanted,
+        );
+        assert_eq!(again, vec![Op::Enforce("10.1.0.1".parse().unwrap())]);
+        // A pending pod no longer wanted is forgotten; a relabelled pod stays.
+        let mut relabelled = a.clone();
+        relabelled.labels.insert("app".into(), "new".into());
+        let ops = plan(
+            enrolled.iter().map(|(k, s)| (k, s)),
+            [(&key("gone"), &pod("gone", "/n/g", "10.0.0.9"))],
+            &wanted,
+            &[relabelled],
+            &wanted,
+        );
+        assert_eq!(ops, vec![Op::Forget(key("gone"))]);
+    }
+}
