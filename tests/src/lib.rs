@@ -259,8 +259,12 @@ impl Net {
     }
 }
 
+/// Waits return as soon as what they wait for happens; their limits only bound a failure, and are
+/// long enough for an emulated VM (where starting a process takes seconds).
+const WAIT: Duration = Duration::from_secs(90);
+
 pub fn wait_listening(host: &Host, port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         let out = Net::run(host, false, "ss", &["-Hltn", &format!("sport = :{port}")])?;
         if !out.stdout.is_empty() {
@@ -435,9 +439,9 @@ impl Agent {
         })
     }
 
-    /// Waits (at most 15 s) until the agent reports ready.
+    /// Waits until the agent reports ready.
     pub fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + WAIT;
         loop {
             if let Ok((200, _)) = http_get(self.admin, "/ready") {
                 return Ok(());
@@ -489,10 +493,10 @@ impl Agent {
         self.metrics().get(name).copied().unwrap_or(0.0)
     }
 
-    /// SIGTERM, then wait (at most 10 s) for a clean exit.
+    /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + WAIT;
         loop {
             if let Some(st) = self.child.try_wait()? {
                 return Ok(st);
@@ -630,6 +634,46 @@ impl Load {
             .filter(|a| !matches!(a, Attempt::Answer(200, _)))
             .collect();
         (n, bad)
+    }
+}
+
+/// How fast this machine runs what the tests time: the best of three refused connections from a
+/// pod (curl started in the pod's netns and cgroup, to a loopback port nobody listens on, so
+/// nothing is steered). Time limits are stated for a fast host and stretched by it, so the same
+/// assertion holds on the host and in an emulated VM (where starting a process takes seconds),
+/// and still fails when something really hangs.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// The measured attempt.
+    pub attempt: Duration,
+}
+
+impl Pace {
+    pub fn measure(pod: &Host) -> Pace {
+        let attempt = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = Net::run(
+                    pod,
+                    true,
+                    "curl",
+                    &["-sS", "-m", "3", "http://127.0.0.1:9/"],
+                );
+                t.elapsed()
+            })
+            .min()
+            .unwrap();
+        Pace { attempt }
+    }
+
+    /// A limit of `d` on a fast host, plus room for three attempts at this machine's pace.
+    pub fn after(&self, d: Duration) -> Duration {
+        d + 3 * self.attempt
+    }
+
+    /// How long `n` attempts take here.
+    pub fn attempts(&self, n: u32) -> Duration {
+        n * self.attempt
     }
 }
 

@@ -31,19 +31,21 @@ fn sigkill(agent: &mut Agent) -> Instant {
 }
 
 /// Polls until `want` holds for an attempt, for at most `limit` after `since`; every attempt
-/// must end within a second (a connect never hangs).
+/// must end within a second (a connect never hangs). Both limits at this machine's `pace`.
 fn until(
     pod: &Host,
     url: &str,
+    pace: Pace,
     since: Instant,
     limit: Duration,
     want: impl Fn(&Attempt) -> bool,
 ) -> Attempt {
+    let limit = pace.after(limit);
     loop {
         let (a, took) = attempt(pod, url);
         assert!(
-            took < Duration::from_secs(1),
-            "attempt hung for {took:?}: {a:?}"
+            took < pace.after(Duration::from_secs(1)),
+            "attempt hung for {took:?}: {a:?} ({pace:?})"
         );
         if want(&a) {
             assert!(
@@ -72,6 +74,7 @@ fn fail_modes_adoption_and_cleanup() {
     let w = net.host("w", 3).unwrap();
     net.serve(&w, "http", 8000).unwrap();
     let url = format!("http://{}:8000/headers", w.ip);
+    let pace = Pace::measure(&pod);
     let through_agent = |a: &Agent| {
         let before = a.metric("authz_kernel_connect_redirected_total");
         let (code, body) = curl(&pod, true, &[&url]).unwrap();
@@ -100,9 +103,9 @@ fn fail_modes_adoption_and_cleanup() {
     // Killed during a load run: from 1 s after the kill every attempt is refused, and no attempt
     // ever hangs (those in flight at the kill end at once with an error).
     let load = Load::start(&pod, &url);
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500) + pace.attempts(2));
     let killed = sigkill(&mut a);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1500) + pace.attempts(4));
     let log = load.stop();
     assert!(log
         .iter()
@@ -114,8 +117,8 @@ fn fail_modes_adoption_and_cleanup() {
     assert!(after.len() >= 3, "attempts after the kill: {}", after.len());
     for (_, a, took) in &log {
         assert!(
-            *took < Duration::from_secs(1),
-            "an attempt hung for {took:?}: {a:?}"
+            *took < pace.after(Duration::from_secs(1)),
+            "an attempt hung for {took:?}: {a:?} ({pace:?})"
         );
     }
     for (_, a, _) in after {
@@ -149,7 +152,10 @@ fn fail_modes_adoption_and_cleanup() {
     assert!(b.stop().unwrap().success(), "{}", b.log_text());
     let (got, took) = attempt(&pod, &url);
     assert_eq!(got, Attempt::Refused, "closed right after SIGTERM");
-    assert!(took < Duration::from_secs(1));
+    assert!(
+        took < pace.after(Duration::from_secs(1)),
+        "{took:?} ({pace:?})"
+    );
 
     // Cleanup: nothing loaded, nothing attached, pods go direct.
     b.cleanup().unwrap();
@@ -172,7 +178,7 @@ fn fail_modes_adoption_and_cleanup() {
     let mut c = Agent::start(&config(&pod, &w, "open")).unwrap();
     through_agent(&c);
     let killed = sigkill(&mut c);
-    let got = until(&pod, &url, killed, Duration::from_secs(1), |a| {
+    let got = until(&pod, &url, pace, killed, Duration::from_secs(1), |a| {
         matches!(a, Attempt::Answer(200, _))
     });
     let Attempt::Answer(_, body) = got else {

@@ -15,6 +15,7 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     let mut net = Net::new().unwrap();
     let pod = net.host("p", 2).unwrap();
     let w = net.host("w", 3).unwrap();
+    let pace = Pace::measure(&pod);
     net.serve(&w, "http", 8000).unwrap();
     net.serve(&w, "echo", 9000).unwrap();
     let cfg = one_pod_config(&pod, &w, ", drainTimeout: 2s");
@@ -26,10 +27,11 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     assert_eq!(nc.echo("one").as_deref(), Some("one"));
 
     // Requests all along the handover.
+    // (Windows stretched to a few attempts at this machine's pace, so there are requests in each.)
     let load = Load::start(&pod, &format!("http://{}:8000/", w.ip));
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300) + pace.attempts(3));
     let new = Agent::start_pinned(&cfg, &[], &old.bpffs).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300) + pace.attempts(3));
     let redirected_by_new = new.metric("authz_connections_redirected_total");
 
     // SIGTERM the old agent: it stops accepting, the open connection keeps flowing while it drains.
@@ -45,7 +47,7 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
     let st = old.stop().unwrap();
     assert!(st.success(), "{}", old.log_text());
     assert!(
-        t.elapsed() < Duration::from_secs(5),
+        t.elapsed() < pace.after(Duration::from_secs(5)),
         "drain bounded by drainTimeout"
     );
     assert!(
@@ -53,7 +55,7 @@ fn a_new_agent_takes_over_without_a_failed_request_and_the_old_one_drains() {
         "{}",
         old.log_text()
     );
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300) + pace.attempts(3));
 
     let (n, bad) = load.stop_not_ok();
     assert!(n >= 10, "requests made during the handover: {n}");
@@ -80,6 +82,7 @@ fn a_stopping_agent_closes_idle_http_connections_and_finishes_requests() {
     let mut net = Net::new().unwrap();
     let pod = net.host("p", 2).unwrap();
     let w = net.host("w", 3).unwrap();
+    let pace = Pace::measure(&pod);
     net.serve(&w, "http", 8000).unwrap();
     let cfg = one_pod_config(&pod, &w, ", drainTimeout: 20s");
     let mut agent = Agent::start(&cfg).unwrap();
@@ -112,7 +115,7 @@ fn a_stopping_agent_closes_idle_http_connections_and_finishes_requests() {
     let st = agent.stop().unwrap();
     assert!(st.success(), "{}", agent.log_text());
     assert!(
-        t.elapsed() < Duration::from_secs(5),
+        t.elapsed() < pace.after(Duration::from_secs(5)),
         "the agent did not wait for the idle connection: {:?}",
         t.elapsed()
     );

@@ -29,6 +29,7 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
     }
     let mut net = Net::new().unwrap();
     let sleep = net.host("sleep", 2).unwrap();
+    let pace = Pace::measure(&sleep);
     let web = net.host("web", 3).unwrap();
     let extra = net.host("extra", 4).unwrap();
     net.serve(&web, "http", 8000).unwrap();
@@ -59,7 +60,8 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
     let policy = agent.dir.join("policies/ap.yaml");
     std::fs::write(&policy, deny_path("/other")).unwrap();
     assert!(
-        within(Duration::from_secs(1), || code(&web, "/other") == 403),
+        within(pace.after(Duration::from_secs(1)), || code(&web, "/other")
+            == 403),
         "new policy in force within 1 s"
     );
     assert_eq!(code(&web, "/admin"), 200);
@@ -67,7 +69,7 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
 
     // An invalid change is reported with file:line and the previous policy stays.
     std::fs::write(&policy, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-path, namespace: foo}\nspec:\n  action: DENY\n").unwrap();
-    assert!(within(Duration::from_secs(2), || agent
+    assert!(within(pace.after(Duration::from_secs(2)), || agent
         .metric("authz_reload_failures_total")
         >= 1.0));
     assert!(
@@ -90,7 +92,7 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
         "not a workload yet"
     );
     std::fs::write(&policy, deny_path("/other")).unwrap();
-    assert!(within(Duration::from_secs(1), || agent
+    assert!(within(pace.after(Duration::from_secs(1)), || agent
         .metric("authz_reloads_total")
         >= 2.0));
     let cfg2 = format!(
@@ -106,7 +108,7 @@ fn policy_and_config_changes_apply_without_dropping_connections() {
         "open connection survived the config reload"
     );
     assert!(
-        within(Duration::from_secs(1), || {
+        within(pace.after(Duration::from_secs(1)), || {
             let b = agent.metric("authz_kernel_connect_redirected_total");
             code(&extra, "/") == 200 && agent.metric("authz_kernel_connect_redirected_total") > b
         }),
@@ -204,6 +206,7 @@ fn a_policy_change_closes_the_open_relays_it_denies() {
     }
     let mut net = Net::new().unwrap();
     let sleep = net.host("sleep", 2).unwrap();
+    let pace = Pace::measure(&sleep);
     let web = net.host("web", 3).unwrap();
     net.serve(&web, "echo", 9000).unwrap();
     net.serve(&web, "echo", 9001).unwrap();
@@ -222,7 +225,7 @@ fn a_policy_change_closes_the_open_relays_it_denies() {
     assert_eq!(kept.echo("one").as_deref(), Some("one"));
     std::fs::write(agent.dir.join("policies/ap.yaml"), deny_port(9000)).unwrap();
     assert!(
-        within(Duration::from_secs(2), || agent
+        within(pace.after(Duration::from_secs(2)), || agent
             .metric("authz_tcp_closed_by_policy_total")
             == 1.0),
         "the relay to the now denied port is closed"
