@@ -81,6 +81,8 @@ impl Kernel {
     /// new ones), attaches them to `cgroup_root` (default: the cgroup2 mount) and pins the links,
     /// replacing a previous agent's only after ours are attached.
     pub fn load(cgroup_root: Option<&Path>, bpffs: &Path) -> Result<Kernel> {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        check_release(release.trim())?;
         raise_memlock();
         let cgroup_root = match cgroup_root {
             Some(p) => p.to_path_buf(),
@@ -371,6 +373,29 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// The oldest kernel the programs run on, and what each newer feature is for.
+pub const MINIMUM_KERNEL: (u32, u32) = (5, 15);
+const NEEDS: &str =
+    "bpf_get_netns_cookie in sock_ops and sk_msg programs (5.15), SO_NETNS_COOKIE (5.14), \
+bpf_get_current_ancestor_cgroup_id in cgroup/connect4 and connect6 (5.7)";
+
+/// Refuses a kernel older than `MINIMUM_KERNEL`, naming what it lacks. A release that does not
+/// parse is let through: the load itself then says what failed.
+pub fn check_release(release: &str) -> Result<()> {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return Ok(());
+    };
+    let (min_major, min_minor) = MINIMUM_KERNEL;
+    if (major, minor) < (min_major, min_minor) {
+        bail!("kernel {release} is too old: the agent needs {min_major}.{min_minor} or later for {NEEDS}");
+    }
+    Ok(())
+}
+
 /// cgroup v2 ids are the inode numbers of the cgroup directories.
 pub fn cgroup_id(path: &Path) -> Result<u64> {
     let meta = std::fs::metadata(path).with_context(|| format!("cgroup {}", path.display()))?;
@@ -408,5 +433,27 @@ fn raise_memlock() {
     };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod release_tests {
+    use super::check_release;
+
+    #[test]
+    fn kernels_older_than_the_minimum_are_refused_by_name() {
+        for ok in [
+            "6.1.0-57-amd64",
+            "6.12.48+deb13-amd64",
+            "5.15.0-91-generic",
+            "6.18.44-fc-v1045",
+            "weird",
+        ] {
+            check_release(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for old in ["5.14.21", "5.10.0-28-amd64", "4.19.0"] {
+            let e = check_release(old).unwrap_err().to_string();
+            assert!(e.contains(old) && e.contains("bpf_get_netns_cookie"), "{e}");
+        }
     }
 }
