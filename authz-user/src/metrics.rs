@@ -242,3 +242,36 @@ fn escape(v: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_kept_is_exported() {
+        let m = Metrics::default();
+        m.bytes_to_upstream.store(7, Relaxed);
+        m.bytes_from_upstream.store(9, Relaxed);
+        m.connections_no_backend.store(1, Relaxed);
+        m.upstream_connect_errors.store(2, Relaxed);
+        m.connections_over_agent_limit.store(3, Relaxed);
+        m.tcp_closed_by_policy.store(4, Relaxed);
+        m.audit("foo/audit");
+        m.dry_run("-", "allow");
+        m.request("deny", "bad request");
+        let text = m.render(None);
+        for line in [
+            "authz_upstream_bytes_sent_total 7",
+            "authz_upstream_bytes_received_total 9",
+            "authz_connections_no_backend_total 1",
+            "authz_upstream_connect_errors_total 2",
+            "authz_connections_over_agent_limit_total 3",
+            "authz_tcp_closed_by_policy_total 4",
+            "authz_audit_total{policy=\"foo/audit\"} 1",
+            "authz_dry_run_total{policy=\"-\",result=\"allow\"} 1",
+            "authz_requests_total{decision=\"deny\",reason=\"bad request\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
+}

@@ -3,8 +3,14 @@
 //! services, namespaces and Istio's RequestAuthentication and AuthorizationPolicy (served at
 //! v1 and v1beta1, as one set of objects), the security.istio.io group document, and Events
 //! (recorded for the test to read). Tests change objects and can restart it or expire watches.
+//!
+//! Every request is authorized as a real API server's RBAC would for the agent's ServiceAccount,
+//! against the ClusterRole and binding in `deploy/kubernetes/rbac.yaml`: what they do not grant
+//! gets 403 Forbidden (a `Status`), and what they grant but no request used is reported
+//! (`unused_grants`). Errors carry `Status` bodies (404, 409, 410, 422), and a watch without the
+//! resourceVersion a client must send after its list is refused.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     convert::Infallible,
     net::SocketAddr,
     path::Path,
@@ -79,6 +85,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    rbac: Rbac,
     changes: broadcast::Sender<Change>,
     /// Istio versions served (v1 and v1beta1 by default).
     istio_versions: Mutex<Vec<&'static str>>,
@@ -100,6 +107,9 @@ impl FakeApi {
             .build()?;
         let (changes, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
+            rbac: Rbac::from_manifest(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/rbac.yaml"),
+            )?,
             state: Mutex::new(State {
                 rv: 100,
                 ..Default::default()
@@ -265,6 +275,17 @@ impl FakeApi {
         self.shared.state.lock().unwrap().events.clone()
     }
 
+    /// Grants of the ClusterRole that no request used, as `verb group/resource` (least
+    /// privilege: each is a permission the manifest could drop).
+    pub fn unused_grants(&self) -> Vec<String> {
+        self.shared.rbac.unused()
+    }
+
+    /// Requests refused as RBAC would, as `verb group/resource`.
+    pub fn forbidden(&self) -> Vec<String> {
+        self.shared.rbac.forbidden.lock().unwrap().clone()
+    }
+
     /// How many lists and watches of a collection (plural) clients made.
     pub fn lists(&self, plural: &str) -> u64 {
         *self
@@ -294,6 +315,122 @@ impl Drop for FakeApi {
             s.abort();
         }
     }
+}
+
+/// The agent's permissions as `deploy/kubernetes/rbac.yaml` grants them.
+struct Rbac {
+    /// (apiGroups, resources, verbs) of each rule.
+    rules: Vec<(Vec<String>, Vec<String>, Vec<String>)>,
+    used: Mutex<BTreeSet<(String, String, String)>>,
+    forbidden: Mutex<Vec<String>>,
+}
+
+const SERVICE_ACCOUNT: (&str, &str) = ("authz-system", "authz-agent");
+
+impl Rbac {
+    /// The rules of the ClusterRole that a ClusterRoleBinding grants the agent's ServiceAccount.
+    fn from_manifest(path: &Path) -> Result<Rbac> {
+        use serde::Deserialize;
+        let text = std::fs::read_to_string(path)?;
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| Value::deserialize(d).map_err(anyhow::Error::from))
+            .collect::<Result<_>>()?;
+        let bound: Vec<&str> = docs
+            .iter()
+            .filter(|d| d["kind"] == "ClusterRoleBinding" && d["roleRef"]["kind"] == "ClusterRole")
+            .filter(|d| {
+                d["subjects"].as_array().into_iter().flatten().any(|s| {
+                    s["kind"] == "ServiceAccount"
+                        && s["namespace"] == SERVICE_ACCOUNT.0
+                        && s["name"] == SERVICE_ACCOUNT.1
+                })
+            })
+            .filter_map(|d| d["roleRef"]["name"].as_str())
+            .collect();
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        };
+        let rules = docs
+            .iter()
+            .filter(|d| d["kind"] == "ClusterRole")
+            .filter(|d| {
+                d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| bound.contains(&n))
+            })
+            .flat_map(|d| d["rules"].as_array().cloned().unwrap_or_default())
+            .map(|r| {
+                (
+                    strings(&r["apiGroups"]),
+                    strings(&r["resources"]),
+                    strings(&r["verbs"]),
+                )
+            })
+            .collect();
+        Ok(Rbac {
+            rules,
+            used: Mutex::new(BTreeSet::new()),
+            forbidden: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn allows(&self, group: &str, resource: &str, verb: &str) -> bool {
+        let any = |list: &[String], x: &str| list.iter().any(|v| v == x || v == "*");
+        let ok = self
+            .rules
+            .iter()
+            .any(|(g, r, v)| any(g, group) && any(r, resource) && any(v, verb));
+        if ok {
+            self.used
+                .lock()
+                .unwrap()
+                .insert((group.into(), resource.into(), verb.into()));
+        } else {
+            self.forbidden
+                .lock()
+                .unwrap()
+                .push(format!("{verb} {group}/{resource}"));
+        }
+        ok
+    }
+
+    fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap();
+        let mut out = Vec::new();
+        for (groups, resources, verbs) in &self.rules {
+            for g in groups {
+                for r in resources {
+                    for v in verbs {
+                        if !used.contains(&(g.clone(), r.clone(), v.clone())) {
+                            out.push(format!("{v} {g}/{r}"));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// 403 as the API server words it for a ServiceAccount.
+fn forbidden(group: &str, resource: &str, verb: &str, namespace: Option<&str>) -> Reply {
+    let scope = match namespace {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".into(),
+    };
+    let (ns, sa) = SERVICE_ACCOUNT;
+    reply(
+        StatusCode::FORBIDDEN,
+        status(
+            403,
+            "Forbidden",
+            &format!("{resource} is forbidden: User \"system:serviceaccount:{ns}:{sa}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" {scope}"),
+        ),
+    )
 }
 
 fn object_key(obj: &Value, namespaced: bool) -> String {
@@ -385,6 +522,23 @@ fn collection(path: &str) -> Option<(&'static Kind, String)> {
     (k.core == core).then_some((k, api_version))
 }
 
+/// (API group, resource, namespace) of a collection path, served or not.
+fn resource_of(path: &str) -> Option<(String, String, Option<String>)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _, rest @ ..] => ("", rest),
+        ["apis", group, _, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    match rest {
+        [resource] => Some((group.into(), resource.to_string(), None)),
+        ["namespaces", ns, resource] => {
+            Some((group.into(), resource.to_string(), Some(ns.to_string())))
+        }
+        _ => None,
+    }
+}
+
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {
     req.uri()
         .query()
@@ -418,23 +572,121 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
                    "versions": versions, "preferredVersion": preferred}),
         );
     }
-    if path.starts_with("/apis/events.k8s.io/v1/namespaces/") && path.contains("/events") {
+    if let Some(rest) = path.strip_prefix("/apis/events.k8s.io/v1/namespaces/") {
+        let Some((ns, "events", name)) = rest.split_once('/').map(|(ns, r)| {
+            let (coll, name) = r.split_once('/').unwrap_or((r, ""));
+            (ns.to_string(), coll, name.to_string())
+        }) else {
+            return reply(
+                StatusCode::NOT_FOUND,
+                status(404, "NotFound", &format!("{path}: not served")),
+            );
+        };
         let method = req.method().clone();
+        let verb = match method {
+            Method::POST => "create",
+            Method::PATCH => "patch",
+            Method::GET if name.is_empty() => "list",
+            Method::GET => "get",
+            Method::PUT => "update",
+            Method::DELETE => "delete",
+            _ => "unknown",
+        };
+        if !shared.rbac.allows("events.k8s.io", "events", verb) {
+            return forbidden("events.k8s.io", "events", verb, Some(&ns));
+        }
         let body = req
             .into_body()
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let ev: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        if method == Method::POST || method == Method::PATCH {
-            shared.state.lock().unwrap().events.push(ev.clone());
-            return reply(StatusCode::CREATED, ev);
+        let Ok(ev) = serde_json::from_slice::<Value>(&body) else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", "body is not JSON"),
+            );
+        };
+        match method {
+            Method::POST => {
+                let ev_name = ev["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if ev_name.is_empty()
+                    || ev["reason"].as_str().unwrap_or_default().is_empty()
+                    || ev["regarding"].is_null()
+                {
+                    return reply(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        status(
+                            422,
+                            "Invalid",
+                            "Event is invalid: metadata.name, reason and regarding are required",
+                        ),
+                    );
+                }
+                let mut st = shared.state.lock().unwrap();
+                let taken = st.events.iter().any(|e| {
+                    e["metadata"]["name"].as_str() == Some(&ev_name)
+                        && e["metadata"]["namespace"].as_str().unwrap_or(&ns) == ns
+                });
+                if taken {
+                    return reply(
+                        StatusCode::CONFLICT,
+                        status(
+                            409,
+                            "AlreadyExists",
+                            &format!("events.events.k8s.io \"{ev_name}\" already exists"),
+                        ),
+                    );
+                }
+                st.events.push(ev.clone());
+                return reply(StatusCode::CREATED, ev);
+            }
+            Method::PATCH => {
+                let mut st = shared.state.lock().unwrap();
+                if !st
+                    .events
+                    .iter()
+                    .any(|e| e["metadata"]["name"].as_str() == Some(name.as_str()))
+                {
+                    return reply(
+                        StatusCode::NOT_FOUND,
+                        status(
+                            404,
+                            "NotFound",
+                            &format!("events.events.k8s.io \"{name}\" not found"),
+                        ),
+                    );
+                }
+                st.events.push(ev.clone());
+                return reply(StatusCode::OK, ev);
+            }
+            _ => {
+                return reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    status(405, "MethodNotAllowed", "events: POST or PATCH"),
+                )
+            }
         }
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            status(405, "MethodNotAllowed", "events: POST or PATCH"),
-        );
+    }
+    // Authorization comes first, as in a real API server: a resource the role does not grant is
+    // 403 whether or not it is served.
+    if let Some((group, resource, namespace)) = resource_of(&path) {
+        let q = query(&req);
+        let verb = match (req.method().clone(), q.get("watch").map(String::as_str)) {
+            (Method::GET, Some("true" | "1")) => "watch",
+            (Method::GET, _) => "list",
+            (Method::POST, _) => "create",
+            (Method::PUT, _) => "update",
+            (Method::PATCH, _) => "patch",
+            (Method::DELETE, _) => "deletecollection",
+            _ => "unknown",
+        };
+        if !shared.rbac.allows(&group, &resource, verb) {
+            return forbidden(&group, &resource, verb, namespace.as_deref());
+        }
     }
     let Some((
         &Kind {
@@ -471,6 +723,22 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
         );
     }
     let q = query(&req);
+    let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    if watching
+        && q.get("resourceVersion")
+            .is_none_or(|v| v.is_empty() || v == "0")
+    {
+        // A client that lists then watches must resume from the list's resourceVersion; one
+        // that does not would miss the changes in between.
+        return reply(
+            StatusCode::BAD_REQUEST,
+            status(
+                400,
+                "BadRequest",
+                "watch without the resourceVersion of a previous list",
+            ),
+        );
+    }
     let namespace = path
         .split("/namespaces/")
         .nth(1)
@@ -489,7 +757,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
             obj
         }
     };
-    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+    if watching {
         let from: u64 = q
             .get("resourceVersion")
             .and_then(|v| v.parse().ok())

@@ -202,7 +202,7 @@ fn check_complete(o: &Objects, origin: &str) {
             }
         }
     }
-    let read = vec!["get".to_string(), "list".into(), "watch".into()];
+    let read = vec!["list".to_string(), "watch".into()];
     for res in [
         "/pods",
         "/services",

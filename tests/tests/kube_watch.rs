@@ -346,3 +346,39 @@ fn invalid_policy_becomes_an_event_on_the_object() {
     assert_eq!(ev["reason"], "InvalidPolicy");
     assert!(ev["note"].as_str().unwrap().contains(&message), "{ev}");
 }
+
+#[test]
+fn the_api_server_holds_rbac_and_answers_with_status_objects() {
+    let api = FakeApi::start().unwrap();
+    let get = |path: &str| authz_tests::http_get(api.addr, path).unwrap();
+    // What deploy/kubernetes/rbac.yaml does not grant is 403 with a Status, served or not.
+    let (code, body) = get("/api/v1/secrets");
+    assert_eq!(code, 403, "{body}");
+    let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (st["kind"].as_str(), st["reason"].as_str()),
+        (Some("Status"), Some("Forbidden"))
+    );
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("system:serviceaccount:authz-system:authz-agent"),
+        "{st}"
+    );
+    assert_eq!(get("/api/v1/namespaces/foo/configmaps").0, 403);
+    assert_eq!(api.forbidden(), ["list /secrets", "list /configmaps"]);
+    // What it grants is served; a watch must resume from a list's resourceVersion.
+    let (code, list) = get("/api/v1/pods");
+    assert_eq!(code, 200, "{list}");
+    let (code, body) = get("/api/v1/pods?watch=true");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("resourceVersion"), "{body}");
+    // Every grant of the role is listed as unused until a request uses it.
+    let unused = api.unused_grants();
+    assert!(!unused.contains(&"list /pods".to_string()), "{unused:?}");
+    assert!(
+        unused.contains(&"watch security.istio.io/authorizationpolicies".to_string()),
+        "{unused:?}"
+    );
+}

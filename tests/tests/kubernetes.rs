@@ -249,6 +249,21 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
         agent.metric("authz_kernel_connect_redirected_total"),
         before
     );
+    rbac_held(&api);
+}
+
+/// The agent never asked for what deploy/kubernetes/rbac.yaml does not grant; what it grants
+/// and this run did not use is reported.
+fn rbac_held(api: &FakeApi) {
+    assert!(
+        api.forbidden().is_empty(),
+        "requests the ClusterRole does not grant: {:?}",
+        api.forbidden()
+    );
+    eprintln!(
+        "RBAC: granted by deploy/kubernetes/rbac.yaml and not used in this run: {:?}",
+        api.unused_grants()
+    );
 }
 
 #[test]

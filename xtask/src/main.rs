@@ -50,6 +50,9 @@ enum Cmd {
         /// 6.1 (Debian 12), 6.12 (Debian 12 backports, Debian 13), host, or a kernel image path.
         #[arg(long, default_value = "6.1")]
         kernel: vm::Kernel,
+        /// Only build the binaries and write target/vm-lane.sh (for Vagrant, or another VM).
+        #[arg(long)]
+        prepare: bool,
         /// A test name filter, passed to every test binary.
         #[arg(trailing_var_arg = true)]
         filter: Vec<String>,
@@ -74,8 +77,17 @@ fn main() -> ExitCode {
             run(Command::new(root().join("target/release/authz-demo")))
         }),
         Cmd::Bench { args } => setup::run().and_then(|env| bench::run_bench(&env, &args)),
-        Cmd::VmTest { kernel, filter } => setup::run().and_then(|env| {
+        Cmd::VmTest {
+            kernel,
+            prepare,
+            filter,
+        } => setup::run().and_then(|env| {
             build(&env)?;
+            if prepare {
+                let script = vm::prepare(&env, &filter)?;
+                eprintln!("xtask: wrote {}", script.display());
+                return Ok(());
+            }
             vm::run(&env, &kernel, &filter)
         }),
         Cmd::Fuzz { secs } => setup::run().and_then(|env| fuzz(&env, FuzzBudget::Secs(secs))),

@@ -52,24 +52,8 @@ impl std::str::FromStr for Kernel {
 /// fails.
 pub fn run(env: &BuildEnv, kernel: &Kernel, filter: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
-    let binaries = test_binaries(env, LANE)?;
-    let agent = root().join("target/release/authz-agent");
-    let testsrv = root().join("target/release/authz-testsrv");
-    let mut script = format!(
-        "cd {dir} && export AUTHZ_AGENT_BIN={agent} AUTHZ_TESTSRV_BIN={testsrv} && echo \"kernel: $(uname -r)\" && fail=0",
-        dir = root().join("tests").display(),
-        agent = agent.display(),
-        testsrv = testsrv.display(),
-    );
-    let filter: Vec<String> = filter.iter().map(|f| shell_quote(f)).collect();
-    for (name, bin) in &binaries {
-        script.push_str(&format!(
-            " && echo \"== {name}\" && {{ {} --test-threads=1 {} || fail=1; }}",
-            bin.display(),
-            filter.join(" ")
-        ));
-    }
-    script.push_str(" && exit $fail");
+    let script = prepare(env, filter)?;
+    let script = format!("cd {} && sh {}", root().display(), script.display());
     let st = match kernel {
         Kernel::Host => Command::new("sh").args(["-c", &script]).status()?,
         Kernel::Debian(series) => {
@@ -87,6 +71,31 @@ pub fn run(env: &BuildEnv, kernel: &Kernel, filter: &[String]) -> Result<()> {
         bail!("tests failed on {kernel:?}");
     }
     Ok(())
+}
+
+/// Builds the lane's test binaries and writes `target/vm-lane.sh`, which runs them from the
+/// repository's root with paths relative to it (so a VM with the tree synced elsewhere, as
+/// Vagrant does, runs it too). Returns the script's path relative to the root.
+pub fn prepare(env: &BuildEnv, filter: &[String]) -> Result<PathBuf> {
+    let binaries = test_binaries(env, LANE)?;
+    let filter: Vec<String> = filter.iter().map(|f| shell_quote(f)).collect();
+    let mut script = String::from(
+        "#!/bin/sh\n# Written by `cargo xtask vm-test`: the kernel-path lane, run from the repository root.\n\
+         export AUTHZ_AGENT_BIN=\"$PWD/target/release/authz-agent\" AUTHZ_TESTSRV_BIN=\"$PWD/target/release/authz-testsrv\"\n\
+         echo \"kernel: $(uname -r)\"\nfail=0\ncd tests\n",
+    );
+    for (name, bin) in &binaries {
+        let rel = bin.strip_prefix(root()).unwrap_or(bin);
+        script.push_str(&format!(
+            "echo \"== {name}\"\n../{} --test-threads=1 {} || fail=1\n",
+            rel.display(),
+            filter.join(" ")
+        ));
+    }
+    script.push_str("exit $fail\n");
+    let rel = PathBuf::from("target/vm-lane.sh");
+    std::fs::write(root().join(&rel), script)?;
+    Ok(rel)
 }
 
 /// Builds the test binaries (on the host) and returns (name, path) of those in `names`.
