@@ -21,6 +21,12 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Debian 12's kernel series, and the one its backports (and Debian 13) ship.
 const SERIES: &[(&str, &str)] = &[("6.1", "bookworm"), ("6.12", "bookworm-backports")];
 
+/// Refuses a kernel older than the agent's minimum (5.15) before any test runs, naming what it
+/// lacks (the agent checks it again at start).
+const MINIMUM_CHECK: &str = "v=$(uname -r); major=${v%%.*}; rest=${v#*.}; minor=${rest%%[!0-9]*}\n\
+if [ \"$major\" -lt 5 ] || { [ \"$major\" -eq 5 ] && [ \"$minor\" -lt 15 ]; }; then\n\
+  echo \"kernel $v is older than 5.15, the minimum: bpf_get_netns_cookie in sock_ops and sk_msg programs\"; exit 2\nfi\n";
+
 /// Which kernel to boot.
 #[derive(Debug, Clone)]
 pub enum Kernel {
@@ -79,10 +85,10 @@ pub fn run(env: &BuildEnv, kernel: &Kernel, filter: &[String]) -> Result<()> {
 pub fn prepare(env: &BuildEnv, filter: &[String]) -> Result<PathBuf> {
     let binaries = test_binaries(env, LANE)?;
     let filter: Vec<String> = filter.iter().map(|f| shell_quote(f)).collect();
-    let mut script = String::from(
+    let mut script = format!(
         "#!/bin/sh\n# Written by `cargo xtask vm-test`: the kernel-path lane, run from the repository root.\n\
          export AUTHZ_AGENT_BIN=\"$PWD/target/release/authz-agent\" AUTHZ_TESTSRV_BIN=\"$PWD/target/release/authz-testsrv\"\n\
-         echo \"kernel: $(uname -r)\"\nfail=0\ncd tests\n",
+         echo \"kernel: $(uname -r)\"\n{MINIMUM_CHECK}fail=0\ncd tests\n",
     );
     for (name, bin) in &binaries {
         let rel = bin.strip_prefix(root()).unwrap_or(bin);
