@@ -417,8 +417,12 @@ fn forget_stale(kernel: &Kernel, applied: &Applied) {
 /// Start and reload parse whole YAML documents and the kernel's BTF; hand the freed memory back
 /// to the system so the agent's footprint is what it keeps, not what it once needed.
 fn release_freed_memory() {
-    // SAFETY: malloc_trim only releases free heap pages.
-    unsafe { libc::malloc_trim(0) };
+    // SAFETY: malloc_trim only releases free heap pages. (glibc's; musl's allocator returns
+    // freed pages by itself.)
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// File mode: the config and its policies, read again. An error changes nothing.

@@ -84,19 +84,24 @@ fn a_stopping_agent_closes_idle_http_connections_and_finishes_requests() {
     let w = net.host("w", 3).unwrap();
     let pace = Pace::measure(&pod);
     net.serve(&w, "http", 8000).unwrap();
-    let cfg = one_pod_config(&pod, &w, ", drainTimeout: 20s");
+    // Timed at this machine's pace: the upload is still in flight when the agent stops (it
+    // starts a few process spawns after the idle request), and lasts well under drainTimeout.
+    let settle = Duration::from_millis(700) + pace.attempts(2);
+    let upload_secs = settle.as_secs() + 2;
+    let cfg = one_pod_config(&pod, &w, ", drainTimeout: 60s");
     let mut agent = Agent::start(&cfg).unwrap();
     // One request on a keep-alive connection, then the connection stays idle; `cat` ends when
     // the agent closes it.
     let script = format!(
-        "exec 3<>/dev/tcp/{}/8000; printf 'GET /idle HTTP/1.1\\r\\nHost: w\\r\\n\\r\\n' >&3; timeout 15 cat <&3",
-        w.ip
+        "exec 3<>/dev/tcp/{}/8000; printf 'GET /idle HTTP/1.1\\r\\nHost: w\\r\\n\\r\\n' >&3; timeout {} cat <&3",
+        w.ip,
+        upload_secs + pace.after(Duration::from_secs(15)).as_secs()
     );
     let idle = Net::command(&pod, true, "bash", &["-c", &script])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // A request in flight when the agent stops: a 2 MB upload that trickles in.
+    // A request in flight when the agent stops: an upload that trickles in at 1 MB/s.
     let url = format!("http://{}:8000/upload", w.ip);
     let upload = Net::command(
         &pod,
@@ -104,18 +109,22 @@ fn a_stopping_agent_closes_idle_http_connections_and_finishes_requests() {
         "bash",
         &[
             "-c",
-            &format!("head -c 2000000 /dev/zero | curl -sS -m 10 --limit-rate 1M -o /dev/null -w '%{{http_code}}' --data-binary @- {url}"),
+            &format!(
+                "head -c {} /dev/zero | curl -sS -m {} --limit-rate 1M -o /dev/null -w '%{{http_code}}' --data-binary @- {url}",
+                upload_secs * 1_000_000,
+                upload_secs + pace.after(Duration::from_secs(10)).as_secs()
+            ),
         ],
     )
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(settle);
     let t = Instant::now();
     let st = agent.stop().unwrap();
     assert!(st.success(), "{}", agent.log_text());
     assert!(
-        t.elapsed() < pace.after(Duration::from_secs(5)),
+        t.elapsed() < Duration::from_secs(upload_secs) + pace.after(Duration::from_secs(5)),
         "the agent did not wait for the idle connection: {:?}",
         t.elapsed()
     );

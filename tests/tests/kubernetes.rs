@@ -473,3 +473,77 @@ fn rolling_update_hands_over_without_a_failed_request() {
     );
     assert!(new.metric("authz_connections_redirected_total") > 0.0);
 }
+
+/// A pod located on this node whose listener cannot open (here: its loopback has no 127.0.0.1, so
+/// nothing can bind it) stays pending: its connections to protected destinations are refused, not
+/// sent direct; it is counted and gets an Event; the agent and the other pods go on.
+#[test]
+fn a_pod_whose_listener_cannot_open_is_refused_and_reported() {
+    if !require_root() {
+        return;
+    }
+    let api = FakeApi::start().unwrap();
+    let mut net = Net::new().unwrap();
+    let uid = "5c0ffee0-0000-4000-8000-00000000c001";
+    let broken = net.kube_pod("broken", 2, uid).unwrap();
+    Net::run(
+        &broken,
+        false,
+        "ip",
+        &["addr", "del", "127.0.0.1/8", "dev", "lo"],
+    )
+    .unwrap();
+    let httpbin = net.host("httpbin", 3).unwrap();
+    net.serve(&httpbin, "http", 8000).unwrap();
+    api.apply(fakeapi::namespace("foo", true));
+    api.apply(fakeapi::pod(
+        "foo",
+        "httpbin",
+        "5c0ffee0-0000-4000-8000-00000000c002",
+        "node-b",
+        &httpbin.ip,
+        json!({"app": "httpbin"}),
+        "httpbin",
+    ));
+    api.apply(fakeapi::pod(
+        "foo",
+        "broken",
+        uid,
+        NODE,
+        &broken.ip,
+        json!({"app": "broken"}),
+        "broken",
+    ));
+    let cfg = kube_config(&net, "{ADMIN}", "");
+    let kubeconfig = api.kubeconfig();
+    let agent = Agent::start_with_files(&cfg, &[("kubeconfig", kubeconfig.as_str())]).unwrap();
+    eventually("pending", &agent, || {
+        agent.metric("authz_pods_not_enrolled") == 1.0
+    });
+    let (a, _) = attempt(&broken, &format!("http://{}:8000/get", httpbin.ip));
+    assert_eq!(a, Attempt::Refused, "pending: refused, never direct");
+    assert!(agent.metric("authz_kernel_connect_pending_total") >= 1.0);
+    eventually("an Event on the pod", &agent, || {
+        api.events().iter().any(|e| {
+            e["regarding"]["name"] == "broken"
+                && e["reason"] == "NotEnrolled"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("refused until the agent enrolls it"))
+        })
+    });
+    // Its loopback address comes back: the next retry enrolls it.
+    Net::run(
+        &broken,
+        false,
+        "ip",
+        &["addr", "add", "127.0.0.1/8", "dev", "lo"],
+    )
+    .unwrap();
+    eventually("enrolled", &agent, || {
+        agent.metric("authz_pods_enrolled") == 1.0 && agent.metric("authz_pods_not_enrolled") == 0.0
+    });
+    let (code, _) = curl(&broken, true, &[&format!("http://{}:8000/get", httpbin.ip)]).unwrap();
+    assert_eq!(code, 200);
+    rbac_held(&api);
+}

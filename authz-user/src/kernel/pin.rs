@@ -24,7 +24,9 @@ pub fn link_path(dir: &Path, program: &str) -> PathBuf {
 // f_type is i64 on x86-64 but narrower on some architectures.
 #[allow(clippy::useless_conversion)]
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
+    // (i64 with glibc, u64 with musl.)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| i64::try_from(s.filesystem_type().0).ok() == Some(BPF_FS_MAGIC))
 }
 
 /// Creates `dir` (and its `maps/`, `links/`) on a bpf file system; mounts bpffs on /sys/fs/bpf
