@@ -3,6 +3,7 @@
 //!   build  setup + release build of the agent (eBPF object embedded)
 //!   test   setup + fmt + clippy + build + unit tests + privileged end-to-end tests + fuzzing
 //!   demo   setup + build + the skip-path scenario on demo pods, as a table
+//!   image  the agent's OCI image (static, on scratch) with buildah
 //!   vm-test  the kernel-path tests on Debian's 6.1 or 6.12 kernel in a VM (or the host's)
 use std::{
     path::{Path, PathBuf},
@@ -13,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod image;
 mod setup;
 mod vm;
 
@@ -57,6 +59,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         filter: Vec<String>,
     },
+    /// Build the agent's OCI image (static musl agent + CA bundle on scratch, buildah; no registry,
+    /// no base image) into target/image/authz-agent.tar. Needs root.
+    Image,
     /// Run every fuzz target for a bounded time (cargo fuzz, nightly), from a random seed.
     Fuzz {
         /// Seconds per target.
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
             }
             vm::run(&env, &kernel, &filter)
         }),
+        Cmd::Image => setup::run().and_then(|env| image::build(&env).map(|_| ())),
         Cmd::Fuzz { secs } => setup::run().and_then(|env| fuzz(&env, FuzzBudget::Secs(secs))),
     };
     match r {
