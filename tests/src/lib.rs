@@ -731,6 +731,25 @@ pub fn loopback_listeners(host: &Host) -> Vec<u16> {
         .collect()
 }
 
+/// Sends `bytes` from `host` to ip:8000 with nc (in the pod's cgroup when `in_pod`) and returns
+/// what came back; nc closes 1 s after its input ends.
+pub fn send_raw(host: &Host, in_pod: bool, ip: &str, bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = Net::command(host, in_pod, "nc", &["-q", "1", "-w", "3", ip, "8000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting nc");
+    c.stdin.as_mut().unwrap().write_all(bytes).unwrap();
+    drop(c.stdin.take());
+    String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).to_string()
+}
+
+/// The first line of a raw HTTP response.
+pub fn status_line(resp: &str) -> &str {
+    resp.lines().next().unwrap_or("")
+}
+
 /// Pod YAML entry for the agent config.
 pub fn pod_yaml(h: &Host, ns: &str, labels: &str, sa: &str) -> String {
     format!(

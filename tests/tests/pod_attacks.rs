@@ -25,22 +25,6 @@ spec:
   rules: [{to: [{operation: {hosts: [\"admin.internal\", \"admin.internal:*\"]}}]}]
 ";
 
-/// Sends `bytes` from `client` to ip:8000 and returns what came back (nc closes 1 s after EOF).
-fn raw(client: &Host, in_pod: bool, ip: &str, bytes: &[u8]) -> String {
-    let mut c = Net::command(client, in_pod, "nc", &["-q", "1", "-w", "3", ip, "8000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.as_mut().unwrap().write_all(bytes).unwrap();
-    drop(c.stdin.take());
-    String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).to_string()
-}
-
-fn status(resp: &str) -> &str {
-    resp.lines().next().unwrap_or("")
-}
-
 fn body_json(resp: &str) -> serde_json::Value {
     json(resp.split("\r\n\r\n").nth(1).unwrap_or(""))
 }
@@ -90,11 +74,12 @@ fn h2c_upgrade_is_stripped_so_no_stream_follows_unchecked() {
     // The upstream does switch to HTTP/2 when asked directly: the attack is real. (Its HTTP/2
     // side may reset the connection when nc half-closes instead of sending a preface, and a reset
     // can drop the 101 before nc reads it, so a few tries.)
-    let switched = (0..5).any(|_| status(&raw(&s.web, false, &s.web.ip, ask)).contains("101"));
+    let switched =
+        (0..5).any(|_| status_line(&send_raw(&s.web, false, &s.web.ip, ask)).contains("101"));
     assert!(switched, "upstream speaks h2c");
     let before = upstream_count(&s.web, &s.web.ip);
-    let resp = raw(&s.client, true, &s.web.ip, ask);
-    assert!(status(&resp).contains("200"), "{resp}");
+    let resp = send_raw(&s.client, true, &s.web.ip, ask);
+    assert!(status_line(&resp).contains("200"), "{resp}");
     let seen = body_json(&resp);
     let headers = seen["headers"].as_object().unwrap();
     for h in ["upgrade", "http2-settings", "connection"] {
@@ -105,28 +90,28 @@ fn h2c_upgrade_is_stripped_so_no_stream_follows_unchecked() {
     // A WebSocket upgrade to an allowed path still becomes a tunnel; to a denied one it never does.
     let ws =
         b"GET /ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nping";
-    let resp = raw(&s.client, true, &s.web.ip, ws);
-    assert!(status(&resp).contains("101"), "{resp}");
+    let resp = send_raw(&s.client, true, &s.web.ip, ws);
+    assert!(status_line(&resp).contains("101"), "{resp}");
     assert!(resp.ends_with("ping"), "tunnel echoes: {resp:?}");
     let ws_denied =
         b"GET /admin HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-    let resp = raw(&s.client, true, &s.web.ip, ws_denied);
-    assert!(status(&resp).contains("403"), "{resp}");
+    let resp = send_raw(&s.client, true, &s.web.ip, ws_denied);
+    assert!(status_line(&resp).contains("403"), "{resp}");
     // CONNECT: decided, then 404 as Envoy's sidecar answers; never a tunnel.
-    let resp = raw(
+    let resp = send_raw(
         &s.client,
         true,
         &s.web.ip,
         b"CONNECT /productpage HTTP/1.1\r\nHost: w\r\n\r\n",
     );
-    assert!(!status(&resp).contains("200"), "{resp}");
-    let resp = raw(
+    assert!(!status_line(&resp).contains("200"), "{resp}");
+    let resp = send_raw(
         &s.client,
         true,
         &s.web.ip,
         b"CONNECT admin.internal:443 HTTP/1.1\r\nHost: admin.internal:443\r\n\r\n",
     );
-    assert!(status(&resp).contains("403"), "{resp}");
+    assert!(status_line(&resp).contains("403"), "{resp}");
 }
 
 #[test]
@@ -137,31 +122,31 @@ fn one_authority_is_decided_and_forwarded() {
     let s = setup("", &[]);
     let ip = s.web.ip.as_str();
     // HTTP/1.1 absolute form: the target's authority wins over Host (RFC 9112 3.2.2).
-    let resp = raw(
+    let resp = send_raw(
         &s.client,
         true,
         ip,
         b"GET http://admin.internal/productpage HTTP/1.1\r\nHost: public\r\n\r\n",
     );
-    assert!(status(&resp).contains("403"), "{resp}");
-    let resp = raw(
+    assert!(status_line(&resp).contains("403"), "{resp}");
+    let resp = send_raw(
         &s.client,
         true,
         ip,
         b"GET http://public/productpage HTTP/1.1\r\nHost: admin.internal\r\n\r\n",
     );
-    assert!(status(&resp).contains("200"), "{resp}");
+    assert!(status_line(&resp).contains("200"), "{resp}");
     let seen = body_json(&resp);
     assert_eq!(seen["headers"]["host"], "public");
     assert_eq!(seen["path"], "/productpage", "origin form upstream");
     // Two Host headers: refused.
-    let resp = raw(
+    let resp = send_raw(
         &s.client,
         true,
         ip,
         b"GET /productpage HTTP/1.1\r\nHost: public\r\nHost: admin.internal\r\n\r\n",
     );
-    assert!(status(&resp).contains("400"), "{resp}");
+    assert!(status_line(&resp).contains("400"), "{resp}");
     // HTTP/2: :authority wins; a host header naming another authority is refused.
     let h2 = |authority: &str, host: &str| -> String {
         let out = Net::run(
@@ -367,10 +352,10 @@ fn a_slow_writer_is_still_http() {
     }
     drop(c.stdin.take());
     let out = String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).to_string();
-    assert!(status(&out).contains("200"), "served as HTTP: {out:?}");
+    assert!(status_line(&out).contains("200"), "served as HTTP: {out:?}");
     assert_eq!(agent.metric("authz_connections_tcp_total"), 0.0);
     // Bytes that cannot be HTTP are still TCP, and denied at L4 here.
-    let out = raw(&client, true, &web.ip, b"\x16\x03\x01\x00\x05hello");
+    let out = send_raw(&client, true, &web.ip, b"\x16\x03\x01\x00\x05hello");
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(agent.metric("authz_connections_tcp_total"), 1.0);
 }

@@ -1,23 +1,7 @@
 //! Malformed and smuggling requests sent raw from a pod through the kernel path: each gets the
 //! safe answer, and the upstream only ever sees requests the agent re-framed itself.
-use std::{io::Write, process::Stdio};
 
 use authz_tests::*;
-
-fn raw(client: &Host, ip: &str, bytes: &[u8]) -> String {
-    let mut c = Net::command(client, true, "nc", &["-q", "1", "-w", "3", ip, "8000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.as_mut().unwrap().write_all(bytes).unwrap();
-    drop(c.stdin.take());
-    String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).to_string()
-}
-
-fn status_line(resp: &str) -> &str {
-    resp.lines().next().unwrap_or("")
-}
 
 #[test]
 fn smuggling_and_malformed_requests() {
@@ -47,7 +31,7 @@ fn smuggling_and_malformed_requests() {
         ("oversized headers", format!("GET /x HTTP/1.1\r\nHost: w\r\nX-Big: {}\r\n\r\n", "a".repeat(80 * 1024)).into_bytes(), "431"),
     ];
     for (name, bytes, want) in cases {
-        let resp = raw(&sleep, ip, &bytes);
+        let resp = send_raw(&sleep, true, ip, &bytes);
         assert!(
             status_line(&resp).contains(want),
             "{name}: got {:?}",
@@ -61,7 +45,7 @@ fn smuggling_and_malformed_requests() {
     // Content-Length with Transfer-Encoding: chunked framing wins and the connection is closed
     // after the answer (RFC 9112; Envoy answers 400 instead). Either way the bytes after the
     // chunked body are never read as a request, and the upstream saw a re-framed request only.
-    let resp = raw(&sleep, ip, b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: w\r\n\r\n");
+    let resp = send_raw(&sleep, true, ip, b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: w\r\n\r\n");
     assert!(status_line(&resp).contains("200"), "{resp}");
     assert!(
         resp.to_ascii_lowercase().contains("connection: close"),
@@ -74,8 +58,9 @@ fn smuggling_and_malformed_requests() {
     );
 
     // A client that half-closes after its request still gets the answer.
-    let resp = raw(
+    let resp = send_raw(
         &sleep,
+        true,
         ip,
         b"GET /ok HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n",
     );
@@ -87,7 +72,7 @@ fn smuggling_and_malformed_requests() {
         "POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let resp = raw(&sleep, ip, req.as_bytes());
+    let resp = send_raw(&sleep, true, ip, req.as_bytes());
     assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
     assert!(
         resp.contains(&format!("\"body_len\":{}", body.len())),

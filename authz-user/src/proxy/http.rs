@@ -120,9 +120,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
                 },
             )
             .await;
-        px.metrics
-            .request(if d.allowed { "allow" } else { "deny" }, d.reason.as_str());
-        super::records::emit(
+        super::records::count(
             &px.metrics,
             &d,
             &super::records::Subject {

@@ -15,7 +15,13 @@ pub struct Subject<'a> {
     pub target: Option<&'a str>,
 }
 
-pub fn emit(metrics: &Metrics, d: &Decision, s: &Subject) {
+/// Counts a decision (`authz_requests_total`) and writes its records, if any.
+pub fn count(metrics: &Metrics, d: &Decision, s: &Subject) {
+    metrics.request(if d.allowed { "allow" } else { "deny" }, d.reason.as_str());
+    emit(metrics, d, s);
+}
+
+fn emit(metrics: &Metrics, d: &Decision, s: &Subject) {
     if d.audits.is_empty() && d.dry_run.is_none() {
         return;
     }

@@ -21,9 +21,7 @@ where
     px.metrics.connections_tcp.fetch_add(1, Relaxed);
     if let Some(dest) = &conn.destination {
         let d = px.engine().decide_tcp(&conn.engine_conn(dest));
-        px.metrics
-            .request(if d.allowed { "allow" } else { "deny" }, d.reason.as_str());
-        super::records::emit(
+        super::records::count(
             &px.metrics,
             &d,
             &super::records::Subject {
