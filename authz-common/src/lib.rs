@@ -58,6 +58,32 @@ impl SockKey {
     }
 }
 
+/// `INBOUND_PODS` value; the key is the pod's netns cookie. A pod with an entry is protected at
+/// the destination: TCP connections arriving from outside its netns go to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundPod {
+    /// Ports never captured (host order), 0 = unused slot; the agent's own outbound listener
+    /// port is one of them.
+    pub excluded: [u16; MAX_EXCLUDED_PORTS],
+    /// The inbound listeners' ports (IPv4, IPv6; host order), so a hot restart listens beside
+    /// the previous agent's on the same ports.
+    pub listen_port4: u16,
+    pub listen_port6: u16,
+}
+
+pub const MAX_EXCLUDED_PORTS: usize = 14;
+
+/// `INBOUND_LISTENERS` key: the agent's inbound listener for one netns and address family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns: u64,
+    /// AF_INET or AF_INET6.
+    pub family: u32,
+    pub _pad: u32,
+}
+
 /// `ENFORCED_IPS` value: the address is enforced (the key's presence is what counts).
 pub const ENFORCED: u8 = 1;
 
@@ -100,7 +126,15 @@ pub mod counter {
     pub const CONNECT_BYPASSED: u32 = 6;
     /// connect() refused because the pod's listener was not open yet (enrollment pending).
     pub const CONNECT_PENDING: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Inbound connections handed to the agent's listener in the destination pod.
+    pub const INBOUND_CAPTURED: u32 = 8;
+    /// Inbound connections refused because the agent was gone (fail closed).
+    pub const INBOUND_REFUSED: u32 = 9;
+    /// Inbound connections let through to the application because the agent was gone (fail open).
+    pub const INBOUND_BYPASSED: u32 = 10;
+    /// Inbound connections refused because the pod's inbound listener was not open.
+    pub const INBOUND_PENDING: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// Map names, shared so the agent never spells them differently.
@@ -113,7 +147,15 @@ pub mod maps {
     pub const SOCK_HASH: &str = "SOCK_HASH";
     pub const COUNTERS: &str = "COUNTERS";
     pub const AGENT_STATE: &str = "AGENT_STATE";
+    pub const INBOUND_PODS: &str = "INBOUND_PODS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const HOP_COOKIES: &str = "HOP_COOKIES";
+    pub const HOP_PEERS: &str = "HOP_PEERS";
 }
+
+/// The global each loaded copy of the inbound program is given: the netns cookie of the pod
+/// whose namespace it is attached to (sk_lookup programs cannot ask for it).
+pub const INBOUND_NETNS_GLOBAL: &str = "POD_NETNS";
 
 /// Deepest cgroup level connect4/6 walk up to find an enrolled ancestor (kubelet puts
 /// containers two or three levels below the pod's cgroup).
@@ -132,4 +174,6 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for AgentState {}
+    unsafe impl aya::Pod for InboundPod {}
+    unsafe impl aya::Pod for ListenerKey {}
 }

@@ -1,6 +1,6 @@
-//! Every map of the programs, in one place. The agent fills ENROLLED_PODS, ENFORCED_IPS and
-//! AGENT_STATE; the programs fill the rest.
-use authz_common::{AgentState, OrigDst, PodInfo, SockKey};
+//! Every map of the programs, in one place. The agent fills ENROLLED_PODS, ENFORCED_IPS,
+//! AGENT_STATE, INBOUND_PODS, INBOUND_LISTENERS and HOP_COOKIES; the programs fill the rest.
+use authz_common::{AgentState, InboundPod, ListenerKey, OrigDst, PodInfo, SockKey};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
@@ -40,3 +40,20 @@ pub static COUNTERS: PerCpuArray<u64> =
 /// Slot 0: agent heartbeat and fail mode.
 #[map]
 pub static AGENT_STATE: Array<AgentState> = Array::with_max_entries(1, 0);
+
+/// Pod netns cookie -> how its inbound connections are captured.
+#[map]
+pub static INBOUND_PODS: HashMap<u64, InboundPod> = HashMap::with_max_entries(16_384, 0);
+
+/// The agent's inbound listener of each protected pod's netns, per address family.
+#[map]
+pub static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(32_768, 0);
+
+/// Socket cookies of the agent's connections to an application in its own pod (the inbound
+/// local hop), recorded before connect() so sock_ops pairs both ends.
+#[map]
+pub static HOP_COOKIES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65_536, 0);
+
+/// The application's end of an inbound local hop, until it becomes established.
+#[map]
+pub static HOP_PEERS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(65_536, 0);

@@ -279,7 +279,7 @@ impl App {
         let (cfg, set) = k.snapshot(&self.current, &self.metrics);
         // Most events (pod status churn, objects the agent does not read) change nothing here.
         let same = cfg.pods == self.current.pods
-            && cfg.workloads == self.current.workloads
+            && cfg.peers == self.current.peers
             && cfg.services == self.current.services
             && k.policies.generation == k.applied_generation;
         if same {
@@ -410,6 +410,14 @@ fn forget_stale(kernel: &Kernel, applied: &Applied) {
         if !applied.enforced.contains(&ip) {
             let _ = kernel.unenforce(ip);
             tracing::info!(%ip, "unenforced a workload left by the previous agent");
+        }
+    }
+    let protected: std::collections::HashSet<u64> =
+        applied.pods.values().filter_map(|p| p.protected).collect();
+    for cookie in kernel.protected_cookies() {
+        if !protected.contains(&cookie) {
+            let _ = kernel.unprotect(cookie);
+            tracing::info!(netns_cookie = cookie, "inbound capture left by the previous agent removed");
         }
     }
 }

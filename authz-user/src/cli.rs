@@ -53,7 +53,13 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
         .workloads
         .iter()
         .find(|w| w.namespace == dest.namespace && w.name == dest.name)
-        .and_then(|w| w.ips.first().copied());
+        .and_then(|w| w.ips.first().copied())
+        .or_else(|| {
+            cfg.pods
+                .iter()
+                .find(|p| p.namespace == dest.namespace && p.name == dest.name)
+                .and_then(|p| p.ips.first().copied())
+        });
     let source_ip = a.source_ip.or_else(|| {
         let s = source.as_ref()?;
         cfg.pods

@@ -26,6 +26,10 @@ pub struct Config {
     /// Kubernetes mode: pods, services and policies come from the API server instead.
     #[serde(default)]
     pub kubernetes: KubernetesSettings,
+    /// Kubernetes mode only: mesh pods of other nodes. Their node's agent decides their
+    /// traffic; here they are identities by address (and Service backends), never decided.
+    #[serde(skip)]
+    pub peers: Vec<WorkloadSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -155,7 +159,8 @@ impl Default for AgentSettings {
     }
 }
 
-/// An enrolled pod: its outbound connections to enforced workloads are intercepted.
+/// An enrolled pod: its outbound connections to enforced workloads are intercepted, and (with
+/// `inbound`, the default) connections arriving at it from anywhere are decided by its policies.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PodSpec {
@@ -171,7 +176,23 @@ pub struct PodSpec {
     pub cgroup: PathBuf,
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// Decide connections arriving at this pod (from other pods, the host, or outside) with its
+    /// policies, at the pod itself.
+    #[serde(default = "yes")]
+    pub inbound: bool,
+    /// Ports whose inbound connections are never captured (Istio's
+    /// `traffic.sidecar.istio.io/excludeInboundPorts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_inbound_ports: Vec<u16>,
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// Ports a pod may exclude from inbound capture: the kernel entry's room
+/// (`authz_common::MAX_EXCLUDED_PORTS`) less one for the agent's own listener.
+pub const MAX_EXCLUDED_INBOUND_PORTS: usize = 13;
 
 /// A destination that policies can select; traffic to its IPs is enforced.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -314,8 +335,27 @@ impl Config {
                     p.namespace, p.name
                 ));
             }
+            if p.exclude_inbound_ports.len() > MAX_EXCLUDED_INBOUND_PORTS
+                || p.exclude_inbound_ports.contains(&0)
+            {
+                return Err(format!(
+                    "pods[{i}] ({}/{}): excludeInboundPorts: at most {MAX_EXCLUDED_INBOUND_PORTS} ports, none 0",
+                    p.namespace, p.name
+                ));
+            }
         }
-        let mut ips = std::collections::HashMap::new();
+        // A pod's address is decided at the pod; the same address as a workload would be
+        // decided at the client too (twice).
+        let mut ips: std::collections::HashMap<IpAddr, String> = self
+            .pods
+            .iter()
+            .filter(|p| p.inbound)
+            .flat_map(|p| {
+                p.ips
+                    .iter()
+                    .map(move |ip| (*ip, format!("pod {}/{}", p.namespace, p.name)))
+            })
+            .collect();
         let mut workloads = std::collections::HashSet::new();
         for (i, w) in self.workloads.iter().enumerate() {
             if w.name.is_empty() || w.namespace.is_empty() {

@@ -26,6 +26,8 @@ pub type PodKey = (String, String);
 pub struct Enrolled {
     pub spec: PodSpec,
     pub cgroup_id: u64,
+    /// The netns cookie of a pod captured inbound.
+    pub protected: Option<u64>,
     pub server: AbortHandle,
 }
 
@@ -89,6 +91,8 @@ pub fn same_enrollment(a: &PodSpec, b: &PodSpec) -> bool {
         && a.cgroup == b.cgroup
         && a.service_account == b.service_account
         && a.ips == b.ips
+        && a.inbound == b.inbound
+        && a.exclude_inbound_ports == b.exclude_inbound_ports
 }
 
 /// The operations that take `enrolled`/`pending`/`enforced` to `wanted` pods and `wanted_ips`:
@@ -174,6 +178,11 @@ pub fn execute(
             Op::Release(k) => {
                 if let Some(e) = applied.pods.remove(&k) {
                     let _ = kernel.release(e.cgroup_id);
+                    if let Some(cookie) = e.protected {
+                        if let Err(e) = kernel.unprotect(cookie) {
+                            tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "inbound capture not removed: {e:#}");
+                        }
+                    }
                     e.server.abort();
                     tracing::info!(pod = %format!("{}/{}", k.0, k.1), "pod released");
                 }
@@ -236,17 +245,23 @@ fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod
     let name = format!("{}/{}", key.0, key.1);
     let known = applied.pending.get(&key).and_then(|p| p.cgroup_id);
     match enroll(px, pod, known) {
-        Ok((cgroup_id, server, port)) => {
+        Ok(Done {
+            cgroup_id,
+            server,
+            port,
+            protected,
+        }) => {
             applied.pending.remove(&key);
             applied.pods.insert(
                 key,
                 Enrolled {
                     spec: spec.clone(),
                     cgroup_id,
+                    protected,
                     server,
                 },
             );
-            tracing::info!(pod = %name, cgroup_id, port, "pod enrolled");
+            tracing::info!(pod = %name, cgroup_id, port, inbound = protected.is_some(), "pod enrolled");
         }
         Err((cgroup_id, e)) => {
             let reason = format!("{e:#}");
@@ -270,13 +285,22 @@ fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod
     }
 }
 
-/// Enrolls one pod: pending entry, listeners, then the entry with their port. On error, returns
-/// the cgroup id when the pending entry is in place.
+/// What enrolling a pod put in place.
+struct Done {
+    cgroup_id: u64,
+    server: AbortHandle,
+    port: u16,
+    /// The netns cookie, when the pod is captured inbound.
+    protected: Option<u64>,
+}
+
+/// Enrolls one pod: pending entry, listeners, inbound capture, then the entry with their port.
+/// On error, returns the cgroup id when the pending entry is in place.
 fn enroll(
     px: &Arc<Proxy>,
     pod: &Arc<Pod>,
     known_id: Option<u64>,
-) -> Result<(u64, AbortHandle, u16), (Option<u64>, anyhow::Error)> {
+) -> Result<Done, (Option<u64>, anyhow::Error)> {
     let kernel = &px.kernel;
     let id = match known_id {
         Some(id) => id,
@@ -288,14 +312,57 @@ fn enroll(
     if reuse.is_none() {
         kernel.enroll(id, pod.id, 0).map_err(|e| (None, e))?;
     }
-    let pl = PodListeners::open(pod.clone(), reuse).map_err(|e| (Some(id), e))?;
+    let pl = PodListeners::open(pod.clone(), reuse, |cookie| {
+        kernel
+            .protected(cookie)
+            .map(|p| (p.listen_port4, p.listen_port6))
+    })
+    .map_err(|e| (Some(id), e))?;
     let port = pl.port;
+    let protected = protect(kernel, &pl).map_err(|e| (Some(id), e))?;
     kernel
         .enroll(id, pod.id, port)
         .with_context(|| format!("enrolling cgroup {}", pod.cgroup.display()))
         .map_err(|e| (Some(id), e))?;
     let server = tokio::spawn(proxy::serve(px.clone(), pl)).abort_handle();
-    Ok((id, server, port))
+    Ok(Done {
+        cgroup_id: id,
+        server,
+        port,
+        protected,
+    })
+}
+
+/// Captures the pod's inbound connections into `pl`'s inbound listeners: the capture entry and
+/// program first (connections refused until a listener is in), then the listeners.
+fn protect(kernel: &crate::kernel::Kernel, pl: &PodListeners) -> anyhow::Result<Option<u64>> {
+    if pl.inbound.is_empty() {
+        return Ok(None);
+    }
+    let mut excluded = [0u16; authz_common::MAX_EXCLUDED_PORTS];
+    excluded[0] = pl.port;
+    for (slot, p) in excluded[1..].iter_mut().zip(&pl.pod.exclude_inbound_ports) {
+        *slot = *p;
+    }
+    let port_of = |family: u16| {
+        pl.inbound
+            .iter()
+            .find(|(f, _)| *f == family)
+            .and_then(|(_, l)| l.local_addr().ok())
+            .map_or(0, |a| a.port())
+    };
+    let entry = authz_common::InboundPod {
+        excluded,
+        listen_port4: port_of(authz_common::AF_INET),
+        listen_port6: port_of(authz_common::AF_INET6),
+    };
+    kernel
+        .protect(pl.netns_cookie, pl.netns.file(), entry)
+        .context("attaching inbound capture")?;
+    for (family, l) in &pl.inbound {
+        kernel.inbound_listen(pl.netns_cookie, *family, l)?;
+    }
+    Ok(Some(pl.netns_cookie))
 }
 
 #[cfg(test)]
@@ -311,6 +378,8 @@ mod tests {
             netns: netns.into(),
             cgroup: format!("/cg/{name}").into(),
             ips: vec![ip.parse().unwrap()],
+            inbound: true,
+            exclude_inbound_ports: vec![],
         }
     }
 

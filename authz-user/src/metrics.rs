@@ -13,6 +13,8 @@ use crate::kernel::KernelCounters;
 #[derive(Default)]
 pub struct Metrics {
     pub connections_redirected: AtomicU64,
+    /// Connections sk_lookup handed to the agent at their destination pod.
+    pub connections_inbound: AtomicU64,
     pub connections_unknown_origin: AtomicU64,
     pub connections_active: AtomicU64,
     /// Accepted, not yet counted in connections_active (a drain waits for these too).
@@ -91,6 +93,11 @@ impl Metrics {
             "authz_connections_redirected_total",
             "Connections the agent accepted through the kernel redirect.",
             self.connections_redirected.load(Relaxed),
+        );
+        counter(
+            "authz_connections_inbound_total",
+            "Connections the agent accepted at their destination pod (sk_lookup).",
+            self.connections_inbound.load(Relaxed),
         );
         counter(
             "authz_connections_unknown_origin_total",
@@ -207,6 +214,26 @@ impl Metrics {
                 "authz_kernel_connect_bypassed_total",
                 "connect() let through directly while the agent was gone (fail open).",
                 k.connect_bypassed,
+            );
+            counter(
+                "authz_kernel_inbound_captured_total",
+                "Inbound connections sk_lookup handed to the agent in the destination pod.",
+                k.inbound_captured,
+            );
+            counter(
+                "authz_kernel_inbound_refused_total",
+                "Inbound connections refused while the agent was gone (fail closed).",
+                k.inbound_refused,
+            );
+            counter(
+                "authz_kernel_inbound_bypassed_total",
+                "Inbound connections let through to the application while the agent was gone (fail open).",
+                k.inbound_bypassed,
+            );
+            counter(
+                "authz_kernel_inbound_pending_total",
+                "Inbound connections refused because the pod's inbound listener was not open.",
+                k.inbound_pending,
             );
         }
         let _ = writeln!(s, "# HELP authz_connections_active Connections open through the agent.\n# TYPE authz_connections_active gauge\nauthz_connections_active {}", self.connections_active.load(Relaxed));

@@ -34,6 +34,10 @@ impl NetNs {
         })
     }
 
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Runs `f` with the calling thread in this namespace. `f` must not block on anything that
     /// could run other tasks on this thread.
     pub fn enter<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {

@@ -27,13 +27,22 @@ pub struct Pod {
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub ips: Vec<IpAddr>,
+    /// Connections arriving at the pod are decided at the pod (its netns is captured).
+    pub inbound: bool,
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     pub pods: Vec<Arc<Pod>>,
-    /// Enforced destination address -> workload.
+    /// Address decided on the client's side (steered by connect4/6) -> workload.
     pub by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Every known address -> the pod or workload that has it: a peer's identity at the
+    /// destination. An address that is not here (the host, the outside world) has none.
+    pub sources: HashMap<IpAddr, Arc<Workload>>,
+    /// Addresses whose connections are decided where they arrive (this node's captured pods, and
+    /// other nodes' mesh pods): never decided on the client's side.
+    pub decided_at_destination: std::collections::HashSet<IpAddr>,
     /// Every workload by `ns/name` (pods and workloads), for `check --to/--from`.
     pub by_name: HashMap<String, Arc<Workload>>,
     pub services: Vec<ServiceSpec>,
@@ -56,13 +65,36 @@ impl Registry {
             });
             reg.by_name
                 .insert(format!("{}/{}", p.namespace, p.name), workload.clone());
+            for ip in &p.ips {
+                reg.sources.insert(normalize(*ip), workload.clone());
+                if p.inbound {
+                    reg.decided_at_destination.insert(normalize(*ip));
+                }
+            }
             reg.pods.push(Arc::new(Pod {
                 id: i as u32 + 1,
                 workload,
                 netns: p.netns.clone(),
                 cgroup: p.cgroup.clone(),
                 ips: p.ips.clone(),
+                inbound: p.inbound,
+                exclude_inbound_ports: p.exclude_inbound_ports.clone(),
             }));
+        }
+        for w in &cfg.peers {
+            let workload = Arc::new(Workload {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                labels: w.labels.clone(),
+                service_account: w.service_account.clone(),
+            });
+            reg.by_name
+                .entry(format!("{}/{}", w.namespace, w.name))
+                .or_insert_with(|| workload.clone());
+            for ip in &w.ips {
+                reg.sources.insert(normalize(*ip), workload.clone());
+                reg.decided_at_destination.insert(normalize(*ip));
+            }
         }
         for w in &cfg.workloads {
             let workload = Arc::new(Workload {
@@ -75,13 +107,16 @@ impl Registry {
                 .insert(format!("{}/{}", w.namespace, w.name), workload.clone());
             for ip in &w.ips {
                 reg.by_ip.insert(normalize(*ip), workload.clone());
+                reg.sources.insert(normalize(*ip), workload.clone());
             }
         }
         for s in &cfg.services {
-            let enforced = s
-                .backends
-                .iter()
-                .any(|b| reg.by_ip.contains_key(&normalize(b.ip)));
+            // Steered when a backend is decided here or at its destination: the agent picks the
+            // backend (as a waypoint would), and decides only for the former.
+            let enforced = s.backends.iter().any(|b| {
+                let ip = normalize(b.ip);
+                reg.by_ip.contains_key(&ip) || reg.decided_at_destination.contains(&ip)
+            });
             if enforced {
                 let s = Arc::new(s.clone());
                 for ip in &s.ips {
@@ -117,6 +152,11 @@ impl Registry {
 
     pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&normalize(ip))
+    }
+
+    /// The identity of a peer at the destination: the pod or workload with that address.
+    pub fn source_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.sources.get(&normalize(ip))
     }
 
     /// Resolve a host name the way cluster DNS would for a client in `namespace`:

@@ -11,11 +11,15 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use authz_common::{counter, maps, AgentState, OrigDst, PodInfo, SockKey, FAIL_CLOSED, FAIL_OPEN};
+use authz_common::{
+    counter, maps, AgentState, InboundPod, ListenerKey, OrigDst, PodInfo, SockKey, FAIL_CLOSED,
+    FAIL_OPEN,
+};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg,
+        SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -28,7 +32,7 @@ pub use addr::{addr_key, key_addr};
 
 /// The maps pinned under `<bpffs>/maps`, with the key and value sizes this build expects of
 /// them: an adopted map of another layout is refused rather than misread.
-const PINNED_MAPS: [(&str, usize, usize); 7] = [
+const PINNED_MAPS: [(&str, usize, usize); 11] = [
     (maps::ENROLLED_PODS, 8, std::mem::size_of::<PodInfo>()),
     (maps::ENFORCED_IPS, 16, 1),
     (maps::ORIG_DST, 8, std::mem::size_of::<OrigDst>()),
@@ -40,9 +44,20 @@ const PINNED_MAPS: [(&str, usize, usize); 7] = [
     (maps::NO_REDIRECT, std::mem::size_of::<SockKey>(), 1),
     (maps::SOCK_HASH, std::mem::size_of::<SockKey>(), 4),
     (maps::AGENT_STATE, 4, std::mem::size_of::<AgentState>()),
+    (maps::INBOUND_PODS, 8, std::mem::size_of::<InboundPod>()),
+    (
+        maps::INBOUND_LISTENERS,
+        std::mem::size_of::<ListenerKey>(),
+        4,
+    ),
+    (maps::HOP_COOKIES, 8, 1),
+    (maps::HOP_PEERS, std::mem::size_of::<SockKey>(), 1),
 ];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/authz"));
+/// The sk_lookup program alone, loaded once per protected pod (see `protect`).
+static INBOUND_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/authz-inbound"));
 
 /// Kernel counters, summed over CPUs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -55,6 +70,10 @@ pub struct KernelCounters {
     pub connect_refused: u64,
     pub connect_bypassed: u64,
     pub connect_pending: u64,
+    pub inbound_captured: u64,
+    pub inbound_refused: u64,
+    pub inbound_bypassed: u64,
+    pub inbound_pending: u64,
 }
 
 pub struct Kernel {
@@ -66,6 +85,10 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     state: Mutex<Array<MapData, AgentState>>,
     _sock_hash: SockHash<MapData, SockKey>,
+    inbound_pods: Mutex<HashMap<MapData, u64, InboundPod>>,
+    inbound_listeners: Mutex<SockHash<MapData, ListenerKey>>,
+    hop_cookies: Mutex<HashMap<MapData, u64, u8>>,
+    bpffs: PathBuf,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     // Pinned: dropping these closes our fds only; the attachments stay.
     _links: Vec<PinnedLink>,
@@ -147,6 +170,10 @@ impl Kernel {
             counters: take(&mut ebpf, maps::COUNTERS)?,
             state: Mutex::new(take(&mut ebpf, maps::AGENT_STATE)?),
             _sock_hash: sock_hash,
+            inbound_pods: Mutex::new(take(&mut ebpf, maps::INBOUND_PODS)?),
+            inbound_listeners: Mutex::new(take(&mut ebpf, maps::INBOUND_LISTENERS)?),
+            hop_cookies: Mutex::new(take(&mut ebpf, maps::HOP_COOKIES)?),
+            bpffs: bpffs.to_path_buf(),
             logger: Mutex::new(logger),
             _links: links,
             _ebpf: ebpf,
@@ -237,6 +264,91 @@ impl Kernel {
             .context("ENFORCED_IPS remove")
     }
 
+    /// Protects the pod whose netns is `netns` (cookie `cookie`): records how its inbound
+    /// connections are captured, then attaches a copy of the sk_lookup program that knows the
+    /// cookie, replacing a previous agent's. Until `inbound_listen` gives it a listener, the
+    /// pod's inbound TCP connections are refused.
+    pub fn protect(&self, cookie: u64, netns: &File, pod: InboundPod) -> Result<()> {
+        self.inbound_pods
+            .lock()
+            .unwrap()
+            .insert(cookie, pod, 0)
+            .context("INBOUND_PODS insert")?;
+        let path = pin::link_path(&self.bpffs, &inbound_link_name(cookie));
+        if path.exists() {
+            // Already attached (by us, or by the agent whose maps we adopted): the program
+            // reads the entry just written.
+            return Ok(());
+        }
+        let maps_dir = pin::maps_dir(&self.bpffs);
+        let mut loader = EbpfLoader::new();
+        for name in PINNED_MAPS.iter().map(|m| m.0).chain([maps::COUNTERS]) {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        loader.override_global(authz_common::INBOUND_NETNS_GLOBAL, &cookie, true);
+        let mut ebpf = loader
+            .load(INBOUND_OBJECT)
+            .context("loading the inbound program")?;
+        let prog: &mut SkLookup = program(&mut ebpf, "authz_sk_lookup")?.try_into()?;
+        prog.load().context("loading authz_sk_lookup")?;
+        let id = prog
+            .attach(netns)
+            .context("attaching authz_sk_lookup to the pod's netns")?;
+        // Pinned, the link keeps the program attached without this process.
+        pin::pin_replacing(FdLink::from(prog.take_link(id)?), &path)?;
+        Ok(())
+    }
+
+    /// The capture settings recorded for a pod's netns (by this agent or a previous one).
+    pub fn protected(&self, cookie: u64) -> Option<InboundPod> {
+        self.inbound_pods.lock().unwrap().get(&cookie, 0).ok()
+    }
+
+    /// Netns cookies of every protected pod, including a previous agent's.
+    pub fn protected_cookies(&self) -> Vec<u64> {
+        self.inbound_pods.lock().unwrap().keys().flatten().collect()
+    }
+
+    /// Hands the pod's inbound connections of `family` to `listener` (replacing a previous
+    /// agent's listener; the kernel drops a closed one from the map by itself).
+    pub fn inbound_listen(&self, cookie: u64, family: u16, listener: &impl std::os::fd::AsRawFd) -> Result<()> {
+        let key = ListenerKey {
+            netns: cookie,
+            family: u32::from(family),
+            _pad: 0,
+        };
+        self.inbound_listeners
+            .lock()
+            .unwrap()
+            .insert(key, listener.as_raw_fd(), 0)
+            .context("INBOUND_LISTENERS insert")
+    }
+
+    /// Stops protecting a pod's netns: its entry goes (the program then passes everything), then
+    /// the program is detached.
+    pub fn unprotect(&self, cookie: u64) -> Result<()> {
+        let _ = self.inbound_pods.lock().unwrap().remove(&cookie);
+        let mut l = self.inbound_listeners.lock().unwrap();
+        for family in [authz_common::AF_INET, authz_common::AF_INET6] {
+            let _ = l.remove(&ListenerKey {
+                netns: cookie,
+                family: u32::from(family),
+                _pad: 0,
+            });
+        }
+        pin::unpin_detach(&pin::link_path(&self.bpffs, &inbound_link_name(cookie)))
+    }
+
+    /// Marks the agent's socket `cookie` as the agent end of an inbound hop, before connect(),
+    /// so sock_ops pairs it with the application's end.
+    pub fn hop(&self, cookie: u64) -> Result<()> {
+        self.hop_cookies
+            .lock()
+            .unwrap()
+            .insert(cookie, 1, 0)
+            .context("HOP_COOKIES insert")
+    }
+
     /// The original destination of a redirected connection, seen from the agent's accepted
     /// socket; the entry is consumed.
     pub fn take_orig_dst(&self, key: &SockKey) -> Option<OrigDst> {
@@ -276,6 +388,10 @@ impl Kernel {
             connect_refused: sum(counter::CONNECT_REFUSED),
             connect_bypassed: sum(counter::CONNECT_BYPASSED),
             connect_pending: sum(counter::CONNECT_PENDING),
+            inbound_captured: sum(counter::INBOUND_CAPTURED),
+            inbound_refused: sum(counter::INBOUND_REFUSED),
+            inbound_bypassed: sum(counter::INBOUND_BYPASSED),
+            inbound_pending: sum(counter::INBOUND_PENDING),
         }
     }
 
@@ -315,6 +431,14 @@ where
     let link = FdLink::try_from(link)
         .map_err(|_| anyhow!("{program}: the kernel has no bpf_link for cgroups"))?;
     pin::pin_replacing(link, &pin::link_path(bpffs, program))
+}
+
+const _: () = assert!(
+    crate::config::MAX_EXCLUDED_INBOUND_PORTS + 1 == authz_common::MAX_EXCLUDED_PORTS
+);
+
+fn inbound_link_name(cookie: u64) -> String {
+    format!("inbound-{cookie:016x}")
 }
 
 fn fail_code(m: FailMode) -> u32 {

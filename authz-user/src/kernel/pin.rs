@@ -101,6 +101,14 @@ fn detach_pinned(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Detaches and unpins the link at `path`; nothing there is nothing to do.
+pub fn unpin_detach(path: &Path) -> Result<()> {
+    if path.exists() {
+        detach_pinned(path)?;
+    }
+    Ok(())
+}
+
 /// What `cleanup` removed.
 #[derive(Debug, Default)]
 pub struct Removed {

@@ -181,9 +181,10 @@ impl KubeInput {
             agent: base.agent.clone(),
             kubernetes: base.kubernetes.clone(),
             pods: d.pods,
-            workloads: d.workloads,
+            peers: d.peers,
             services: d.services,
             policies: vec![],
+            workloads: vec![],
         };
         (cfg, set)
     }

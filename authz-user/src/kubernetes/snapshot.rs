@@ -28,8 +28,9 @@ pub const EXCLUDE_ANNOTATION: &str = "authz.io/exclude";
 pub struct Desired {
     /// Pods of this node to enroll, located on the host.
     pub pods: Vec<PodSpec>,
-    /// Mesh pods anywhere in the cluster, by address.
-    pub workloads: Vec<WorkloadSpec>,
+    /// Mesh pods anywhere in the cluster, by address: each is decided at its own node (this
+    /// node's, through `pods`), so here they are identities and Service backends.
+    pub peers: Vec<WorkloadSpec>,
     pub services: Vec<ServiceSpec>,
     /// Pods of this node that should be enrolled but cannot be yet, and why.
     pub not_enrolled: Vec<NotEnrolled>,
@@ -112,6 +113,31 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
+/// Istio's annotation for ports the sidecar does not capture inbound (comma-separated). A value
+/// that does not parse, or too many ports, excludes nothing: capture is the safe side.
+pub const EXCLUDE_INBOUND_PORTS_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+
+fn excluded_inbound_ports(pod: &Pod) -> Vec<u16> {
+    let Some(v) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(EXCLUDE_INBOUND_PORTS_ANNOTATION))
+    else {
+        return vec![];
+    };
+    let ports: Option<Vec<u16>> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().ok().filter(|p| *p != 0))
+        .collect();
+    match ports {
+        Some(p) if p.len() <= crate::config::MAX_EXCLUDED_INBOUND_PORTS => p,
+        _ => vec![],
+    }
+}
+
 pub fn desired(
     node: &str,
     pods: &[Arc<Pod>],
@@ -185,7 +211,7 @@ pub fn desired(
                 taken.insert(*ip, pod);
             }
             if !ips.is_empty() {
-                out.workloads.push(WorkloadSpec {
+                out.peers.push(WorkloadSpec {
                     name: name.clone(),
                     namespace: namespace.clone(),
                     labels: labels.clone(),
@@ -207,6 +233,9 @@ pub fn desired(
                 netns,
                 cgroup,
                 ips,
+                // Mesh pods are captured inbound; other pods of the node are only clients.
+                inbound: mesh,
+                exclude_inbound_ports: excluded_inbound_ports(pod),
             }),
             Err(reason) => out.not_enrolled.push(NotEnrolled {
                 namespace,
@@ -623,7 +652,7 @@ mod tests {
         let d = desired("n1", &pods, &namespaces, &[], false, &mut locate);
         let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enrolled, ["a", "d"], "enrollment limited to the mesh");
-        let enforced: Vec<&str> = d.workloads.iter().map(|p| p.name.as_str()).collect();
+        let enforced: Vec<&str> = d.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]); // by namespace, then name
         assert_eq!(d.not_enrolled.len(), 1);
         let ne = &d.not_enrolled[0];
@@ -649,7 +678,7 @@ mod tests {
         let d = desired("n1", &pods, &namespaces, &[], true, &mut locate);
         let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enrolled, ["a", "e", "c", "d"]);
-        let enforced: Vec<&str> = d.workloads.iter().map(|p| p.name.as_str()).collect();
+        let enforced: Vec<&str> = d.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]);
     }
 
@@ -667,8 +696,8 @@ mod tests {
             p("b-new", "mesh", "n2", "10.0.0.1", json!({})),
         ];
         let d = from_n1(&pods, &namespaces, &[]);
-        assert_eq!(d.workloads.len(), 1);
-        assert_eq!(d.workloads[0].name, "b-new");
+        assert_eq!(d.peers.len(), 1);
+        assert_eq!(d.peers[0].name, "b-new");
     }
 
     #[test]
@@ -679,8 +708,8 @@ mod tests {
             p("b", "mesh", "n2", "10.0.0.1", json!({})),
         ];
         let d = from_n1(&pods, &namespaces, &[]);
-        assert_eq!(d.workloads.len(), 1, "{:?}", d.workloads);
-        assert_eq!(d.workloads[0].name, "a");
+        assert_eq!(d.peers.len(), 1, "{:?}", d.peers);
+        assert_eq!(d.peers[0].name, "a");
     }
 
     #[test]
@@ -773,7 +802,7 @@ mod tests {
         assert_eq!(ports, [(80, Some(8000)), (81, Some(9000)), (82, Some(82))]);
 
         let cfg = crate::config::Config {
-            workloads: d.workloads.clone(),
+            peers: d.peers.clone(),
             services: d.services.clone(),
             ..Default::default()
         };

@@ -135,7 +135,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             tracing::info!(
                 target: "authz::deny",
                 workload = %format!("{}/{}", dest.namespace, dest.name),
-                source = %format!("{}/{}", conn.pod.workload.namespace, conn.pod.workload.name),
+                source = %conn.source_label(),
                 method = %req.method(),
                 path = %target.split('?').next().unwrap_or(""),
                 status = d.status,
@@ -168,7 +168,12 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
                 }
             }
         }
-    } else {
+        if let (super::Direction::Inbound(_), Some(ip)) = (&conn.direction, conn.src_ip) {
+            // The application sees the agent's hop address; the client's goes in
+            // X-Forwarded-For, appended as Envoy's sidecar does.
+            append_forwarded_for(req.headers_mut(), ip);
+        }
+    } else if !conn.decided_at_destination {
         px.metrics.request("allow", "not an enforced workload");
     }
     if head.connect {
@@ -210,6 +215,21 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
     resp.map(|b| b.boxed())
 }
 
+fn append_forwarded_for(h: &mut http::HeaderMap, ip: std::net::IpAddr) {
+    const XFF: &str = "x-forwarded-for";
+    let mut all: Vec<String> = h
+        .get_all(XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    all.push(ip.to_string());
+    h.remove(XFF);
+    if let Ok(v) = http::HeaderValue::from_str(&all.join(", ")) {
+        h.insert(XFF, v);
+    }
+}
+
 pub fn local_reply(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(body))
@@ -235,7 +255,7 @@ struct Upstream {
 impl Upstream {
     /// A connection to the original destination from the pod's netns, counted when it fails.
     async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
-        let r = super::upstream::connect(&self.conn.netns, self.conn.dst).await;
+        let r = super::upstream::connect(&self.conn).await;
         if r.is_err() {
             self.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
         }

@@ -1,5 +1,7 @@
-//! The data path: accept a redirected connection in a pod's namespace, recover where it was
-//! going, sniff the protocol, then decide and forward (HTTP) or relay (TCP).
+//! The data path: accept a connection in a pod's namespace, either steered there by connect4/6
+//! (outbound: the pod is the client) or by sk_lookup (inbound: the pod is the destination),
+//! recover where it was going and who is calling, sniff the protocol, then decide and forward
+//! (HTTP) or relay (TCP).
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
@@ -59,16 +61,31 @@ impl Proxy {
     }
 }
 
+/// Which way a connection crosses the pod whose listener took it.
+pub enum Direction {
+    /// The pod is the client; the agent connects from the pod to the destination.
+    Outbound,
+    /// The pod is the destination; the agent connects to the application in the pod from
+    /// 127.0.0.6 (IPv6: ::1), a hop the kernel pairs for sk_msg.
+    Inbound(Arc<Kernel>),
+}
+
 /// One redirected connection.
 pub struct ConnCtx {
-    pub pod: Arc<Pod>,
-    /// The destination workload, if the original destination is one.
+    /// Whose policies apply: the destination workload, if this agent decides for it.
     pub destination: Option<Arc<crate::registry::Workload>>,
+    /// The destination's own agent decides (a Service backend that is a captured pod): this hop
+    /// only picks the backend and forwards, deciding and counting nothing.
+    pub decided_at_destination: bool,
+    /// The caller's identity: the enrolled pod (outbound) or the pod or workload that owns the
+    /// peer address (inbound); None for a peer that is no known pod (host, outside world).
+    pub source: Option<Arc<crate::registry::Workload>>,
     pub netns: Arc<NetNs>,
-    /// The pod's address, as the destination will see it.
+    /// The caller's address, as the destination sees it (ipBlocks, records).
     pub src_ip: Option<IpAddr>,
-    /// Where the pod was connecting to.
+    /// Where the connection was going.
     pub dst: SocketAddr,
+    pub direction: Direction,
     /// Counts the connection open while anything (a request, a relay, an upgraded tunnel) still
     /// uses it.
     pub _open: OpenGuard,
@@ -82,6 +99,9 @@ pub struct PodListeners {
     /// The port of the listeners, recorded in the pod's map entry for connect4/6.
     pub port: u16,
     pub listeners: Vec<TcpListener>,
+    /// Listeners sk_lookup hands the pod's inbound connections to (IPv4, then IPv6 if the pod
+    /// has it), with their address family; empty for a pod not captured inbound.
+    pub inbound: Vec<(u16, TcpListener)>,
     /// Connections of this pod open through the agent (for maxConnectionsPerPod).
     pub open: AtomicU64,
 }
@@ -91,7 +111,15 @@ impl PodListeners {
     /// `reuse` when given (the port a previous agent recorded, so a hot restart listens beside
     /// it), else one the kernel picks, which the pod cannot have taken in advance. A port whose
     /// IPv6 side is taken is given up for another.
-    pub fn open(pod: Arc<Pod>, reuse: Option<u16>) -> anyhow::Result<PodListeners> {
+    ///
+    /// For a pod captured inbound, also binds its inbound listeners on 127.0.0.1 and [::1]
+    /// (sk_lookup hands them connections for any address): on `reuse_inbound(netns cookie)`'s
+    /// ports when a previous agent recorded them, else on ports the kernel picks.
+    pub fn open(
+        pod: Arc<Pod>,
+        reuse: Option<u16>,
+        reuse_inbound: impl FnOnce(u64) -> Option<(u16, u16)>,
+    ) -> anyhow::Result<PodListeners> {
         use anyhow::Context;
         let name = format!("{}/{}", pod.workload.namespace, pod.workload.name);
         let netns = Arc::new(
@@ -133,9 +161,28 @@ impl PodListeners {
             }
         }
         let port = v4.local_addr()?.port();
+        let has_v6 = v6.is_some();
         let mut listeners = vec![TcpListener::from_std(v4)?];
         if let Some(v6) = v6 {
             listeners.push(TcpListener::from_std(v6)?);
+        }
+        let mut inbound = vec![];
+        if pod.inbound {
+            let (p4, p6) = reuse_inbound(netns_cookie).unwrap_or((0, 0));
+            let bind = |ip: IpAddr, p: u16| {
+                // The previous agent's port (hot restart: one reuseport group), else a new one.
+                netns
+                    .listen(SocketAddr::new(ip, p))
+                    .or_else(|_| netns.listen(SocketAddr::new(ip, 0)))
+            };
+            let l4 = bind(IpAddr::from([127, 0, 0, 1]), p4)
+                .with_context(|| format!("pod {name}: inbound listener on 127.0.0.1"))?;
+            inbound.push((authz_common::AF_INET, TcpListener::from_std(l4)?));
+            if has_v6 {
+                let l6 = bind(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), p6)
+                    .with_context(|| format!("pod {name}: inbound listener on [::1]"))?;
+                inbound.push((authz_common::AF_INET6, TcpListener::from_std(l6)?));
+            }
         }
         Ok(PodListeners {
             pod,
@@ -143,6 +190,7 @@ impl PodListeners {
             netns_cookie,
             port,
             listeners,
+            inbound,
             open: AtomicU64::new(0),
         })
     }
@@ -152,9 +200,14 @@ pub async fn serve(px: Arc<Proxy>, mut pl: PodListeners) {
     // The accept loops own the listeners, so aborting this task closes them at once (a stopping
     // agent takes no new connections) while open connections, which share the rest, go on.
     let listeners = std::mem::take(&mut pl.listeners);
+    let inbound_listeners = std::mem::take(&mut pl.inbound);
     let pl = Arc::new(pl);
     let mut tasks = tokio::task::JoinSet::new();
-    for listener in listeners {
+    let all = listeners
+        .into_iter()
+        .map(|l| (false, l))
+        .chain(inbound_listeners.into_iter().map(|(_, l)| (true, l)));
+    for (is_inbound, listener) in all {
         let (px, pl) = (px.clone(), pl.clone());
         tasks.spawn(async move {
             loop {
@@ -164,7 +217,17 @@ pub async fn serve(px: Arc<Proxy>, mut pl: PodListeners) {
                         // accepting a connection and counting it open.
                         let starting = Starting::new(&px.metrics);
                         let (px, pl) = (px.clone(), pl.clone());
-                        tokio::spawn(async move { handle(px, pl, stream, peer, starting).await });
+                        tokio::spawn(async move {
+                            let conn = if is_inbound {
+                                inbound(&px, &pl, &stream, peer)
+                            } else {
+                                outbound(&px, &pl, &stream, peer)
+                            };
+                            if let Some(conn) = conn {
+                                drop(starting);
+                                serve_conn(px, conn, stream).await
+                            }
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(pod = %pl.pod.workload.name, "accept failed: {e}");
@@ -177,16 +240,14 @@ pub async fn serve(px: Arc<Proxy>, mut pl: PodListeners) {
     while tasks.join_next().await.is_some() {}
 }
 
-async fn handle(
-    px: Arc<Proxy>,
-    pl: Arc<PodListeners>,
-    mut stream: TcpStream,
+/// An outbound connection: the kernel recorded where the pod was connecting to.
+fn outbound(
+    px: &Arc<Proxy>,
+    pl: &Arc<PodListeners>,
+    stream: &TcpStream,
     peer: SocketAddr,
-    starting: Starting,
-) {
-    let Ok(local) = stream.local_addr() else {
-        return;
-    };
+) -> Option<ConnCtx> {
+    let local = stream.local_addr().ok()?;
     let key = SockKey {
         netns: pl.netns_cookie,
         local: addr_key(local.ip()),
@@ -198,31 +259,18 @@ async fn handle(
         // Not steered here by the kernel (e.g. a pod dialling the agent port itself): nothing to
         // enforce against, so nothing is forwarded.
         px.metrics.connections_unknown_origin.fetch_add(1, Relaxed);
-        return;
+        return None;
     };
     px.metrics.connections_redirected.fetch_add(1, Relaxed);
-    let open = match OpenGuard::take(&px, &pl) {
-        Ok(g) => g,
-        Err(Limit::Pod) => {
-            px.metrics.connections_over_pod_limit.fetch_add(1, Relaxed);
-            return;
-        }
-        Err(Limit::Agent) => {
-            px.metrics
-                .connections_over_agent_limit
-                .fetch_add(1, Relaxed);
-            return;
-        }
-    };
-    drop(starting);
-    let _ = stream.set_nodelay(true);
-    let Some((dst, destination)) = px.registry().resolve(
+    let open = OpenGuard::take_counted(px, pl)?;
+    let registry = px.registry();
+    let Some((dst, destination)) = registry.resolve(
         SocketAddr::new(key_addr(orig.addr), orig.port),
         usize::from(peer.port()),
     ) else {
         // A service address with no backend on this port.
         px.metrics.connections_no_backend.fetch_add(1, Relaxed);
-        return;
+        return None;
     };
     let src_ip = pl
         .pod
@@ -231,15 +279,49 @@ async fn handle(
         .copied()
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .or(pl.pod.ips.first().copied());
-    let conn = Arc::new(ConnCtx {
-        pod: pl.pod.clone(),
+    Some(ConnCtx {
+        decided_at_destination: destination.is_none()
+            && registry
+                .decided_at_destination
+                .contains(&crate::registry::normalize(dst.ip())),
         destination,
+        source: Some(pl.pod.workload.clone()),
         netns: pl.netns.clone(),
         src_ip,
         dst,
+        direction: Direction::Outbound,
         _open: open,
-    });
+    })
+}
 
+/// An inbound connection: sk_lookup handed it over, so its local address is where the peer was
+/// connecting to, in this pod; the peer's identity is whatever pod or workload has its address.
+fn inbound(
+    px: &Arc<Proxy>,
+    pl: &Arc<PodListeners>,
+    stream: &TcpStream,
+    peer: SocketAddr,
+) -> Option<ConnCtx> {
+    let local = stream.local_addr().ok()?;
+    px.metrics.connections_inbound.fetch_add(1, Relaxed);
+    let open = OpenGuard::take_counted(px, pl)?;
+    let src = crate::registry::normalize(peer.ip());
+    let source = px.registry().source_at(src).cloned();
+    Some(ConnCtx {
+        destination: Some(pl.pod.workload.clone()),
+        decided_at_destination: false,
+        source,
+        netns: pl.netns.clone(),
+        src_ip: Some(src),
+        dst: SocketAddr::new(crate::registry::normalize(local.ip()), local.port()),
+        direction: Direction::Inbound(px.kernel.clone()),
+        _open: open,
+    })
+}
+
+async fn serve_conn(px: Arc<Proxy>, conn: ConnCtx, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let conn = Arc::new(conn);
     // Wait until the bytes tell (a method and a space, or the whole HTTP/2 preface), at most
     // sniffTimeout: a client writing slowly is still HTTP.
     let mut first = BytesMut::with_capacity(4096);
@@ -293,6 +375,23 @@ pub struct OpenGuard {
 }
 
 impl OpenGuard {
+    /// `take`, counting a refusal.
+    fn take_counted(px: &Proxy, pl: &Arc<PodListeners>) -> Option<Self> {
+        match OpenGuard::take(px, pl) {
+            Ok(g) => Some(g),
+            Err(Limit::Pod) => {
+                px.metrics.connections_over_pod_limit.fetch_add(1, Relaxed);
+                None
+            }
+            Err(Limit::Agent) => {
+                px.metrics
+                    .connections_over_agent_limit
+                    .fetch_add(1, Relaxed);
+                None
+            }
+        }
+    }
+
     fn take(px: &Proxy, pl: &Arc<PodListeners>) -> Result<Self, Limit> {
         if pl.open.fetch_add(1, Relaxed) >= px.settings.max_connections_per_pod {
             pl.open.fetch_sub(1, Relaxed);
@@ -320,13 +419,22 @@ impl Drop for OpenGuard {
 }
 
 impl ConnCtx {
+    /// The caller for logs: `namespace/name`, or its address when it is no known workload.
+    pub fn source_label(&self) -> String {
+        match (&self.source, self.src_ip) {
+            (Some(w), _) => format!("{}/{}", w.namespace, w.name),
+            (None, Some(ip)) => ip.to_string(),
+            (None, None) => "-".into(),
+        }
+    }
+
     pub fn engine_conn<'a>(
         &'a self,
         dest: &'a crate::registry::Workload,
     ) -> crate::engine::Conn<'a> {
         crate::engine::Conn {
             destination: dest,
-            source: Some(&self.pod.workload),
+            source: self.source.as_deref(),
             source_ip: self.src_ip,
             dest_ip: Some(self.dst.ip()),
             dest_port: self.dst.port(),

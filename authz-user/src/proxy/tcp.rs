@@ -33,12 +33,12 @@ where
             },
         );
         if !d.allowed {
-            tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %format!("{}/{}", conn.pod.workload.namespace, conn.pod.workload.name), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "tcp connection denied");
+            tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %conn.source_label(), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "tcp connection denied");
             return;
         }
     }
     let mut changed = px.policies_changed.subscribe();
-    let mut upstream = match super::upstream::connect(&conn.netns, conn.dst).await {
+    let mut upstream = match super::upstream::connect(conn).await {
         Ok(s) => s,
         Err(e) => {
             px.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
@@ -72,7 +72,7 @@ where
                     let d = px.engine().decide_tcp(&conn.engine_conn(dest));
                     if !d.allowed {
                         px.metrics.tcp_closed_by_policy.fetch_add(1, Relaxed);
-                        tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %format!("{}/{}", conn.pod.workload.namespace, conn.pod.workload.name), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "open tcp connection closed: the policies now deny it");
+                        tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %conn.source_label(), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "open tcp connection closed: the policies now deny it");
                         return;
                     }
                 }
