@@ -58,10 +58,12 @@ enum Client<'a> {
     Pod(&'a Host),
 }
 
+/// (status, body); status 0 when no connection was made (refused), with curl's message.
 fn curl_from(client: Client, args: &[&str]) -> (u16, String) {
+    let refused = |e: anyhow::Error| (0, format!("{e:#}"));
     match client {
-        Client::Outside(h) => curl(h, false, args).unwrap(),
-        Client::Pod(h) => curl(h, true, args).unwrap(),
+        Client::Outside(h) => curl(h, false, args).unwrap_or_else(refused),
+        Client::Pod(h) => curl(h, true, args).unwrap_or_else(refused),
         Client::Node => {
             let mut a = vec!["-sS", "-m", "10", "-w", "\n%{http_code}"];
             a.extend_from_slice(args);
@@ -286,10 +288,20 @@ spec:
         pod_yaml(&db, "foo", "{app: db}", "db"),
     );
     let agent = Agent::start_with_files(&cfg, &[("policies/db.yaml", policy)]).unwrap();
-    let mut ok = Echo::open(&sleep, &db.ip, 5432);
-    assert_eq!(ok.echo("hello").as_deref(), Some("hello"), "{}", agent.log_text());
-    let mut denied = Echo::open(&other, &db.ip, 5432);
-    assert_eq!(denied.echo("hello"), None, "closed without an answer");
+    let once = |from: &Host| {
+        use std::io::Write;
+        let mut c = Net::command(from, true, "nc", &["-q", "1", "-w", "3", &db.ip, "5432"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.as_mut().unwrap().write_all(b"hello\n").unwrap();
+        drop(c.stdin.take());
+        String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).to_string()
+    };
+    assert_eq!(once(&sleep), "hello\n", "{}", agent.log_text());
+    assert_eq!(once(&other), "", "closed without an answer");
+    assert!(agent.log_text().contains("tcp connection denied"));
 }
 
 /// With the agent killed, inbound connections get the fail mode: refused (the application never
