@@ -70,9 +70,13 @@ pub struct InboundPod {
     /// the previous agent's on the same ports.
     pub listen_port4: u16,
     pub listen_port6: u16,
+    /// kubelet `tcpSocket` probe ports (0 = unused): connections to them from a node address
+    /// (`NODE_IPS`) are not captured, so the probe reaches the application itself.
+    pub tcp_probe_ports: [u16; MAX_PROBE_PORTS],
 }
 
 pub const MAX_EXCLUDED_PORTS: usize = 14;
+pub const MAX_PROBE_PORTS: usize = 4;
 
 /// `INBOUND_LISTENERS` key: the agent's inbound listener for one netns and address family.
 #[repr(C)]
@@ -151,6 +155,7 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const HOP_COOKIES: &str = "HOP_COOKIES";
     pub const HOP_PEERS: &str = "HOP_PEERS";
+    pub const NODE_IPS: &str = "NODE_IPS";
 }
 
 /// The global each loaded copy of the inbound program is given: the netns cookie of the pod

@@ -57,3 +57,7 @@ pub static HOP_COOKIES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65_53
 /// The application's end of an inbound local hop, until it becomes established.
 #[map]
 pub static HOP_PEERS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(65_536, 0);
+
+/// The node's own addresses (IPv6 form), where kubelet's probes come from.
+#[map]
+pub static NODE_IPS: HashMap<[u32; 4], u8> = HashMap::with_max_entries(1024, 0);

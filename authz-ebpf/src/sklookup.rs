@@ -3,7 +3,7 @@
 //! connects to the application itself. Each loaded copy knows its pod by the `POD_NETNS` global.
 use core::ptr::read_volatile;
 
-use authz_common::{counter, InboundPod, ListenerKey, AF_INET};
+use authz_common::{counter, v4_mapped, Addr, InboundPod, ListenerKey, AF_INET};
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     macros::sk_lookup,
@@ -12,7 +12,7 @@ use aya_ebpf::{
 
 use crate::{
     helpers::{agent_verdict, count, Verdict},
-    maps::{INBOUND_LISTENERS, INBOUND_PODS},
+    maps::{INBOUND_LISTENERS, INBOUND_PODS, NODE_IPS},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -33,8 +33,12 @@ pub fn authz_sk_lookup(ctx: SkLookupContext) -> u32 {
             read_volatile(&(*c).local_port),
         )
     };
-    // Only TCP is captured, and only what comes from outside the pod.
-    if protocol != IPPROTO_TCP || from_inside(c, family) {
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    // Only what comes from outside the pod is captured.
+    let (remote, local) = addresses(c, family);
+    if from_inside(&remote, &local) {
         return SK_PASS;
     }
     let netns = unsafe { read_volatile(&POD_NETNS) };
@@ -42,7 +46,7 @@ pub fn authz_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     };
     let pod: &InboundPod = pod;
-    if excluded(pod, port) {
+    if excluded(pod, port) || tcp_probe(pod, &remote, port) {
         return SK_PASS;
     }
     match agent_verdict() {
@@ -63,10 +67,7 @@ pub fn authz_sk_lookup(ctx: SkLookupContext) -> u32 {
     };
     // No NO_REUSEPORT flag: during a hot restart the old and new agents' listeners share a
     // reuseport group, and the kernel spreads (and migrates) connections among them.
-    if INBOUND_LISTENERS
-        .redirect_sk_lookup(&ctx, key, 0)
-        .is_ok()
-    {
+    if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
         count(counter::INBOUND_CAPTURED, 1);
         SK_PASS
     } else {
@@ -76,32 +77,62 @@ pub fn authz_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
 }
 
-/// A connection the pod makes to itself: from a loopback address (the agent's hop from
-/// 127.0.0.6 among them; the kernel drops loopback sources arriving on any other device), or
-/// from the very address it goes to.
+/// The peer and local addresses in the shared IPv6 form. Every field is loaded unconditionally:
+/// loads inside the branches would be merged into one at a computed ctx offset, which the
+/// verifier refuses.
 #[inline(always)]
-fn from_inside(c: *mut aya_ebpf::bindings::bpf_sk_lookup, family: u32) -> bool {
-    unsafe {
-        if family == u32::from(AF_INET) {
-            let remote = u32::from_be(read_volatile(&(*c).remote_ip4));
-            let local = read_volatile(&(*c).local_ip4);
-            remote >> 24 == 127 || remote == u32::from_be(local)
-        } else {
-            let r = [
+fn addresses(c: *mut aya_ebpf::bindings::bpf_sk_lookup, family: u32) -> (Addr, Addr) {
+    let (r4, l4, r6, l6) = unsafe {
+        (
+            read_volatile(&(*c).remote_ip4),
+            read_volatile(&(*c).local_ip4),
+            [
                 read_volatile(&(*c).remote_ip6[0]),
                 read_volatile(&(*c).remote_ip6[1]),
                 read_volatile(&(*c).remote_ip6[2]),
                 read_volatile(&(*c).remote_ip6[3]),
-            ];
-            let l = [
+            ],
+            [
                 read_volatile(&(*c).local_ip6[0]),
                 read_volatile(&(*c).local_ip6[1]),
                 read_volatile(&(*c).local_ip6[2]),
                 read_volatile(&(*c).local_ip6[3]),
-            ];
-            r == IPV6_LOOPBACK || r == l
-        }
+            ],
+        )
+    };
+    if family == u32::from(AF_INET) {
+        (v4_mapped(r4), v4_mapped(l4))
+    } else {
+        (r6, l6)
     }
+}
+
+/// A connection the pod makes to itself: from a loopback address (the agent's hop from
+/// 127.0.0.6 among them; the kernel drops loopback sources arriving on any other device), or
+/// from the very address it goes to.
+#[inline(always)]
+fn from_inside(remote: &Addr, local: &Addr) -> bool {
+    let v4_loopback = remote[0] == 0
+        && remote[1] == 0
+        && remote[2] == u32::from_be(0x0000_ffff)
+        && u32::from_be(remote[3]) >> 24 == 127;
+    v4_loopback || *remote == IPV6_LOOPBACK || remote == local
+}
+
+/// kubelet's `tcpSocket` probe: a connection from a node address to a probe port reaches the
+/// application itself (captured, the agent would accept it whether the application is up or not).
+#[inline(always)]
+fn tcp_probe(pod: &InboundPod, remote: &Addr, port: u32) -> bool {
+    let mut i = 0;
+    let mut hit = false;
+    while i < pod.tcp_probe_ports.len() {
+        let p = u32::from(pod.tcp_probe_ports[i]);
+        if p != 0 && p == port {
+            hit = true;
+        }
+        i += 1;
+    }
+    hit && unsafe { NODE_IPS.get(remote) }.is_some()
 }
 
 #[inline(always)]

@@ -417,7 +417,10 @@ fn forget_stale(kernel: &Kernel, applied: &Applied) {
     for cookie in kernel.protected_cookies() {
         if !protected.contains(&cookie) {
             let _ = kernel.unprotect(cookie);
-            tracing::info!(netns_cookie = cookie, "inbound capture left by the previous agent removed");
+            tracing::info!(
+                netns_cookie = cookie,
+                "inbound capture left by the previous agent removed"
+            );
         }
     }
 }

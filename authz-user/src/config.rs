@@ -184,6 +184,21 @@ pub struct PodSpec {
     /// `traffic.sidecar.istio.io/excludeInboundPorts`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_inbound_ports: Vec<u16>,
+    /// Kubernetes mode: kubelet's probes of the pod, which pass its policies when they come from
+    /// the node's own address.
+    #[serde(skip)]
+    pub probes: Vec<Probe>,
+}
+
+/// A kubelet probe of a pod (from its containers' liveness, readiness and startup probes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `httpGet`: a GET of this path (query aside) on this port.
+    Http { port: u16, path: String },
+    /// `tcpSocket`: a connection to this port.
+    Tcp { port: u16 },
+    /// `grpc`: the gRPC health check on this port.
+    Grpc { port: u16 },
 }
 
 fn yes() -> bool {

@@ -93,6 +93,7 @@ pub fn same_enrollment(a: &PodSpec, b: &PodSpec) -> bool {
         && a.ips == b.ips
         && a.inbound == b.inbound
         && a.exclude_inbound_ports == b.exclude_inbound_ports
+        && a.probes == b.probes
 }
 
 /// The operations that take `enrolled`/`pending`/`enforced` to `wanted` pods and `wanted_ips`:
@@ -173,6 +174,11 @@ pub fn execute(
 ) {
     let kernel = &px.kernel;
     applied.failed_ips.clear();
+    if cfg.pods.iter().any(|p| !p.probes.is_empty()) {
+        if let Err(e) = kernel.set_node_ips(&crate::netns::own_addresses()) {
+            tracing::warn!("node addresses not recorded for probes: {e:#}");
+        }
+    }
     for op in ops {
         match op {
             Op::Release(k) => {
@@ -351,10 +357,19 @@ fn protect(kernel: &crate::kernel::Kernel, pl: &PodListeners) -> anyhow::Result<
             .and_then(|(_, l)| l.local_addr().ok())
             .map_or(0, |a| a.port())
     };
+    let mut tcp_probe_ports = [0u16; authz_common::MAX_PROBE_PORTS];
+    let tcp_probes = pl.pod.probes.iter().filter_map(|p| match p {
+        crate::config::Probe::Tcp { port } => Some(*port),
+        _ => None,
+    });
+    for (slot, p) in tcp_probe_ports.iter_mut().zip(tcp_probes) {
+        *slot = p;
+    }
     let entry = authz_common::InboundPod {
         excluded,
         listen_port4: port_of(authz_common::AF_INET),
         listen_port6: port_of(authz_common::AF_INET6),
+        tcp_probe_ports,
     };
     kernel
         .protect(pl.netns_cookie, pl.netns.file(), entry)
@@ -380,6 +395,7 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             inbound: true,
             exclude_inbound_ports: vec![],
+            probes: vec![],
         }
     }
 

@@ -109,3 +109,21 @@ pub fn netns_cookie(fd: &impl AsFd) -> io::Result<u64> {
     }
     Ok(v)
 }
+
+/// The addresses of the agent's own network namespace: on a node, the node's addresses (where
+/// kubelet's probes come from).
+pub fn own_addresses() -> std::collections::HashSet<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Default::default();
+    };
+    addrs
+        .filter_map(|a| {
+            let a = a.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                return Some(std::net::IpAddr::V4(v4.ip()));
+            }
+            a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect()
+}

@@ -30,6 +30,7 @@ pub struct Pod {
     /// Connections arriving at the pod are decided at the pod (its netns is captured).
     pub inbound: bool,
     pub exclude_inbound_ports: Vec<u16>,
+    pub probes: Vec<crate::config::Probe>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -79,6 +80,7 @@ impl Registry {
                 ips: p.ips.clone(),
                 inbound: p.inbound,
                 exclude_inbound_ports: p.exclude_inbound_ports.clone(),
+                probes: p.probes.clone(),
             }));
         }
         for w in &cfg.peers {

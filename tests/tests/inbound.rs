@@ -35,7 +35,10 @@ fn faq(agent_extra: &str, extra_policies: &[(&str, &str)]) -> Faq {
             "istio-ingressgateway"
         ),
     );
-    let mut files = vec![("policies/ra.yaml", ra.as_str()), ("policies/ap.yaml", ap.as_str())];
+    let mut files = vec![
+        ("policies/ra.yaml", ra.as_str()),
+        ("policies/ap.yaml", ap.as_str()),
+    ];
     files.extend_from_slice(extra_policies);
     let agent = Agent::start_with_files(&cfg, &files).unwrap();
     Faq {
@@ -129,7 +132,12 @@ fn the_faq_holds_for_clients_outside_every_pod_the_host_and_pods() {
             ("/productpage", None, 200, None),
             ("/api/v1/products/0", None, 403, Some("RBAC: access denied")),
             ("/api/v1/products/0", Some(token.as_str()), 200, None),
-            ("/productpage", Some(bad.as_str()), 401, Some("Jwt verification fails")),
+            (
+                "/productpage",
+                Some(bad.as_str()),
+                401,
+                Some("Jwt verification fails"),
+            ),
         ] {
             let (code, body) = get(client, &format!("{base}{path}"), tok);
             assert_eq!(
@@ -154,7 +162,10 @@ fn the_faq_holds_for_clients_outside_every_pod_the_host_and_pods() {
                     Client::Outside(h) | Client::Pod(h) => h.ip.clone(),
                     Client::Node => format!("10.77.{}.254", f.net.subnet),
                 };
-                assert!(xff.ends_with(&want_ip), "X-Forwarded-For {xff:?}, want {want_ip}");
+                assert!(
+                    xff.ends_with(&want_ip),
+                    "X-Forwarded-For {xff:?}, want {want_ip}"
+                );
             }
         }
         assert_eq!(
@@ -199,7 +210,11 @@ spec:
         json(&body)["headers"].get("authorization").is_none(),
         "the token was stripped by the one decision: {body}"
     );
-    assert_eq!(requests_total(&f.agent) - before, 1.0, "decided exactly once");
+    assert_eq!(
+        requests_total(&f.agent) - before,
+        1.0,
+        "decided exactly once"
+    );
     let (code, _) = get(Client::Pod(&f.sleep), &url, None);
     assert_eq!(code, 403);
     assert_eq!(requests_total(&f.agent) - before, 2.0);
@@ -251,7 +266,12 @@ spec:
         (Client::Pod(&other), "/open", 403),
     ] {
         let (code, body) = get(client, &u(path), None);
-        assert_eq!(code, want, "{client:?} {path}: {body}\n{}", agent.log_text());
+        assert_eq!(
+            code,
+            want,
+            "{client:?} {path}: {body}\n{}",
+            agent.log_text()
+        );
     }
     // The other pod's identity is its own even from a process outside its cgroup: at the
     // destination, identity is the address.
@@ -335,9 +355,17 @@ fn inbound_fail_modes_and_cleanup() {
             std::thread::sleep(Duration::from_millis(100));
         }
         if mode == "closed" {
-            assert_eq!(served(&f.gw), before, "fail closed: the application saw nothing");
+            assert_eq!(
+                served(&f.gw),
+                before,
+                "fail closed: the application saw nothing"
+            );
         } else {
-            assert_eq!(served(&f.gw), before + 1, "fail open: straight to the application");
+            assert_eq!(
+                served(&f.gw),
+                before + 1,
+                "fail open: straight to the application"
+            );
         }
         f.agent.cleanup().unwrap();
         // Fail closed would still refuse if a capture program were left attached.

@@ -170,7 +170,7 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     let names =
         |v: &[authz::config::WorkloadSpec]| v.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
     assert_eq!(
-        names(&d.workloads),
+        names(&d.peers),
         ["local", "remote"],
         "protected: mesh pods, any node"
     );
@@ -211,7 +211,7 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     f.api.delete("Pod", "mesh", "remote");
     eventually("namespace labelled and pod gone", || {
         let d = f.cluster.desired("node-a", true, &mut locate);
-        names(&d.workloads) == ["local", "outside"] && d.pods.len() == 2
+        names(&d.peers) == ["local", "outside"] && d.pods.len() == 2
     });
 }
 

@@ -13,6 +13,7 @@ use serde_json::json;
 const NODE: &str = "node-a";
 const SLEEP_UID: &str = "5c0ffee0-0000-4000-8000-00000000a001";
 const OUTSIDER_UID: &str = "5c0ffee0-0000-4000-8000-00000000a003";
+const HTTPBIN_UID: &str = "5c0ffee0-0000-4000-8000-00000000a002";
 
 fn eventually(what: &str, agent: &Agent, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -48,15 +49,16 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     let api = FakeApi::start().unwrap();
     let mut net = Net::new().unwrap();
     let sleep = net.kube_pod("sleep", 2, SLEEP_UID).unwrap();
-    let httpbin = net.host("httpbin", 3).unwrap();
+    // A mesh pod of this node: the agent captures its inbound connections and decides them there.
+    let httpbin = net.kube_pod("httpbin", 3, HTTPBIN_UID).unwrap();
     net.serve(&httpbin, "http", 8000).unwrap();
 
     api.apply(fakeapi::namespace("foo", true));
     api.apply(fakeapi::pod(
         "foo",
         "httpbin",
-        "5c0ffee0-0000-4000-8000-00000000a002",
-        "node-b",
+        HTTPBIN_UID,
+        NODE,
         &httpbin.ip,
         json!({"app": "httpbin"}),
         "httpbin",
@@ -70,11 +72,9 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     let kubeconfig = api.kubeconfig();
     let files = [("kubeconfig", kubeconfig.as_str())];
     let agent = Agent::start_with_files(&cfg, &files).unwrap();
-    assert_eq!(
-        agent.metric("authz_pods_enrolled"),
-        0.0,
-        "no pod of this node yet"
-    );
+    eventually("httpbin protected", &agent, || {
+        agent.metric("authz_pods_enrolled") == 1.0
+    });
 
     // The pod appears on the API server: the agent finds its cgroup and netns and enrolls it.
     api.apply(fakeapi::pod(
@@ -87,7 +87,7 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
         "sleep",
     ));
     eventually("sleep enrolled", &agent, || {
-        agent.metric("authz_pods_enrolled") == 1.0
+        agent.metric("authz_pods_enrolled") == 2.0
     });
     assert!(
         agent.log_text().contains("pod enrolled"),
@@ -97,17 +97,17 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
 
     let url = format!("http://{}:8000/get", httpbin.ip);
     let get = || curl(&sleep, true, &[&url]).unwrap();
-    let redirected = agent.metric("authz_connections_redirected_total");
+    let inbound = agent.metric("authz_connections_inbound_total");
     let (code, body) = get();
     assert_eq!(code, 200, "{body}");
     assert_eq!(
-        json(&body)["client"],
+        json(&body)["headers"]["x-forwarded-for"],
         sleep.ip.as_str(),
-        "forwarded from the pod's own address"
+        "the client's address, as the destination's agent saw it"
     );
     assert!(
-        agent.metric("authz_connections_redirected_total") > redirected,
-        "the request went through the agent"
+        agent.metric("authz_connections_inbound_total") > inbound,
+        "the request went through the agent at the destination"
     );
 
     // A DENY policy created through the API server changes what the pod gets...
@@ -144,7 +144,7 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     o["metadata"]["annotations"] = json!({"authz.io/exclude": "true"});
     api.apply(o);
     eventually("outsider enrolled", &agent, || {
-        agent.metric("authz_pods_enrolled") == 2.0
+        agent.metric("authz_pods_enrolled") == 3.0
     });
     assert_eq!(
         curl(&outsider, true, &[&url]).unwrap(),
@@ -152,7 +152,7 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     );
 
     // Through the Service's cluster IP (an address no interface has): the agent picks the
-    // backend, applies its policies and connects to it from the pod.
+    // backend and connects to it from the pod; the backend's policies apply where it is.
     let (code, body) = curl(&sleep, true, &[&format!("http://{vip}/get")]).unwrap();
     assert_eq!(
         (code, body.as_str()),
@@ -161,7 +161,7 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     );
     let (code, body) = curl(&sleep, true, &[&format!("http://{vip}/headers")]).unwrap();
     assert_eq!(code, 200, "{body}");
-    assert_eq!(json(&body)["client"], sleep.ip.as_str());
+    assert_eq!(json(&body)["headers"]["x-forwarded-for"], sleep.ip.as_str());
 
     // ...and stays in force while the API server is away.
     api.stop();
@@ -237,14 +237,15 @@ fn policies_from_the_api_server_are_enforced_on_discovered_pods() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(get().0, 403);
 
-    // The pod goes away: it is released, its connections no longer steered.
+    // The client pod goes away: it is released, its connections no longer steered; the
+    // destination's policies still hold for it, as for any client.
     let before = agent.metric("authz_kernel_connect_redirected_total");
     api.delete("Pod", "foo", "sleep");
     eventually("sleep released", &agent, || {
-        agent.metric("authz_pods_enrolled") == 1.0
+        agent.metric("authz_pods_enrolled") == 2.0
     });
     let (code, _) = get();
-    assert_eq!(code, 200, "not enrolled any more: direct");
+    assert_eq!(code, 403, "decided at the destination");
     assert_eq!(
         agent.metric("authz_kernel_connect_redirected_total"),
         before
@@ -273,14 +274,15 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
     }
     let api = FakeApi::start().unwrap();
     let mut net = Net::new().unwrap();
-    let httpbin = net.host("httpbin", 3).unwrap();
+    let httpbin_uid = "5c0ffee0-0000-4000-8000-00000000b002";
+    let httpbin = net.kube_pod("httpbin", 3, httpbin_uid).unwrap();
     net.serve(&httpbin, "http", 8000).unwrap();
     api.apply(fakeapi::namespace("foo", true));
     api.apply(fakeapi::pod(
         "foo",
         "httpbin",
-        "5c0ffee0-0000-4000-8000-00000000b002",
-        "node-b",
+        httpbin_uid,
+        NODE,
         &httpbin.ip,
         json!({"app": "httpbin"}),
         "httpbin",
@@ -310,8 +312,8 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
     );
     assert_eq!(
         agent.metric("authz_pods_enrolled"),
-        0.0,
-        "never half-enrolled"
+        1.0,
+        "httpbin only: sleep is never half-enrolled"
     );
     // Still not enrollable after a moment: an Event on the pod says why.
     eventually("an Event on the pod", &agent, || {
@@ -338,7 +340,7 @@ fn a_pod_that_cannot_be_found_is_reported_and_retried() {
         "sleep",
     ));
     eventually("enrolled once its sandbox runs", &agent, || {
-        agent.metric("authz_pods_enrolled") == 1.0 && agent.metric("authz_pods_not_enrolled") == 0.0
+        agent.metric("authz_pods_enrolled") == 2.0 && agent.metric("authz_pods_not_enrolled") == 0.0
     });
     api.apply(fakeapi::istio(
         "AuthorizationPolicy",
@@ -406,14 +408,16 @@ fn rolling_update_hands_over_without_a_failed_request() {
     let mut net = Net::new().unwrap();
     let uid = "5c0ffee0-0000-4000-8000-00000000c001";
     let sleep = net.kube_pod("sleep", 2, uid).unwrap();
-    let httpbin = net.host("httpbin", 3).unwrap();
+    // A mesh pod of this node: the handover keeps its inbound capture too.
+    let httpbin_uid = "5c0ffee0-0000-4000-8000-00000000c002";
+    let httpbin = net.kube_pod("httpbin", 3, httpbin_uid).unwrap();
     net.serve(&httpbin, "http", 8000).unwrap();
     api.apply(fakeapi::namespace("foo", true));
     api.apply(fakeapi::pod(
         "foo",
         "httpbin",
-        "5c0ffee0-0000-4000-8000-00000000c002",
-        "node-b",
+        httpbin_uid,
+        NODE,
         &httpbin.ip,
         json!({"app": "httpbin"}),
         "httpbin",
@@ -471,7 +475,7 @@ fn rolling_update_hands_over_without_a_failed_request() {
         old.log_text(),
         new.log_text()
     );
-    assert!(new.metric("authz_connections_redirected_total") > 0.0);
+    assert!(new.metric("authz_connections_inbound_total") > 0.0);
 }
 
 /// A pod located on this node whose listener cannot open (here: its loopback has no 127.0.0.1, so
@@ -505,6 +509,12 @@ fn a_pod_whose_listener_cannot_open_is_refused_and_reported() {
         json!({"app": "httpbin"}),
         "httpbin",
     ));
+    // Client-side, a pod reaches mesh pods through Service addresses (pod addresses are
+    // decided where they arrive).
+    let vip = format!("10.77.{}.100", net.subnet);
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "httpbin", "namespace": "foo"},
+        "spec": {"clusterIP": vip, "selector": {"app": "httpbin"}, "ports": [{"port": 8000}]}}));
     api.apply(fakeapi::pod(
         "foo",
         "broken",
@@ -520,7 +530,7 @@ fn a_pod_whose_listener_cannot_open_is_refused_and_reported() {
     eventually("pending", &agent, || {
         agent.metric("authz_pods_not_enrolled") == 1.0
     });
-    let (a, _) = attempt(&broken, &format!("http://{}:8000/get", httpbin.ip));
+    let (a, _) = attempt(&broken, &format!("http://{vip}:8000/get"));
     assert_eq!(a, Attempt::Refused, "pending: refused, never direct");
     assert!(agent.metric("authz_kernel_connect_pending_total") >= 1.0);
     eventually("an Event on the pod", &agent, || {
@@ -543,7 +553,105 @@ fn a_pod_whose_listener_cannot_open_is_refused_and_reported() {
     eventually("enrolled", &agent, || {
         agent.metric("authz_pods_enrolled") == 1.0 && agent.metric("authz_pods_not_enrolled") == 0.0
     });
-    let (code, _) = curl(&broken, true, &[&format!("http://{}:8000/get", httpbin.ip)]).unwrap();
+    let (code, _) = curl(&broken, true, &[&format!("http://{vip}:8000/get")]).unwrap();
     assert_eq!(code, 200);
+    rbac_held(&api);
+}
+
+/// A mesh pod of this node is protected for a client outside every pod; kubelet's probes (from
+/// the node's own address) pass a deny-all policy, and nothing else from the node does.
+#[test]
+fn probes_pass_a_deny_all_policy_and_nothing_else_from_the_node() {
+    if !require_root() {
+        return;
+    }
+    let api = FakeApi::start().unwrap();
+    let mut net = Net::new().unwrap();
+    // The test's own namespace is the node: 10.77.<subnet>.254 on the pods' bridge.
+    net.attach_host().unwrap();
+    let uid = "5c0ffee0-0000-4000-8000-00000000d001";
+    let web = net.kube_pod("web", 3, uid).unwrap();
+    let internet = net.host("internet", 9).unwrap();
+    net.serve(&web, "http", 8000).unwrap();
+    net.serve(&web, "echo", 9000).unwrap();
+    api.apply(fakeapi::namespace("foo", true));
+    let mut pod = fakeapi::pod(
+        "foo",
+        "web",
+        uid,
+        NODE,
+        &web.ip,
+        json!({"app": "web"}),
+        "web",
+    );
+    pod["spec"]["containers"] = json!([{"name": "app", "image": "example/app:1",
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+        "livenessProbe": {"tcpSocket": {"port": 9000}}}]);
+    api.apply(pod);
+    let cfg = kube_config(&net, "{ADMIN}", "");
+    let kubeconfig = api.kubeconfig();
+    let agent = Agent::start_with_files(&cfg, &[("kubeconfig", kubeconfig.as_str())]).unwrap();
+    eventually("web protected", &agent, || {
+        agent.metric("authz_pods_enrolled") == 1.0
+    });
+    let url = |p: &str| format!("http://{}:8000{p}", web.ip);
+    let from_node = |p: &str| -> u16 {
+        let out = sh(
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url(p),
+            ],
+        )
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    assert_eq!(curl(&internet, false, &[&url("/x")]).unwrap().0, 200);
+
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "allow-nothing",
+        json!({"selector": {"matchLabels": {"app": "web"}}}),
+    ));
+    eventually("deny-all in force", &agent, || {
+        curl(&internet, false, &[&url("/x")]).unwrap().0 == 403
+    });
+    assert_eq!(from_node("/healthz"), 200, "{}", agent.log_text());
+    assert_eq!(from_node("/x"), 403, "only the probe passes from the node");
+    assert_eq!(from_node("/healthz/../x"), 403);
+    assert_eq!(
+        curl(&internet, false, &[&url("/healthz")]).unwrap().0,
+        403,
+        "the probe path from anywhere else is decided"
+    );
+    assert!(agent
+        .metrics()
+        .contains_key("authz_requests_total{decision=\"allow\",reason=\"kubelet probe\"}"));
+
+    // The tcpSocket probe reaches the application itself from the node; from outside, the
+    // same port is captured and denied.
+    let echo_from = |cmd: Command| {
+        let mut c = cmd;
+        let out = c.output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    use std::process::Command;
+    let mut node = Command::new("sh");
+    node.args(["-c", &format!("echo ping | nc -q 1 -w 3 {} 9000", web.ip)]);
+    assert_eq!(echo_from(node), "ping\n");
+    let mut outside = Net::command(&internet, false, "sh", &["-c"]);
+    outside.arg(format!("echo ping | nc -q 1 -w 3 {} 9000", web.ip));
+    assert_eq!(echo_from(outside), "", "denied at L4 for anyone else");
     rbac_held(&api);
 }

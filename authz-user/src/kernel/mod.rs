@@ -32,7 +32,7 @@ pub use addr::{addr_key, key_addr};
 
 /// The maps pinned under `<bpffs>/maps`, with the key and value sizes this build expects of
 /// them: an adopted map of another layout is refused rather than misread.
-const PINNED_MAPS: [(&str, usize, usize); 11] = [
+const PINNED_MAPS: [(&str, usize, usize); 12] = [
     (maps::ENROLLED_PODS, 8, std::mem::size_of::<PodInfo>()),
     (maps::ENFORCED_IPS, 16, 1),
     (maps::ORIG_DST, 8, std::mem::size_of::<OrigDst>()),
@@ -52,6 +52,7 @@ const PINNED_MAPS: [(&str, usize, usize); 11] = [
     ),
     (maps::HOP_COOKIES, 8, 1),
     (maps::HOP_PEERS, std::mem::size_of::<SockKey>(), 1),
+    (maps::NODE_IPS, 16, 1),
 ];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/authz"));
@@ -88,6 +89,7 @@ pub struct Kernel {
     inbound_pods: Mutex<HashMap<MapData, u64, InboundPod>>,
     inbound_listeners: Mutex<SockHash<MapData, ListenerKey>>,
     hop_cookies: Mutex<HashMap<MapData, u64, u8>>,
+    node_ips: Mutex<HashMap<MapData, [u32; 4], u8>>,
     bpffs: PathBuf,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     // Pinned: dropping these closes our fds only; the attachments stay.
@@ -173,6 +175,7 @@ impl Kernel {
             inbound_pods: Mutex::new(take(&mut ebpf, maps::INBOUND_PODS)?),
             inbound_listeners: Mutex::new(take(&mut ebpf, maps::INBOUND_LISTENERS)?),
             hop_cookies: Mutex::new(take(&mut ebpf, maps::HOP_COOKIES)?),
+            node_ips: Mutex::new(take(&mut ebpf, maps::NODE_IPS)?),
             bpffs: bpffs.to_path_buf(),
             logger: Mutex::new(logger),
             _links: links,
@@ -311,7 +314,12 @@ impl Kernel {
 
     /// Hands the pod's inbound connections of `family` to `listener` (replacing a previous
     /// agent's listener; the kernel drops a closed one from the map by itself).
-    pub fn inbound_listen(&self, cookie: u64, family: u16, listener: &impl std::os::fd::AsRawFd) -> Result<()> {
+    pub fn inbound_listen(
+        &self,
+        cookie: u64,
+        family: u16,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> Result<()> {
         let key = ListenerKey {
             netns: cookie,
             family: u32::from(family),
@@ -337,6 +345,21 @@ impl Kernel {
             });
         }
         pin::unpin_detach(&pin::link_path(&self.bpffs, &inbound_link_name(cookie)))
+    }
+
+    /// Makes `NODE_IPS` exactly `ips` (the node's own addresses, where kubelet probes come from).
+    pub fn set_node_ips(&self, ips: &std::collections::HashSet<IpAddr>) -> Result<()> {
+        let mut map = self.node_ips.lock().unwrap();
+        let want: std::collections::HashSet<[u32; 4]> =
+            ips.iter().map(|ip| addr_key(*ip)).collect();
+        let have: Vec<[u32; 4]> = map.keys().flatten().collect();
+        for k in have.iter().filter(|k| !want.contains(*k)) {
+            let _ = map.remove(k);
+        }
+        for k in want.iter().filter(|k| !have.contains(k)) {
+            map.insert(*k, 1, 0).context("NODE_IPS insert")?;
+        }
+        Ok(())
     }
 
     /// Marks the agent's socket `cookie` as the agent end of an inbound hop, before connect(),
@@ -433,9 +456,8 @@ where
     pin::pin_replacing(link, &pin::link_path(bpffs, program))
 }
 
-const _: () = assert!(
-    crate::config::MAX_EXCLUDED_INBOUND_PORTS + 1 == authz_common::MAX_EXCLUDED_PORTS
-);
+const _: () =
+    assert!(crate::config::MAX_EXCLUDED_INBOUND_PORTS + 1 == authz_common::MAX_EXCLUDED_PORTS);
 
 fn inbound_link_name(cookie: u64) -> String {
     format!("inbound-{cookie:016x}")

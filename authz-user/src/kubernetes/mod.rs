@@ -92,9 +92,18 @@ fn trim_pod(p: &mut Pod) {
     m.finalizers = None;
     m.generate_name = None;
     if let Some(a) = &mut m.annotations {
-        a.retain(|k, _| k == snapshot::EXCLUDE_ANNOTATION);
+        a.retain(|k, _| {
+            k == snapshot::EXCLUDE_ANNOTATION || k == snapshot::EXCLUDE_INBOUND_PORTS_ANNOTATION
+        });
     }
     if let Some(s) = &mut p.spec {
+        // kubelet's probes, kept as one short string: they pass the pod's policies.
+        let probes = snapshot::probe_lines(s);
+        if !probes.is_empty() {
+            m.annotations
+                .get_or_insert_with(Default::default)
+                .insert(snapshot::PROBES_KEY.into(), probes.join("\n"));
+        }
         // Named container ports (for services' named targetPorts) kept as one short string; the
         // containers themselves go (a `Container` is kilobytes even when empty).
         let named: Vec<String> = s

@@ -236,6 +236,7 @@ pub fn desired(
                 // Mesh pods are captured inbound; other pods of the node are only clients.
                 inbound: mesh,
                 exclude_inbound_ports: excluded_inbound_ports(pod),
+                probes: probes(pod),
             }),
             Err(reason) => out.not_enrolled.push(NotEnrolled {
                 namespace,
@@ -382,6 +383,81 @@ fn backends(
 /// Where the agent keeps a pod's named container ports once the containers are trimmed away
 /// (`name=port,...`): a whole `Container` per pod would cost kilobytes.
 pub const NAMED_PORTS_KEY: &str = "authz.io/internal-named-ports";
+
+/// Where the agent keeps a pod's kubelet probes once the containers are trimmed away, one per
+/// line: `http PORT PATH`, `tcp PORT`, `grpc PORT`.
+pub const PROBES_KEY: &str = "authz.io/internal-probes";
+
+/// The liveness, readiness and startup probes of a pod spec's containers, in `PROBES_KEY` form;
+/// a named port is resolved against the containers' ports, an unresolvable one dropped.
+pub fn probe_lines(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let port = |p: &IntOrString| -> Option<u16> {
+        match p {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => spec
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                .and_then(|cp| u16::try_from(cp.container_port).ok()),
+        }
+    };
+    let mut out: Vec<String> = spec
+        .containers
+        .iter()
+        .flat_map(|c| [&c.liveness_probe, &c.readiness_probe, &c.startup_probe])
+        .flatten()
+        .filter_map(|p| {
+            if let Some(h) = &p.http_get {
+                let path = h.path.as_deref().unwrap_or("/");
+                // kubelet sends the path as written; one that could break the line form is
+                // dropped (and so gets no exemption).
+                if path.contains(['\n', '\r', ' ']) || !path.starts_with('/') {
+                    return None;
+                }
+                return Some(format!("http {} {path}", port(&h.port)?));
+            }
+            if let Some(t) = &p.tcp_socket {
+                return Some(format!("tcp {}", port(&t.port)?));
+            }
+            let g = p.grpc.as_ref()?;
+            Some(format!("grpc {}", u16::try_from(g.port).ok()?))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn probes(pod: &Pod) -> Vec<crate::config::Probe> {
+    use crate::config::Probe;
+    let lines = match pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PROBES_KEY))
+    {
+        Some(v) => v.lines().map(str::to_string).collect(),
+        None => pod.spec.as_ref().map(probe_lines).unwrap_or_default(),
+    };
+    lines
+        .iter()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ' ');
+            let (kind, port) = (f.next()?, f.next()?.parse().ok()?);
+            Some(match kind {
+                "http" => Probe::Http {
+                    port,
+                    path: f.next()?.to_string(),
+                },
+                "tcp" => Probe::Tcp { port },
+                "grpc" => Probe::Grpc { port },
+                _ => return None,
+            })
+        })
+        .collect()
+}
 
 /// A named container port of the pod: from the trimmed form, or from the containers.
 fn named_port(pod: &Pod, name: &str) -> Option<u16> {
@@ -810,7 +886,11 @@ mod tests {
         let vip = |port: u16| std::net::SocketAddr::new("10.96.0.1".parse().unwrap(), port);
         let (to, w) = reg.resolve(vip(80), 7).unwrap();
         assert_eq!(to, "10.0.0.1:8000".parse().unwrap());
-        assert_eq!(w.unwrap().name, "web-1", "the backend's policies apply");
+        assert!(
+            w.is_none(),
+            "the backend is a mesh pod: its own node's agent decides, not this hop"
+        );
+        assert!(reg.decided_at_destination.contains(&to.ip()));
         assert!(
             reg.resolve(vip(83), 0).is_none(),
             "no backend on that port: refused"

@@ -100,7 +100,9 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             return local_reply(StatusCode::BAD_REQUEST, "Bad Request".into());
         }
     };
-    if let Some(dest) = &conn.destination {
+    if conn.is_probe(req.method(), req.uri().path()) {
+        px.metrics.request("allow", "kubelet probe");
+    } else if let Some(dest) = &conn.destination {
         let target = req
             .uri()
             .path_and_query()

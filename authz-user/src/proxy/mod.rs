@@ -86,6 +86,9 @@ pub struct ConnCtx {
     /// Where the connection was going.
     pub dst: SocketAddr,
     pub direction: Direction,
+    /// kubelet probe paths this connection may request unchecked (it comes from a node address
+    /// to a probe port of the pod); empty for every other connection.
+    pub probe_paths: Vec<String>,
     /// Counts the connection open while anything (a request, a relay, an upgraded tunnel) still
     /// uses it.
     pub _open: OpenGuard,
@@ -290,6 +293,7 @@ fn outbound(
         src_ip,
         dst,
         direction: Direction::Outbound,
+        probe_paths: vec![],
         _open: open,
     })
 }
@@ -307,6 +311,7 @@ fn inbound(
     let open = OpenGuard::take_counted(px, pl)?;
     let src = crate::registry::normalize(peer.ip());
     let source = px.registry().source_at(src).cloned();
+    let probe_paths = probe_paths(&pl.pod, local.port(), src);
     Some(ConnCtx {
         destination: Some(pl.pod.workload.clone()),
         decided_at_destination: false,
@@ -315,8 +320,33 @@ fn inbound(
         src_ip: Some(src),
         dst: SocketAddr::new(crate::registry::normalize(local.ip()), local.port()),
         direction: Direction::Inbound(px.kernel.clone()),
+        probe_paths,
         _open: open,
     })
+}
+
+/// The path gRPC health probes request.
+const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+/// The HTTP and gRPC probe paths of `pod` on `port`, when `peer` is one of the node's own
+/// addresses (kubelet's); none otherwise.
+fn probe_paths(pod: &Pod, port: u16, peer: IpAddr) -> Vec<String> {
+    use crate::config::Probe;
+    let paths: Vec<String> = pod
+        .probes
+        .iter()
+        .filter_map(|p| match p {
+            Probe::Http { port: p, path } if *p == port => {
+                Some(path.split('?').next().unwrap_or("/").to_string())
+            }
+            Probe::Grpc { port: p } if *p == port => Some(GRPC_HEALTH_CHECK.to_string()),
+            _ => None,
+        })
+        .collect();
+    if paths.is_empty() || !crate::netns::own_addresses().contains(&peer) {
+        return vec![];
+    }
+    paths
 }
 
 async fn serve_conn(px: Arc<Proxy>, conn: ConnCtx, mut stream: TcpStream) {
@@ -419,6 +449,20 @@ impl Drop for OpenGuard {
 }
 
 impl ConnCtx {
+    /// A kubelet probe: the probe's method and exact path on a connection from the node to a
+    /// probe port. It passes the pod's policies, as Istio's probe rewrite lets it.
+    pub fn is_probe(&self, method: &::http::Method, path: &str) -> bool {
+        !self.probe_paths.is_empty()
+            && self.probe_paths.iter().any(|p| {
+                p == path
+                    && if p == GRPC_HEALTH_CHECK {
+                        method == ::http::Method::POST
+                    } else {
+                        method == ::http::Method::GET
+                    }
+            })
+    }
+
     /// The caller for logs: `namespace/name`, or its address when it is no known workload.
     pub fn source_label(&self) -> String {
         match (&self.source, self.src_ip) {

@@ -1,10 +1,11 @@
 //! `authz-demo` (what `cargo xtask demo` runs after building): pods in network namespaces, the
-//! agent on the embedded default (file mode), the JWT FAQ's skip-path policies, a few requests,
-//! and a table of what happened.
+//! agent on the embedded default (file mode), the JWT FAQ's skip-path policies on the gateway
+//! pod, the same requests from a client outside every pod (standing for the Internet) and from a
+//! pod of the mesh, and a table of what happened. Both are decided at the gateway pod.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use authz_tests::{curl, pod_yaml, workload_yaml, Agent, Net};
+use authz_tests::{curl, pod_yaml, Agent, Net};
 
 fn main() -> std::process::ExitCode {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -41,11 +42,13 @@ fn run(root: &Path) -> Result<()> {
     let mut net = Net::new()?;
     let sleep = net.host("sleep", 2)?;
     let gw = net.host("ingressgw", 3)?;
+    // A network namespace that is no pod: the user's curl outside the cluster.
+    let internet = net.host("internet", 9)?;
     net.serve(&gw, "http", 80)?;
     let cfg = format!(
-        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}workloads:\n{}policies: [policies]\n",
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}{}policies: [policies]\n",
         pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
-        workload_yaml(
+        pod_yaml(
             &gw,
             "istio-system",
             "{app: istio-ingressgateway}",
@@ -72,11 +75,15 @@ fn run(root: &Path) -> Result<()> {
     ];
     println!();
     println!(
-        "{:<24} {:<16} {:>8} {:>5}  reply",
-        "request (from sleep)", "token", "expected", "got"
+        "{:<9} {:<24} {:<10} {:>8} {:>5}  reply",
+        "client", "request", "token", "expected", "got"
     );
     let mut bad = 0;
-    for (path, tok, want) in &cases {
+    let clients = [("internet", &internet, false), ("sleep", &sleep, true)];
+    for ((client, host, in_pod), (path, tok, want)) in clients
+        .iter()
+        .flat_map(|c| cases.iter().map(move |r| (c, r)))
+    {
         let url = format!("http://{}{path}", gw.ip);
         let mut args = vec![url.as_str()];
         let header;
@@ -84,7 +91,7 @@ fn run(root: &Path) -> Result<()> {
             header = format!("Authorization: Bearer {t}");
             args.extend(["-H", &header]);
         }
-        let (code, body) = curl(&sleep, true, &args)?;
+        let (code, body) = curl(host, *in_pod, &args)?;
         let label = match tok {
             None => "none",
             Some(t) if *t == token => "demo.jwt",
@@ -100,18 +107,22 @@ fn run(root: &Path) -> Result<()> {
             bad += 1;
         }
         println!(
-            "GET {:<20} {:<16} {:>8} {:>5}  {reply}{mark}",
-            path, label, want, code
+            "{:<9} GET {:<20} {:<10} {:>8} {:>5}  {reply}{mark}",
+            client, path, label, want, code
         );
     }
     println!();
     let m = agent.metrics();
+    let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
     println!(
-        "kernel: {} connect() redirected, {} sk_msg redirects; agent: {} connections",
-        m.get("authz_kernel_connect_redirected_total")
-            .unwrap_or(&0.0),
-        m.get("authz_kernel_skmsg_redirected_total").unwrap_or(&0.0),
-        m.get("authz_connections_redirected_total").unwrap_or(&0.0),
+        "kernel: {} inbound connections captured at the gateway pod, {} sk_msg redirects on the \
+         agent-to-application hop; agent: {} requests decided",
+        get("authz_kernel_inbound_captured_total"),
+        get("authz_kernel_skmsg_redirected_total"),
+        m.iter()
+            .filter(|(k, _)| k.starts_with("authz_requests_total{"))
+            .map(|(_, v)| v)
+            .sum::<f64>(),
     );
     drop(agent);
     drop(net);
