@@ -244,16 +244,22 @@ fn dialing_the_agent_port_directly_forwards_nothing() {
     }
     let s = setup();
     let ports = loopback_listeners(&s.client);
-    assert_eq!(ports.len(), 1, "one agent listener in the pod: {ports:?}");
-    let url = format!("http://127.0.0.1:{}/", ports[0]);
-    let out = Net::run(&s.client, true, "curl", &["-sS", "-m", "5", &url]).unwrap();
-    assert!(
-        !out.status.success(),
-        "a connection with no recorded destination is closed"
+    assert_eq!(
+        ports.len(),
+        2,
+        "the agent's outbound and inbound listeners in the pod: {ports:?}"
     );
+    for port in &ports {
+        let url = format!("http://127.0.0.1:{port}/");
+        let out = Net::run(&s.client, true, "curl", &["-sS", "-m", "5", &url]).unwrap();
+        assert!(
+            !out.status.success(),
+            "a connection the kernel did not hand over is closed (port {port})"
+        );
+    }
     assert_eq!(
         s.agent.metric("authz_connections_unknown_origin_total"),
-        1.0
+        2.0
     );
 }
 

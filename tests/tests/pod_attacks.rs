@@ -227,8 +227,8 @@ fn a_squatted_port_neither_blocks_enrollment_nor_stops_the_agent() {
     }
     let ports = loopback_listeners(&client);
     assert!(
-        ports.len() == 2 && ports.contains(&15001),
-        "the squatter and the agent each have a port: {ports:?}"
+        ports.len() == 3 && ports.contains(&15001),
+        "the squatter, and the agent's outbound and inbound listeners: {ports:?}"
     );
     let before = upstream_count(&web, &web.ip);
     let (a, _) = attempt(&broken, &url("/api/v1/products/0"));

@@ -307,6 +307,12 @@ fn inbound(
     peer: SocketAddr,
 ) -> Option<ConnCtx> {
     let local = stream.local_addr().ok()?;
+    if local.ip().is_loopback() {
+        // Dialled directly from inside the pod (sk_lookup never hands over a loopback
+        // destination): forwarding it would connect the agent to itself.
+        px.metrics.connections_unknown_origin.fetch_add(1, Relaxed);
+        return None;
+    }
     px.metrics.connections_inbound.fetch_add(1, Relaxed);
     let open = OpenGuard::take_counted(px, pl)?;
     let src = crate::registry::normalize(peer.ip());

@@ -205,7 +205,43 @@ impl Report {
                 added(peer),
             );
         }
+        // Inbound: the same request from a client outside every pod, enforced at the backend.
+        for peer in ["haproxy-inbound", "envoy-inbound"] {
+            ratio(
+                format!("throughput agent-inbound / {peer}"),
+                self.rps("agent-inbound"),
+                self.rps(peer),
+            );
+            ratio(
+                format!("CPU per request agent-inbound / {peer}"),
+                self.cpu("agent-inbound"),
+                self.cpu(peer),
+            );
+        }
+        ratio(
+            "throughput agent-inbound / direct".into(),
+            self.rps("agent-inbound"),
+            self.rps("direct"),
+        );
         let find = |what: &str| ratios.iter().find(|r| r.what == what).map(|r| r.value);
+        check(
+            "Inbound CPU per request: agent / HAProxy",
+            find("CPU per request agent-inbound / haproxy-inbound"),
+            0.5,
+            true,
+        );
+        check(
+            "Inbound CPU per request: agent / Envoy",
+            find("CPU per request agent-inbound / envoy-inbound"),
+            0.25,
+            true,
+        );
+        check(
+            "Inbound throughput on one core: agent / HAProxy",
+            find("throughput agent-inbound / haproxy-inbound"),
+            2.0,
+            false,
+        );
         check(
             "CPU per request, valid token, cache on: agent / HAProxy",
             find("CPU per request agent / haproxy"),

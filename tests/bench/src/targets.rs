@@ -1,6 +1,8 @@
 //! The systems under test, each enforcing the FAQ's skip-path policy in front of the same
 //! backend: nothing (direct), the agent (transparent, through the kernel path), HAProxy and Envoy
-//! (as a sidecar would: in the client's network namespace, on loopback).
+//! (as a sidecar would: in the client's network namespace, on loopback). The inbound targets
+//! enforce at the backend instead, for a client that is no pod: the agent capturing the backend
+//! pod's inbound connections, HAProxy and Envoy as sidecars in the backend's namespace.
 //!
 //! CPU layout: the enforcer runs on CPU 0, the client and the backend on CPU 1.
 use std::{
@@ -26,6 +28,12 @@ pub enum Kind {
     Envoy {
         cache: bool,
     },
+    /// The backend is a protected pod; the client is outside every pod.
+    AgentInbound,
+    /// HAProxy in the backend's netns, on its address.
+    HaproxyInbound,
+    /// Envoy in the backend's netns, on its address, as Istio's sidecar takes inbound traffic.
+    EnvoyInbound,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +101,23 @@ pub fn all() -> Vec<Target> {
             name: "envoy-jwtcache",
             kind: Envoy { cache: true },
             about: "Envoy, 1 worker, with jwt_cache_config",
+        },
+        Target {
+            name: "agent-inbound",
+            kind: AgentInbound,
+            about:
+                "this agent at the destination: client outside every pod -> backend pod (sk_lookup)",
+        },
+        Target {
+            name: "haproxy-inbound",
+            kind: HaproxyInbound,
+            about: "HAProxy as a sidecar in the backend's netns, client outside every pod",
+        },
+        Target {
+            name: "envoy-inbound",
+            kind: EnvoyInbound,
+            about:
+                "Envoy as Istio's inbound sidecar in the backend's netns, client outside every pod",
         },
     ]
 }
@@ -292,6 +317,97 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 pid: Some(pid),
                 _agent: Some(agent),
                 _proc: None,
+            })
+        }
+        Kind::AgentInbound => {
+            // The backend pod and the idle pods are protected; the client is no pod.
+            let mut pods = pod_yaml(
+                server,
+                "istio-system",
+                "{app: istio-ingressgateway}",
+                "istio-ingressgateway",
+            );
+            for h in &topo.idle {
+                pods.push_str(&pod_yaml(
+                    h,
+                    "foo",
+                    &format!("{{app: {}}}", h.name),
+                    "default",
+                ));
+            }
+            let cfg = format!(
+                "agent: {{admin: \"{{ADMIN}}\", workerThreads: 1}}\npods:\n{pods}policies: [policies]\n"
+            );
+            let files = policies(0)?;
+            let refs: Vec<(&str, &str)> = files
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            let agent = Agent::start_with_files(&cfg, &refs)?;
+            let pid = agent.child.id();
+            authz_tests::sh("taskset", &["-a", "-cp", "0", &pid.to_string()])?;
+            Ok(Running {
+                base: format!("http://{}:{BACKEND_PORT}", server.ip),
+                client_in_pod: false,
+                pid: Some(pid),
+                _agent: Some(agent),
+                _proc: None,
+            })
+        }
+        Kind::HaproxyInbound | Kind::EnvoyInbound => {
+            let haproxy = t.kind == Kind::HaproxyInbound;
+            let (cfg, port) = if haproxy {
+                let jwks = std::fs::read_to_string(data_dir().join("istio-samples/jwks.json"))?;
+                let pem_path = topo.dir.join("pub.pem");
+                std::fs::write(&pem_path, pem::rsa_pem_from_jwks(&jwks)?)?;
+                let cfg = topo.dir.join("haproxy-inbound.cfg");
+                let text = haproxy_cfg(&pem_path, &server.ip)
+                    .replace("bind 127.0.0.1:10001", &format!("bind {}:10001", server.ip));
+                std::fs::write(&cfg, text)?;
+                (cfg, 10001)
+            } else {
+                let jwks = topo.dir.join("jwks.json");
+                std::fs::copy(data_dir().join("istio-samples/jwks.json"), &jwks)?;
+                let cfg = topo.dir.join("envoy-inbound.yaml");
+                let text = envoy_cfg(&jwks, &server.ip, false).replace(
+                    "address: 127.0.0.1, port_value: 10002",
+                    &format!("address: {}, port_value: 10002", server.ip),
+                );
+                std::fs::write(&cfg, text)?;
+                (cfg, 10002)
+            };
+            let cfg_s = cfg.to_string_lossy().to_string();
+            let args: Vec<&str> = if haproxy {
+                vec!["-db", "-f", &cfg_s]
+            } else {
+                vec![
+                    "-c",
+                    &cfg_s,
+                    "--concurrency",
+                    "1",
+                    "--log-level",
+                    "warn",
+                    "--disable-hot-restart",
+                ]
+            };
+            let program = if haproxy {
+                &tools.haproxy
+            } else {
+                &tools.envoy
+            };
+            let mut child = pinned(server, false, "0", program, &args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting {}", t.name))?;
+            wait_port_in(server, port, &mut child, t.name)?;
+            let pid = child.id();
+            Ok(Running {
+                base: format!("http://{}:{port}", server.ip),
+                client_in_pod: false,
+                pid: Some(pid),
+                _agent: None,
+                _proc: Some(Proc(child)),
             })
         }
         Kind::Haproxy => {
