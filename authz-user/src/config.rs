@@ -45,8 +45,8 @@ pub struct KubernetesSettings {
     pub events: bool,
     /// The host's /proc (pods' network namespaces are found through their processes).
     pub proc_root: PathBuf,
-    /// Steer the connections of every pod of the node (true), or only of mesh pods (false).
-    /// With false, a client outside the mesh reaches mesh pods without their policies.
+    /// Steer the connections of every pod of the node to Service addresses (true), or only of
+    /// mesh pods (false). Mesh pods are decided where they run either way.
     pub enroll_all_pods: bool,
 }
 

@@ -16,8 +16,8 @@ use crate::{
     policy::{load_str, PolicySet, Problem},
 };
 
-/// Namespace or pod label that puts pods in the mesh: their connections to enforced workloads
-/// are steered through the agent, and their addresses are enforced destinations.
+/// Namespace or pod label that puts pods in the mesh: their node's agent decides every connection
+/// arriving at them, with their policies.
 pub const ENFORCE_LABEL: &str = "authz.io/enforce";
 pub const ENFORCE_VALUE: &str = "enabled";
 /// Pod annotation that keeps a pod out, whatever its namespace says.
@@ -175,8 +175,8 @@ pub fn desired(
         let mesh = in_mesh(pod, &enforced_ns);
         let local = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
         // Every pod of the node with a network of its own is steered as a client (unless
-        // enrollment is limited to the mesh), so no client can walk around a destination's
-        // policies by staying out of the mesh.
+        // enrollment is limited to the mesh), for Service addresses; mesh pods are also
+        // captured inbound.
         let enroll = local && has_own_network(pod) && (mesh || enroll_all);
         if !mesh && !enroll {
             continue;
