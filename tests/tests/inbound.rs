@@ -376,3 +376,91 @@ fn inbound_fail_modes_and_cleanup() {
         );
     }
 }
+
+/// Every address of a protected pod is captured, not only the listed `ips`: an IPv6 address the
+/// config does not name, and an IPv6 link-local address, get the same policies (the IPv6 side
+/// of the capture, the inbound listener on [::1] and the hop from the pod's own address).
+#[test]
+fn unlisted_ipv6_and_link_local_addresses_are_captured_too() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let sleep = net.host("sleep", 2).unwrap();
+    let gw = net.host("gw", 3).unwrap();
+    let internet = net.host("internet", 9).unwrap();
+    for (h, last) in [(&gw, 3), (&internet, 9)] {
+        let global = format!("fd77:{}::{last}/64", net.subnet);
+        let link = format!("fe80::77:{last}/64");
+        for a in [global, link] {
+            let out = Net::run(
+                h,
+                false,
+                "ip",
+                &["-6", "addr", "add", &a, "dev", "eth0", "nodad"],
+            )
+            .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // One dual-stack server on every address of the pod.
+    net.spawn(&gw, &testsrv(), &["http", "[::]:80"]).unwrap();
+    wait_listening(&gw, 80).unwrap();
+    let ra = std::fs::read_to_string(data_dir().join("faq/skip-path/requestauthentication.yaml"))
+        .unwrap();
+    let ap =
+        std::fs::read_to_string(data_dir().join("faq/skip-path/authorizationpolicy.yaml")).unwrap();
+    let cfg = format!(
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}{}policies: [policies]\n",
+        pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
+        pod_yaml(
+            &gw,
+            "istio-system",
+            "{app: istio-ingressgateway}",
+            "istio-ingressgateway"
+        ),
+    );
+    let agent = Agent::start_with_files(
+        &cfg,
+        &[("policies/ra.yaml", &ra), ("policies/ap.yaml", &ap)],
+    )
+    .unwrap();
+    let outside = Client::Outside(&internet);
+    for base in [
+        format!("http://[fd77:{}::3]", net.subnet),
+        "http://[fe80::77:3%25eth0]".to_string(),
+    ] {
+        let (code, body) = get(outside, &format!("{base}/api/v1/products/0"), None);
+        assert_eq!(
+            (code, body.as_str()),
+            (403, "RBAC: access denied"),
+            "{base}\n{}",
+            agent.log_text()
+        );
+        let (code, body) = get(outside, &format!("{base}/productpage"), None);
+        assert_eq!(code, 200, "{base}: {body}");
+        let v = json(&body);
+        let own: std::net::Ipv6Addr = base
+            .trim_start_matches("http://[")
+            .split(['%', ']'])
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            v["client"].as_str().and_then(|c| c.parse().ok()),
+            Some(own),
+            "through the agent's IPv6 hop, from the pod's own address: {body}"
+        );
+        assert!(
+            v["headers"]["x-forwarded-for"]
+                .as_str()
+                .is_some_and(|x| x.ends_with(":9")),
+            "the client's IPv6 address: {body}"
+        );
+    }
+}

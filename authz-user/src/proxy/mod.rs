@@ -66,7 +66,7 @@ pub enum Direction {
     /// The pod is the client; the agent connects from the pod to the destination.
     Outbound,
     /// The pod is the destination; the agent connects to the application in the pod from
-    /// 127.0.0.6 (IPv6: ::1), a hop the kernel pairs for sk_msg.
+    /// 127.0.0.6 (IPv6: the destination address itself), a hop the kernel pairs for sk_msg.
     Inbound(Arc<Kernel>),
 }
 
@@ -324,7 +324,11 @@ fn inbound(
         source,
         netns: pl.netns.clone(),
         src_ip: Some(src),
-        dst: SocketAddr::new(crate::registry::normalize(local.ip()), local.port()),
+        dst: match local {
+            // A link-local destination keeps its scope (the interface it arrived on).
+            SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => local,
+            _ => SocketAddr::new(crate::registry::normalize(local.ip()), local.port()),
+        },
         direction: Direction::Inbound(px.kernel.clone()),
         probe_paths,
         _open: open,
