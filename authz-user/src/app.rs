@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Result;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::{
     admin::{self, Admin},
@@ -68,10 +68,17 @@ pub struct App {
     current: Config,
     heartbeat: Heartbeat,
     drain: drain::Trigger,
+    /// SIGTERM and SIGINT, listened for from the start of `build`: a signal that arrives once
+    /// the agent reports ready (or before) is kept for `run`, never the default action.
+    signals: Option<(Signal, Signal)>,
 }
 
 /// Loads, attaches, binds and enrolls; the agent is ready when this returns.
 pub async fn build(source: Source, cfg: Config) -> Result<App> {
+    let signals = Some((
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    ));
     // The admin endpoint first: alive (and not ready) while the API server is awaited.
     let metrics = Arc::new(Metrics::default());
     let admin = Arc::new(Admin {
@@ -172,14 +179,14 @@ pub async fn build(source: Source, cfg: Config) -> Result<App> {
         current: cfg,
         heartbeat,
         drain,
+        signals,
     })
 }
 
 impl App {
     /// Serves until SIGTERM or SIGINT, then stops (see `stop`).
     pub async fn run(mut self) -> Result<()> {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        let (mut term, mut int) = self.signals.take().expect("signals are taken once, here");
         let mut watch = tokio::time::interval(WATCH_EVERY);
         let mut retry = tokio::time::interval(RETRY_EVERY);
         loop {
