@@ -18,6 +18,17 @@ pub struct Workload {
     pub service_account: String,
 }
 
+impl Workload {
+    fn of(w: &crate::config::WorkloadSpec) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            labels: w.labels.clone(),
+            service_account: w.service_account.clone(),
+        })
+    }
+}
+
 /// An enrolled pod: a source of redirected traffic.
 #[derive(Debug, Clone)]
 pub struct Pod {
@@ -84,12 +95,7 @@ impl Registry {
             }));
         }
         for w in &cfg.peers {
-            let workload = Arc::new(Workload {
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                labels: w.labels.clone(),
-                service_account: w.service_account.clone(),
-            });
+            let workload = Workload::of(w);
             reg.by_name
                 .entry(format!("{}/{}", w.namespace, w.name))
                 .or_insert_with(|| workload.clone());
@@ -99,12 +105,7 @@ impl Registry {
             }
         }
         for w in &cfg.workloads {
-            let workload = Arc::new(Workload {
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                labels: w.labels.clone(),
-                service_account: w.service_account.clone(),
-            });
+            let workload = Workload::of(w);
             reg.by_name
                 .insert(format!("{}/{}", w.namespace, w.name), workload.clone());
             for ip in &w.ips {

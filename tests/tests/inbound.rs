@@ -14,22 +14,22 @@ struct Faq {
     agent: Agent,
 }
 
-fn faq(agent_extra: &str, extra_policies: &[(&str, &str)]) -> Faq {
-    let mut net = Net::new().unwrap();
-    net.attach_host().unwrap();
-    let sleep = net.host("sleep", 2).unwrap();
-    let gw = net.host("gw", 3).unwrap();
-    let internet = net.host("internet", 9).unwrap();
-    net.serve(&gw, "http", 80).unwrap();
+/// The agent on the FAQ's skip-path policies, with `sleep` and the gateway `gw` as pods.
+fn start_faq_agent(
+    sleep: &Host,
+    gw: &Host,
+    agent_extra: &str,
+    extra_policies: &[(&str, &str)],
+) -> Agent {
     let ra = std::fs::read_to_string(data_dir().join("faq/skip-path/requestauthentication.yaml"))
         .unwrap();
     let ap =
         std::fs::read_to_string(data_dir().join("faq/skip-path/authorizationpolicy.yaml")).unwrap();
     let cfg = format!(
         "agent: {{admin: \"{{ADMIN}}\"{agent_extra}}}\npods:\n{}{}policies: [policies]\n",
-        pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
+        pod_yaml(sleep, "foo", "{app: sleep}", "sleep"),
         pod_yaml(
-            &gw,
+            gw,
             "istio-system",
             "{istio: ingressgateway, app: istio-ingressgateway}",
             "istio-ingressgateway"
@@ -40,7 +40,17 @@ fn faq(agent_extra: &str, extra_policies: &[(&str, &str)]) -> Faq {
         ("policies/ap.yaml", ap.as_str()),
     ];
     files.extend_from_slice(extra_policies);
-    let agent = Agent::start_with_files(&cfg, &files).unwrap();
+    Agent::start_with_files(&cfg, &files).unwrap()
+}
+
+fn faq(agent_extra: &str, extra_policies: &[(&str, &str)]) -> Faq {
+    let mut net = Net::new().unwrap();
+    net.attach_host().unwrap();
+    let sleep = net.host("sleep", 2).unwrap();
+    let gw = net.host("gw", 3).unwrap();
+    let internet = net.host("internet", 9).unwrap();
+    net.serve(&gw, "http", 80).unwrap();
+    let agent = start_faq_agent(&sleep, &gw, agent_extra, extra_policies);
     Faq {
         net,
         sleep,
@@ -410,25 +420,7 @@ fn unlisted_ipv6_and_link_local_addresses_are_captured_too() {
     // One dual-stack server on every address of the pod.
     net.spawn(&gw, &testsrv(), &["http", "[::]:80"]).unwrap();
     wait_listening(&gw, 80).unwrap();
-    let ra = std::fs::read_to_string(data_dir().join("faq/skip-path/requestauthentication.yaml"))
-        .unwrap();
-    let ap =
-        std::fs::read_to_string(data_dir().join("faq/skip-path/authorizationpolicy.yaml")).unwrap();
-    let cfg = format!(
-        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}{}policies: [policies]\n",
-        pod_yaml(&sleep, "foo", "{app: sleep}", "sleep"),
-        pod_yaml(
-            &gw,
-            "istio-system",
-            "{app: istio-ingressgateway}",
-            "istio-ingressgateway"
-        ),
-    );
-    let agent = Agent::start_with_files(
-        &cfg,
-        &[("policies/ra.yaml", &ra), ("policies/ap.yaml", &ap)],
-    )
-    .unwrap();
+    let agent = start_faq_agent(&sleep, &gw, "", &[]);
     let outside = Client::Outside(&internet);
     for base in [
         format!("http://[fd77:{}::3]", net.subnet),

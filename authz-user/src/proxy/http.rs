@@ -219,15 +219,14 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
 
 fn append_forwarded_for(h: &mut http::HeaderMap, ip: std::net::IpAddr) {
     const XFF: &str = "x-forwarded-for";
-    let mut all: Vec<String> = h
-        .get_all(XFF)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_string)
-        .collect();
-    all.push(ip.to_string());
-    h.remove(XFF);
-    if let Ok(v) = http::HeaderValue::from_str(&all.join(", ")) {
+    // One header line: the values the client sent (if any), then this peer.
+    let mut line = String::new();
+    for v in h.get_all(XFF).iter().filter_map(|v| v.to_str().ok()) {
+        line.push_str(v);
+        line.push_str(", ");
+    }
+    let _ = std::fmt::Write::write_fmt(&mut line, format_args!("{ip}"));
+    if let Ok(v) = http::HeaderValue::from_str(&line) {
         h.insert(XFF, v);
     }
 }
