@@ -11,6 +11,9 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+/// Accept queue of the pods' listeners.
+const LISTEN_BACKLOG: libc::c_int = 1024;
+
 /// The agent's own network namespace, captured before any thread moves.
 static HOME: OnceLock<File> = OnceLock::new();
 
@@ -80,12 +83,16 @@ impl NetNs {
     /// A listening socket bound in this namespace, with SO_REUSEPORT so a new agent can listen
     /// beside the old one during a hot restart.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-        use nix::sys::socket::{bind, listen, setsockopt, sockopt, Backlog, SockaddrStorage};
+        use nix::sys::socket::{bind, setsockopt, sockopt, SockaddrStorage};
         let fd = self.tcp_socket(&addr)?;
         setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         setsockopt(&fd, sockopt::ReusePort, &true)?;
         bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-        listen(&fd, Backlog::new(1024)?)?;
+        // The kernel caps the backlog at net.core.somaxconn. Not nix's Backlog: it refuses more
+        // than the C library's SOMAXCONN, which is 128 in musl (the image's agent).
+        if unsafe { libc::listen(fd.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(std::net::TcpListener::from(fd))
     }
 }

@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod container;
 pub mod fakeapi;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -960,4 +961,47 @@ impl Drop for HttpsFile {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Helm: `AUTHZ_HELM`, else target/tools/helm, else `helm` on PATH. None (the test says why and
+/// skips) only outside CI and `cargo xtask test`, which installs it.
+pub fn helm() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("AUTHZ_HELM").map(PathBuf::from),
+        Some(target_dir().join("tools/helm")),
+        Some(PathBuf::from("helm")),
+    ];
+    for c in candidates.into_iter().flatten() {
+        if Command::new(&c)
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Some(c);
+        }
+    }
+    if std::env::var_os("CI").is_some() || std::env::var_os("AUTHZ_HELM").is_some() {
+        panic!("helm not found (cargo xtask setup installs it under target/tools)");
+    }
+    eprintln!("skipped: helm not found (`cargo xtask test` installs it under target/tools)");
+    None
+}
+
+/// The chart in deploy/helm rendered with `--set` values, as installed in authz-system.
+pub fn helm_template(helm: &Path, set: &[&str]) -> String {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/authz-agent");
+    let mut c = Command::new(helm);
+    c.args(["template", "authz-agent"])
+        .arg(&chart)
+        .args(["--namespace", "authz-system"]);
+    for s in set {
+        c.args(["--set", s]);
+    }
+    let out = c.output().expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("helm output is UTF-8")
 }

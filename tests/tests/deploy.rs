@@ -2,7 +2,12 @@
 //! document is read as its k8s-openapi type and written back: a field the type does not know
 //! (a typo) would be lost on the way, so the round trip must give the document back unchanged.
 //! No cluster needed; Helm renders the chart (`cargo xtask test` installs it).
-use std::{collections::BTreeMap, path::PathBuf, process::Command};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use authz_tests::{helm, helm_template};
 
 use k8s_openapi::{
     api::{
@@ -115,50 +120,10 @@ fn manifests() -> Objects {
     out
 }
 
-/// Helm: `AUTHZ_HELM`, else target/tools/helm, else `helm` on PATH.
-fn helm() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("AUTHZ_HELM").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/helm")),
-        Some(PathBuf::from("helm")),
-    ];
-    for c in candidates.into_iter().flatten() {
-        if Command::new(&c)
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return Some(c);
-        }
-    }
-    if std::env::var_os("CI").is_some() || std::env::var_os("AUTHZ_HELM").is_some() {
-        panic!("helm not found (cargo xtask setup installs it under target/tools)");
-    }
-    eprintln!("skipped: helm not found (`cargo xtask test` installs it under target/tools)");
-    None
-}
-
-fn render(helm: &PathBuf, set: &[&str]) -> Objects {
-    let chart = deploy_dir().join("helm/authz-agent");
-    let mut c = Command::new(helm);
-    c.args(["template", "authz-agent"])
-        .arg(&chart)
-        .args(["--namespace", "authz-system"]);
-    for s in set {
-        c.args(["--set", s]);
-    }
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn render(helm: &Path, set: &[&str]) -> Objects {
+    let text = helm_template(helm, set);
     let mut objs = Objects::default();
-    parse(
-        &String::from_utf8(out.stdout).unwrap(),
-        "helm template",
-        &mut objs,
-    );
+    parse(&text, "helm template", &mut objs);
     objs
 }
 
@@ -342,7 +307,7 @@ fn manifests_are_complete_objects() {
 #[test]
 fn helm_chart_renders_the_same_objects() {
     let Some(helm) = helm() else { return };
-    let lint = Command::new(&helm)
+    let lint = std::process::Command::new(&helm)
         .arg("lint")
         .arg(deploy_dir().join("helm/authz-agent"))
         .output()

@@ -1,7 +1,8 @@
 //! `cargo xtask ...`: everything that is not a plain `cargo build`.
 //!   setup  install the eBPF toolchain and test tools when missing
 //!   build  setup + release build of the agent (eBPF object embedded)
-//!   test   setup + fmt + clippy + build + unit tests + privileged end-to-end tests + fuzzing
+//!   test   setup + fmt + clippy + build + unit tests + image + privileged end-to-end tests
+//!          (one runs the image under containerd) + the 6.1 VM lane + fuzzing
 //!   demo   setup + build + the skip-path scenario on demo pods, as a table
 //!   image  the agent's OCI image (static, on scratch) with buildah
 //!   vm-test  the kernel-path tests on Debian's 6.1 or 6.12 kernel in a VM (or the host's)
@@ -192,11 +193,15 @@ fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
         bail!("the end-to-end tests need root (they create network namespaces and load eBPF programs)");
     }
     let helm = setup::helm()?;
+    // The image, for the test that runs it under containerd as the DaemonSet does.
+    let image = image::build(env)?;
+    setup::apt_packages(&["containerd"])?;
     let mut c = cargo(env);
     c.args(["test", "--release", "-p", "authz-tests"])
         .args(extra)
         .env("AUTHZ_AGENT_BIN", root().join("target/release/authz-agent"))
         .env("AUTHZ_HELM", helm)
+        .env("AUTHZ_IMAGE", image)
         .args(["--", "--test-threads=2"]);
     run(c)?;
     // The kernel-path lane again on the oldest kernel we claim (Debian 12's 6.1), in a VM. A

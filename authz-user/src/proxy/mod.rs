@@ -160,6 +160,16 @@ impl PodListeners {
         match netns.enter(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
             Ok(Ok(())) => {}
             Ok(Err(e)) | Err(e) => {
+                // Said once: it is the same for every pod (a capabilities-only container has a
+                // read-only /proc/sys).
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "tcp_migrate_req cannot be set in pods' network namespaces ({e}): \
+                         connections waiting in a listener's queue during a hot restart are \
+                         reset instead of moved to the new agent"
+                    )
+                });
                 tracing::debug!(pod = %name, "tcp_migrate_req not set: {e}")
             }
         }
