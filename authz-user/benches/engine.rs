@@ -70,7 +70,7 @@ fn decide(c: &mut Criterion) {
     let w = Workload {
         name: "httpbin".into(),
         namespace: "foo".into(),
-        labels: BTreeMap::from([("app".into(), "httpbin".into())]),
+        labels: BTreeMap::from([("app".into(), "httpbin".into())]).into(),
         service_account: "httpbin".into(),
     };
     let mut headers = HeaderMap::new();

@@ -3,7 +3,10 @@
 //!   cargo bench -p authz-user --bench kube
 use std::{path::PathBuf, sync::Arc};
 
-use authz::kubernetes::snapshot::{desired, Policies};
+use authz::kubernetes::{
+    pods::PodRecord,
+    snapshot::{desired, Policies},
+};
 use criterion::{criterion_group, criterion_main, Criterion};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::core::DynamicObject;
@@ -14,7 +17,7 @@ const SERVICES: usize = 2_000;
 const NAMESPACES: usize = 100;
 const POLICIES: usize = 1_000;
 
-type Cluster = (Vec<Arc<Pod>>, Vec<Arc<Namespace>>, Vec<Arc<Service>>);
+type Cluster = (Vec<Arc<PodRecord>>, Vec<Arc<Namespace>>, Vec<Arc<Service>>);
 
 fn cluster() -> Cluster {
     let namespaces = (0..NAMESPACES)
@@ -29,8 +32,7 @@ fn cluster() -> Cluster {
     let pods = (0..PODS)
         .map(|i| {
             let ip = format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256 + 1);
-            Arc::new(
-                serde_json::from_value(json!({
+            let pod: Pod = serde_json::from_value(json!({
                     "metadata": {"name": format!("p{i}"), "namespace": format!("ns{}", i % NAMESPACES),
                                  "uid": format!("00000000-0000-4000-8000-{i:012}"),
                                  "labels": {"app": format!("app{}", i % SERVICES)}},
@@ -39,8 +41,8 @@ fn cluster() -> Cluster {
                     "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
                                "conditions": [{"type": "Ready", "status": "True"}]},
                 }))
-                .unwrap(),
-            )
+                .unwrap();
+            Arc::new(PodRecord::from_pod(&pod).unwrap())
         })
         .collect();
     let services = (0..SERVICES)

@@ -50,7 +50,9 @@ enum Input {
     },
     Kube {
         k: Box<KubeInput>,
+        /// The last update: what it cost, and when it ended.
         last_cost: Duration,
+        last_end: Instant,
     },
 }
 
@@ -99,6 +101,7 @@ pub async fn build(source: Source, cfg: Config) -> Result<App> {
             let input = Input::Kube {
                 k: Box::new(k),
                 last_cost: Duration::ZERO,
+                last_end: Instant::now(),
             };
             (input, cfg, set)
         }
@@ -253,16 +256,30 @@ impl App {
 
     /// Kubernetes mode: the stores changed.
     async fn cluster_changed(&mut self) {
-        let Input::Kube { last_cost, .. } = &self.input else {
+        let Input::Kube {
+            last_cost,
+            last_end,
+            ..
+        } = &self.input
+        else {
             return;
         };
         // Let a burst of events (a relist, `kubectl apply -f dir/`) settle into one update, and
-        // on a large, busy cluster keep updates to about a tenth of a core.
-        tokio::time::sleep((*last_cost * 10).clamp(KUBE_SETTLE, KUBE_SETTLE_MAX)).await;
+        // on a large, busy cluster keep updates to about a tenth of a core: the next starts no
+        // sooner than nine times the last one's cost after it ended. After a quiet spell a
+        // change waits only for the burst to settle.
+        let duty = (*last_cost * 9).saturating_sub(last_end.elapsed());
+        tokio::time::sleep(duty.clamp(KUBE_SETTLE, KUBE_SETTLE_MAX)).await;
         let started = Instant::now();
         self.apply_snapshot();
-        if let Input::Kube { last_cost, .. } = &mut self.input {
+        if let Input::Kube {
+            last_cost,
+            last_end,
+            ..
+        } = &mut self.input
+        {
             *last_cost = started.elapsed();
+            *last_end = Instant::now();
         }
         *self.admin.dump.write().unwrap() = Arc::new(self.current.clone());
     }

@@ -29,7 +29,15 @@ pub struct Config {
     /// Kubernetes mode only: mesh pods of other nodes. Their node's agent decides their
     /// traffic; here they are identities by address (and Service backends), never decided.
     #[serde(skip)]
-    pub peers: Vec<WorkloadSpec>,
+    pub peers: Vec<Peer>,
+}
+
+/// Kubernetes mode: a mesh pod of the cluster, by address. Its workload is the one the pod
+/// store holds, shared (not copied) by the config in force and the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peer {
+    pub workload: std::sync::Arc<crate::registry::Workload>,
+    pub ips: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

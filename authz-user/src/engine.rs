@@ -545,7 +545,7 @@ mod tests {
         Workload {
             name: "httpbin".into(),
             namespace: "foo".into(),
-            labels: BTreeMap::from([("app".into(), "httpbin".into())]),
+            labels: BTreeMap::from([("app".into(), "httpbin".into())]).into(),
             service_account: "httpbin".into(),
         }
     }

@@ -37,7 +37,7 @@ fn decide(
     let w = Workload {
         name: "app".into(),
         namespace: "foo".into(),
-        labels: BTreeMap::from([("app".into(), "app".into())]),
+        labels: BTreeMap::from([("app".into(), "app".into())]).into(),
         service_account: "app".into(),
     };
     let mut h = HeaderMap::new();

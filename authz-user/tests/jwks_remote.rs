@@ -96,7 +96,7 @@ async fn decide(e: &Engine, token: &str) -> Decision {
     let w = Workload {
         name: "w".into(),
         namespace: "foo".into(),
-        labels: BTreeMap::new(),
+        labels: BTreeMap::new().into(),
         service_account: "w".into(),
     };
     let mut h = HeaderMap::new();

@@ -833,28 +833,84 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
             .body(ChanBody(rx).boxed())
             .unwrap();
     }
-    let st_items;
-    let rv;
-    {
+    // Pages as a real API server serves them: `limit` items, then a `continue` token naming where
+    // the next page starts; every page carries the first page's resourceVersion.
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let resume = match q.get("continue").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(token) => match decode_continue(token) {
+            Some(r) => Some(r),
+            None => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    status(400, "BadRequest", "continue key is not valid"),
+                )
+            }
+        },
+    };
+    let (rv, page, more) = {
         let mut st = shared.state.lock().unwrap();
         *st.lists.entry(plural).or_default() += 1;
-        rv = st.rv;
-        st_items = st
-            .objects
-            .get(plural)
-            .map(|m| m.values().cloned().collect::<Vec<_>>())
-            .unwrap_or_default();
+        let (rv, after) = resume.unwrap_or((st.rv, String::new()));
+        let mut page = Vec::new();
+        let mut more = None;
+        let mut last_served = None;
+        if let Some(objects) = st.objects.get(plural) {
+            let mut rest = objects
+                .range::<String, _>((
+                    std::ops::Bound::Excluded(&after),
+                    std::ops::Bound::Unbounded,
+                ))
+                .filter(|(_, o)| select(o));
+            for (key, o) in rest.by_ref() {
+                page.push(versioned(o.clone()));
+                if page.len() == limit {
+                    last_served = Some(key.clone());
+                    break;
+                }
+            }
+            if let Some(last) = last_served {
+                let remaining = rest.count();
+                if remaining > 0 {
+                    more = Some((encode_continue(rv, &last), remaining));
+                }
+            }
+        }
+        (rv, page, more)
+    };
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if let Some((token, remaining)) = more {
+        meta["continue"] = json!(token);
+        meta["remainingItemCount"] = json!(remaining);
     }
-    let items: Vec<Value> = st_items
-        .into_iter()
-        .filter(|o| select(o))
-        .map(versioned)
-        .collect();
     reply(
         StatusCode::OK,
         json!({"kind": format!("{kind}List"), "apiVersion": api_version,
-               "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+               "metadata": meta, "items": page}),
     )
+}
+
+/// A list's `continue` token: the snapshot's resourceVersion and the last key served, in hex
+/// (opaque to clients, as the API server's is).
+fn encode_continue(rv: u64, last: &str) -> String {
+    format!("{rv}:{last}")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn decode_continue(token: &str) -> Option<(u64, String)> {
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let (rv, last) = text.split_once(':')?;
+    Some((rv.parse().ok()?, last.to_string()))
 }
 
 /// A Namespace, labelled for enforcement when `enforce`.

@@ -167,8 +167,11 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     let f = fixture(api);
     let mut locate = |uid: &str| Ok((format!("/cg/{uid}").into(), format!("/ns/{uid}").into()));
     let d = f.cluster.desired("node-a", true, &mut locate);
-    let names =
-        |v: &[authz::config::WorkloadSpec]| v.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
+    let names = |v: &[authz::config::Peer]| {
+        v.iter()
+            .map(|p| p.workload.name.clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         names(&d.peers),
         ["local", "remote"],
@@ -183,28 +186,15 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     assert_eq!(d.pods[0].service_account, "sa-a");
     assert_eq!(d.services.len(), 1);
     assert_eq!(d.services[0].ports[0].target_port, Some(8080));
-    // The store keeps only what is read.
+    // The store keeps the agent's record of each pod: what it reads, parsed.
     let p = f
         .cluster
         .pods
         .state()
         .into_iter()
-        .find(|p| p.metadata.name.as_deref() == Some("local"))
+        .find(|p| p.name() == "local")
         .unwrap();
-    assert!(p.metadata.managed_fields.is_none());
-    assert!(
-        p.spec.as_ref().unwrap().containers.is_empty(),
-        "containers are not kept"
-    );
-    assert!(p
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .as_ref()
-        .unwrap()
-        .iter()
-        .all(|c| c.type_ == "Ready"));
+    assert_eq!((&*p.node, p.ready, p.running), ("node-a", true, true));
 
     // Labelling a namespace brings its pods in; a pod leaving takes its address out.
     f.api.apply(fakeapi::namespace("other", true));
@@ -380,5 +370,30 @@ fn the_api_server_holds_rbac_and_answers_with_status_objects() {
     assert!(
         unused.contains(&"watch security.istio.io/authorizationpolicies".to_string()),
         "{unused:?}"
+    );
+}
+
+/// A large first list comes in pages, as a real API server serves it (`limit` and `continue`),
+/// and every pod is in the store once.
+#[test]
+fn the_first_list_is_paged() {
+    let api = FakeApi::start().unwrap();
+    for i in 0..1200 {
+        api.apply(fakeapi::pod(
+            "mesh",
+            &format!("p{i:04}"),
+            &format!("00000000-0000-4000-8000-{i:012}"),
+            "node-b",
+            &format!("10.2.{}.{}", i / 250, i % 250 + 1),
+            json!({"app": "a"}),
+            "default",
+        ));
+    }
+    let f = fixture(api);
+    assert_eq!(f.cluster.pods.len(), 1200);
+    assert!(
+        f.api.lists("pods") >= 3,
+        "pages of at most 500: {} lists",
+        f.api.lists("pods")
     );
 }

@@ -83,18 +83,8 @@ impl KubeInput {
         metrics: &Metrics,
     ) -> (Config, crate::policy::PolicySet) {
         let pods = self.cluster.pods.state();
-        let live: HashMap<&str, Vec<IpAddr>> = pods
-            .iter()
-            .filter_map(|p| {
-                let ips = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.pod_ips.as_ref())
-                    .map(|v| v.iter().filter_map(|i| i.ip.parse().ok()).collect())
-                    .unwrap_or_default();
-                Some((p.metadata.uid.as_deref()?, ips))
-            })
-            .collect();
+        let live: HashMap<&str, Vec<IpAddr>> =
+            pods.iter().map(|p| (&*p.uid, p.ips.to_vec())).collect();
         self.located
             .retain(|uid, (ips, _, _)| live.get(uid.as_str()) == Some(ips));
         let root = self.cgroup_root.clone();

@@ -21,13 +21,14 @@ pub mod discover;
 pub mod events;
 #[cfg(feature = "kernel")]
 pub mod input;
+pub mod pods;
 pub mod snapshot;
 
 pub const ISTIO_GROUP: &str = "security.istio.io";
 
 /// The stores, and a signal raised whenever one of them changes.
 pub struct Cluster {
-    pub pods: Store<Pod>,
+    pub pods: pods::PodStore,
     pub namespaces: Store<Namespace>,
     pub services: Store<Service>,
     pub request_authentications: Store<DynamicObject>,
@@ -81,65 +82,6 @@ fn istio_resource(version: &str, kind: &str, plural: &str) -> ApiResource {
         api_version: format!("{ISTIO_GROUP}/{version}"),
         kind: kind.into(),
         plural: plural.into(),
-    }
-}
-
-/// Keeps only what the agent reads of a pod, so the store stays small on large clusters.
-fn trim_pod(p: &mut Pod) {
-    let m = &mut p.metadata;
-    m.managed_fields = None;
-    m.owner_references = None;
-    m.finalizers = None;
-    m.generate_name = None;
-    if let Some(a) = &mut m.annotations {
-        a.retain(|k, _| {
-            k == snapshot::EXCLUDE_ANNOTATION || k == snapshot::EXCLUDE_INBOUND_PORTS_ANNOTATION
-        });
-    }
-    if let Some(s) = &mut p.spec {
-        // kubelet's probes, kept as one short string: they pass the pod's policies.
-        let probes = snapshot::probe_lines(s);
-        if !probes.is_empty() {
-            m.annotations
-                .get_or_insert_with(Default::default)
-                .insert(snapshot::PROBES_KEY.into(), probes.join("\n"));
-        }
-        // Named container ports (for services' named targetPorts) kept as one short string; the
-        // containers themselves go (a `Container` is kilobytes even when empty).
-        let named: Vec<String> = s
-            .containers
-            .iter()
-            .flat_map(|c| c.ports.iter().flatten())
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-            .filter_map(|p| {
-                let name = p.name.as_deref()?;
-                // A name with the list's separators could forge another entry: dropped.
-                (!name.contains([',', '='])).then(|| format!("{name}={}", p.container_port))
-            })
-            .collect();
-        if !named.is_empty() {
-            m.annotations
-                .get_or_insert_with(Default::default)
-                .insert(snapshot::NAMED_PORTS_KEY.into(), named.join(","));
-        }
-        *s = k8s_openapi::api::core::v1::PodSpec {
-            node_name: s.node_name.take(),
-            service_account_name: s.service_account_name.take(),
-            host_network: s.host_network,
-            ..Default::default()
-        };
-    }
-    if let Some(st) = &mut p.status {
-        *st = k8s_openapi::api::core::v1::PodStatus {
-            phase: st.phase.take(),
-            pod_ip: st.pod_ip.take(),
-            pod_ips: st.pod_ips.take(),
-            conditions: st
-                .conditions
-                .take()
-                .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
-            ..Default::default()
-        };
     }
 }
 
@@ -207,6 +149,28 @@ fn spawn_watch<K>(
     });
 }
 
+/// Runs the pod watcher into the agent's own store: a pod is kept as a `PodRecord`, and only an
+/// update that changes one wakes the agent.
+fn spawn_pod_watch(api: Api<Pod>, store: pods::PodStore, changed: Arc<Notify>) {
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ev) => {
+                    if store.apply(ev) {
+                        changed.notify_one();
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    resource = "pods",
+                    "watch: {e}; retrying, the last state stays in force"
+                ),
+            }
+        }
+    });
+}
+
 impl Cluster {
     /// Starts the watchers and waits until every store has its first full list.
     pub async fn start(client: Client, istio_api_version: Option<String>) -> Result<Cluster> {
@@ -228,12 +192,10 @@ impl Cluster {
             }
         };
         let changed = Arc::new(Notify::new());
-        let (pods, w) = reflector::store();
-        spawn_watch(
-            "pods",
+        let pods = pods::PodStore::default();
+        spawn_pod_watch(
             Api::<Pod>::all(client.clone()),
-            w,
-            trim_pod,
+            pods.clone(),
             changed.clone(),
         );
         let (namespaces, w) = reflector::store();
@@ -323,40 +285,5 @@ impl Cluster {
             enroll_all,
             locate,
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn trimmed_pods_keep_what_is_read_and_nothing_forged() {
-        let mut p: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "a", "namespace": "n", "uid": "u", "labels": {"app": "a"},
-                "annotations": {"authz.io/exclude": "true", "big": "x", snapshot::NAMED_PORTS_KEY: "http=1"},
-                "managedFields": [{"manager": "m"}]},
-            "spec": {"nodeName": "node", "serviceAccountName": "sa", "containers": [
-                {"name": "c", "image": "i", "ports": [
-                    {"name": "http", "containerPort": 8080}, {"name": "dns", "containerPort": 53, "protocol": "UDP"},
-                    {"name": "x=1,http", "containerPort": 9}, {"containerPort": 7}]}]},
-            "status": {"phase": "Running", "podIP": "10.0.0.1",
-                "conditions": [{"type": "Ready", "status": "True"}, {"type": "Initialized", "status": "True"}]}
-        }))
-        .unwrap();
-        trim_pod(&mut p);
-        let a = p.metadata.annotations.as_ref().unwrap();
-        assert_eq!(
-            a.get(snapshot::NAMED_PORTS_KEY).map(String::as_str),
-            Some("http=8080")
-        );
-        assert!(a.contains_key("authz.io/exclude") && !a.contains_key("big"));
-        assert!(p.metadata.managed_fields.is_none());
-        let spec = p.spec.as_ref().unwrap();
-        assert!(spec.containers.is_empty());
-        assert_eq!(spec.node_name.as_deref(), Some("node"));
-        assert_eq!(spec.service_account_name.as_deref(), Some("sa"));
-        let conditions = p.status.as_ref().unwrap().conditions.as_ref().unwrap();
-        assert_eq!(conditions.len(), 1);
     }
 }

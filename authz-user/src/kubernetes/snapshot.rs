@@ -2,17 +2,18 @@
 //! the workload addresses to enforce, the services, and the policies. Pure: no I/O but the
 //! `locate` callback the caller passes for this node's pods.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::core::DynamicObject;
 
+use super::pods::PodRecord;
 use crate::{
-    config::{PodSpec, ServicePort, ServiceSpec, WorkloadSpec},
+    config::{Peer, PodSpec, ServicePort, ServiceSpec},
     policy::{load_str, PolicySet, Problem},
 };
 
@@ -30,7 +31,7 @@ pub struct Desired {
     pub pods: Vec<PodSpec>,
     /// Mesh pods anywhere in the cluster, by address: each is decided at its own node (this
     /// node's, through `pods`), so here they are identities and Service backends.
-    pub peers: Vec<WorkloadSpec>,
+    pub peers: Vec<Peer>,
     pub services: Vec<ServiceSpec>,
     /// Pods of this node that should be enrolled but cannot be yet, and why.
     pub not_enrolled: Vec<NotEnrolled>,
@@ -50,97 +51,25 @@ pub struct NotEnrolled {
 pub type Locate<'a> =
     dyn FnMut(&str) -> Result<(PathBuf, PathBuf), super::discover::LocateError> + 'a;
 
-fn name_of(p: &Pod) -> String {
-    format!(
-        "{}/{}",
-        p.metadata.namespace.as_deref().unwrap_or(""),
-        p.metadata.name.as_deref().unwrap_or("")
-    )
-}
-
-/// Not on the host's network, and not finished (a finished pod's address is reused).
-fn has_own_network(pod: &Pod) -> bool {
-    let host_network = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false);
-    let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    !host_network && !finished
+fn name_of(p: &PodRecord) -> String {
+    format!("{}/{}", p.namespace(), p.name())
 }
 
 /// Pods whose policies are enforced (protected destinations): in a labelled namespace or
 /// labelled themselves, not excluded, with a network of their own.
-pub fn in_mesh(pod: &Pod, enforced_namespaces: &HashSet<&str>) -> bool {
-    let m = &pod.metadata;
-    let labelled = m
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(ENFORCE_LABEL))
-        .is_some_and(|v| v == ENFORCE_VALUE);
-    let ns_labelled = m
-        .namespace
-        .as_deref()
-        .is_some_and(|ns| enforced_namespaces.contains(ns));
-    let excluded = m
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(EXCLUDE_ANNOTATION))
-        .is_some_and(|v| v == "true");
-    (labelled || ns_labelled) && !excluded && has_own_network(pod)
-}
-
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(st) = pod.status.as_ref() else {
-        return vec![];
-    };
-    let mut ips: Vec<IpAddr> = st
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
-    if let Some(ip) = st.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
-    ips.retain(|ip: &IpAddr| !ip.is_loopback() && !ip.is_unspecified());
-    ips
+pub fn in_mesh(pod: &PodRecord, enforced_namespaces: &HashSet<&str>) -> bool {
+    (pod.enforce_label || enforced_namespaces.contains(pod.namespace()))
+        && !pod.excluded
+        && pod.has_own_network()
 }
 
 /// Istio's annotation for ports the sidecar does not capture inbound (comma-separated). A value
 /// that does not parse, or too many ports, excludes nothing: capture is the safe side.
 pub const EXCLUDE_INBOUND_PORTS_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 
-fn excluded_inbound_ports(pod: &Pod) -> Vec<u16> {
-    let Some(v) = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(EXCLUDE_INBOUND_PORTS_ANNOTATION))
-    else {
-        return vec![];
-    };
-    let ports: Option<Vec<u16>> = v
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| p.parse().ok().filter(|p| *p != 0))
-        .collect();
-    match ports {
-        Some(p) if p.len() <= crate::config::MAX_EXCLUDED_INBOUND_PORTS => p,
-        _ => vec![],
-    }
-}
-
 pub fn desired(
     node: &str,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<PodRecord>],
     namespaces: &[Arc<Namespace>],
     services: &[Arc<Service>],
     enroll_all: bool,
@@ -158,41 +87,24 @@ pub fn desired(
         .filter_map(|n| n.metadata.name.as_deref())
         .collect();
     let mut out = Desired::default();
-    let mut sorted: Vec<&Arc<Pod>> = pods.iter().collect();
+    let mut sorted: Vec<&Arc<PodRecord>> = pods.iter().collect();
     // Where two pods claim one address (one terminating, its address already given to a new
     // pod), the first claimant keeps it: pods being deleted come last.
-    fn key(p: &Pod) -> (bool, &str, &str) {
-        let m = &p.metadata;
-        (
-            m.deletion_timestamp.is_some(),
-            m.namespace.as_deref().unwrap_or(""),
-            m.name.as_deref().unwrap_or(""),
-        )
-    }
-    sorted.sort_by(|a, b| key(a).cmp(&key(b)));
-    let mut taken: HashMap<IpAddr, &Arc<Pod>> = HashMap::new();
+    sorted.sort_unstable_by(|a, b| {
+        (a.deleting, a.namespace(), a.name()).cmp(&(b.deleting, b.namespace(), b.name()))
+    });
+    let mut taken: HashMap<IpAddr, &Arc<PodRecord>> = HashMap::new();
     for pod in sorted {
         let mesh = in_mesh(pod, &enforced_ns);
-        let local = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+        let local = &*pod.node == node;
         // Every pod of the node with a network of its own is steered as a client (unless
         // enrollment is limited to the mesh), for Service addresses; mesh pods are also
         // captured inbound.
-        let enroll = local && has_own_network(pod) && (mesh || enroll_all);
+        let enroll = local && pod.has_own_network() && (mesh || enroll_all);
         if !mesh && !enroll {
             continue;
         }
-        let m = &pod.metadata;
-        let (Some(name), Some(namespace)) = (m.name.clone(), m.namespace.clone()) else {
-            continue;
-        };
-        let labels: BTreeMap<String, String> = m.labels.clone().unwrap_or_default();
-        let service_account = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into());
-        let mut ips = pod_ips(pod);
+        let mut ips = pod.ips.to_vec();
         if mesh {
             // Two pods claiming one address: the first keeps it (a live pod before one being
             // deleted, then by namespace/name), so traffic to it never meets two sets of policies.
@@ -211,11 +123,8 @@ pub fn desired(
                 taken.insert(*ip, pod);
             }
             if !ips.is_empty() {
-                out.peers.push(WorkloadSpec {
-                    name: name.clone(),
-                    namespace: namespace.clone(),
-                    labels: labels.clone(),
-                    service_account: service_account.clone(),
+                out.peers.push(Peer {
+                    workload: pod.workload.clone(),
                     ips: ips.clone(),
                 });
             }
@@ -223,38 +132,35 @@ pub fn desired(
         if !enroll {
             continue;
         }
-        let uid = m.uid.clone().unwrap_or_default();
-        match locate(&uid) {
+        let w = &pod.workload;
+        match locate(&pod.uid) {
             Ok((cgroup, netns)) => out.pods.push(PodSpec {
-                name,
-                namespace,
-                labels,
-                service_account,
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                labels: w.labels.to_map(),
+                service_account: w.service_account.clone(),
                 netns,
                 cgroup,
                 ips,
                 // Mesh pods are captured inbound; other pods of the node are only clients.
                 inbound: mesh,
-                exclude_inbound_ports: excluded_inbound_ports(pod),
-                probes: probes(pod),
+                exclude_inbound_ports: pod.exclude_inbound_ports.to_vec(),
+                probes: pod.probes.to_vec(),
             }),
             Err(reason) => out.not_enrolled.push(NotEnrolled {
-                namespace,
-                name,
-                uid,
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                uid: pod.uid.to_string(),
                 reason,
             }),
         }
     }
     // Pods by (namespace, label, value): a service's candidates are the pods carrying the first
     // pair of its selector, not every pod of its namespace.
-    let mut by_label: HashMap<(&str, &str, &str), Vec<&Arc<Pod>>> = HashMap::new();
+    let mut by_label: HashMap<(&str, &str, &str), Vec<&Arc<PodRecord>>> = HashMap::new();
     for p in pods {
-        let Some(ns) = p.metadata.namespace.as_deref() else {
-            continue;
-        };
-        for (k, v) in p.metadata.labels.iter().flatten() {
-            by_label.entry((ns, k, v)).or_default().push(p);
+        for (k, v) in p.workload.labels.iter() {
+            by_label.entry((p.namespace(), k, v)).or_default().push(p);
         }
     }
     for s in services {
@@ -318,8 +224,8 @@ pub fn desired(
 /// no selector has none (its endpoints are managed by hand; not enforced by address).
 fn backends(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    pods: &[&Arc<Pod>],
-    live: &HashMap<IpAddr, &Arc<Pod>>,
+    pods: &[&Arc<PodRecord>],
+    live: &HashMap<IpAddr, &Arc<PodRecord>>,
 ) -> Vec<crate::config::ServiceBackend> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
@@ -327,26 +233,16 @@ fn backends(
     };
     let mut out = Vec::new();
     for pod in pods {
-        let m = &pod.metadata;
-        if m.deletion_timestamp.is_some() {
+        if pod.deleting || !pod.ready || !pod.running {
             continue;
         }
-        let labels = m.labels.as_ref();
+        let labels = &pod.workload.labels;
         if !selector
             .iter()
-            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            .all(|(k, v)| labels.get(k) == Some(v.as_str()))
         {
             continue;
         }
-        let st = pod.status.as_ref();
-        let ready = st
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        let running = st.and_then(|s| s.phase.as_deref()) == Some("Running");
-        if !ready || !running {
-            continue;
-        }
-        let named = |name: &str| named_port(pod, name);
         let ports: Vec<ServicePort> = spec
             .ports
             .iter()
@@ -357,7 +253,7 @@ fn backends(
                 let target = match &p.target_port {
                     None => port,
                     Some(IntOrString::Int(t)) => u16::try_from(*t).ok()?,
-                    Some(IntOrString::String(name)) => named(name)?,
+                    Some(IntOrString::String(name)) => pod.named_port(name)?,
                 };
                 Some(ServicePort {
                     port,
@@ -365,7 +261,7 @@ fn backends(
                 })
             })
             .collect();
-        for ip in pod_ips(pod) {
+        for ip in pod.ips.iter().copied() {
             // An address two pods claim is nobody's.
             if live.get(&ip).is_some_and(|owner| !Arc::ptr_eq(owner, pod)) {
                 continue;
@@ -378,108 +274,6 @@ fn backends(
     }
     out.sort_by_key(|b| b.ip);
     out
-}
-
-/// Where the agent keeps a pod's named container ports once the containers are trimmed away
-/// (`name=port,...`): a whole `Container` per pod would cost kilobytes.
-pub const NAMED_PORTS_KEY: &str = "authz.io/internal-named-ports";
-
-/// Where the agent keeps a pod's kubelet probes once the containers are trimmed away, one per
-/// line: `http PORT PATH`, `tcp PORT`, `grpc PORT`.
-pub const PROBES_KEY: &str = "authz.io/internal-probes";
-
-/// The liveness, readiness and startup probes of a pod spec's containers, in `PROBES_KEY` form;
-/// a named port is resolved against the containers' ports, an unresolvable one dropped.
-pub fn probe_lines(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    let port = |p: &IntOrString| -> Option<u16> {
-        match p {
-            IntOrString::Int(n) => u16::try_from(*n).ok(),
-            IntOrString::String(name) => spec
-                .containers
-                .iter()
-                .flat_map(|c| c.ports.iter().flatten())
-                .find(|cp| cp.name.as_deref() == Some(name.as_str()))
-                .and_then(|cp| u16::try_from(cp.container_port).ok()),
-        }
-    };
-    let mut out: Vec<String> = spec
-        .containers
-        .iter()
-        .flat_map(|c| [&c.liveness_probe, &c.readiness_probe, &c.startup_probe])
-        .flatten()
-        .filter_map(|p| {
-            if let Some(h) = &p.http_get {
-                let path = h.path.as_deref().unwrap_or("/");
-                // kubelet sends the path as written; one that could break the line form is
-                // dropped (and so gets no exemption).
-                if path.contains(['\n', '\r', ' ']) || !path.starts_with('/') {
-                    return None;
-                }
-                return Some(format!("http {} {path}", port(&h.port)?));
-            }
-            if let Some(t) = &p.tcp_socket {
-                return Some(format!("tcp {}", port(&t.port)?));
-            }
-            let g = p.grpc.as_ref()?;
-            Some(format!("grpc {}", u16::try_from(g.port).ok()?))
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
-fn probes(pod: &Pod) -> Vec<crate::config::Probe> {
-    use crate::config::Probe;
-    let lines = match pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(PROBES_KEY))
-    {
-        Some(v) => v.lines().map(str::to_string).collect(),
-        None => pod.spec.as_ref().map(probe_lines).unwrap_or_default(),
-    };
-    lines
-        .iter()
-        .filter_map(|l| {
-            let mut f = l.splitn(3, ' ');
-            let (kind, port) = (f.next()?, f.next()?.parse().ok()?);
-            Some(match kind {
-                "http" => Probe::Http {
-                    port,
-                    path: f.next()?.to_string(),
-                },
-                "tcp" => Probe::Tcp { port },
-                "grpc" => Probe::Grpc { port },
-                _ => return None,
-            })
-        })
-        .collect()
-}
-
-/// A named container port of the pod: from the trimmed form, or from the containers.
-fn named_port(pod: &Pod, name: &str) -> Option<u16> {
-    if let Some(list) = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(NAMED_PORTS_KEY))
-    {
-        return list
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == name)
-            .and_then(|(_, v)| v.parse().ok());
-    }
-    pod.spec
-        .as_ref()?
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| p.name.as_deref() == Some(name))
-        .and_then(|p| u16::try_from(p.container_port).ok())
 }
 
 /// One Istio object as the agent last saw it.
@@ -626,8 +420,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(v: serde_json::Value) -> Arc<Pod> {
-        Arc::new(serde_json::from_value(v).unwrap())
+    fn pod(v: serde_json::Value) -> Arc<PodRecord> {
+        crate::kubernetes::pods::record(v)
     }
     fn ns(name: &str, enforce: bool) -> Arc<Namespace> {
         let labels = if enforce {
@@ -639,7 +433,7 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap(),
         )
     }
-    fn p(name: &str, ns: &str, node: &str, ip: &str, extra: serde_json::Value) -> Arc<Pod> {
+    fn p(name: &str, ns: &str, node: &str, ip: &str, extra: serde_json::Value) -> Arc<PodRecord> {
         let mut v = json!({
             "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": {"app": name}},
             "spec": {"nodeName": node, "serviceAccountName": name, "containers": []},
@@ -650,7 +444,7 @@ mod tests {
     }
     /// The desired state seen from node n1, where no pod can be located.
     fn from_n1(
-        pods: &[Arc<Pod>],
+        pods: &[Arc<PodRecord>],
         namespaces: &[Arc<Namespace>],
         services: &[Arc<Service>],
     ) -> Desired {
@@ -728,7 +522,7 @@ mod tests {
         let d = desired("n1", &pods, &namespaces, &[], false, &mut locate);
         let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enrolled, ["a", "d"], "enrollment limited to the mesh");
-        let enforced: Vec<&str> = d.peers.iter().map(|p| p.name.as_str()).collect();
+        let enforced: Vec<&str> = d.peers.iter().map(|p| p.workload.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]); // by namespace, then name
         assert_eq!(d.not_enrolled.len(), 1);
         let ne = &d.not_enrolled[0];
@@ -754,7 +548,7 @@ mod tests {
         let d = desired("n1", &pods, &namespaces, &[], true, &mut locate);
         let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enrolled, ["a", "e", "c", "d"]);
-        let enforced: Vec<&str> = d.peers.iter().map(|p| p.name.as_str()).collect();
+        let enforced: Vec<&str> = d.peers.iter().map(|p| p.workload.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]);
     }
 
@@ -773,7 +567,7 @@ mod tests {
         ];
         let d = from_n1(&pods, &namespaces, &[]);
         assert_eq!(d.peers.len(), 1);
-        assert_eq!(d.peers[0].name, "b-new");
+        assert_eq!(d.peers[0].workload.name, "b-new");
     }
 
     #[test]
@@ -785,7 +579,7 @@ mod tests {
         ];
         let d = from_n1(&pods, &namespaces, &[]);
         assert_eq!(d.peers.len(), 1, "{:?}", d.peers);
-        assert_eq!(d.peers[0].name, "a");
+        assert_eq!(d.peers[0].workload.name, "a");
     }
 
     #[test]

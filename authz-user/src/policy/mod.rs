@@ -74,7 +74,7 @@ static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 fn selects(selector: &Option<BTreeMap<String, String>>, w: &Workload) -> bool {
     selector
         .as_ref()
-        .is_none_or(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .is_none_or(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v.as_str())))
 }
 
 impl PolicyIndex {

@@ -1,0 +1,409 @@
+//! The agent's own record of a pod, and the store of them the pod watcher keeps. A k8s-openapi
+//! `Pod`, even trimmed, is kilobytes (its spec inlines every optional field); the record holds
+//! only what the agent reads, parsed once when the pod changes. An update that changes nothing
+//! the agent reads (most pod status churn) leaves the store as it was and wakes nothing.
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::snapshot::{
+    ENFORCE_LABEL, ENFORCE_VALUE, EXCLUDE_ANNOTATION, EXCLUDE_INBOUND_PORTS_ANNOTATION,
+};
+use crate::{
+    config::Probe,
+    registry::{Labels, Workload},
+};
+
+/// What the agent reads of a pod.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PodRecord {
+    /// Namespace, name, labels and service account: shared with the registry and the config in
+    /// force, never copied.
+    pub workload: Arc<Workload>,
+    pub uid: Box<str>,
+    pub node: Box<str>,
+    /// status.podIPs then status.podIP, without loopback or unspecified ones.
+    pub ips: Box<[IpAddr]>,
+    pub host_network: bool,
+    /// Succeeded or Failed: its address may already be another pod's.
+    pub finished: bool,
+    pub running: bool,
+    pub ready: bool,
+    /// metadata.deletionTimestamp is set.
+    pub deleting: bool,
+    /// The pod carries `authz.io/enforce: enabled`.
+    pub enforce_label: bool,
+    /// The pod carries `authz.io/exclude: "true"`.
+    pub excluded: bool,
+    pub exclude_inbound_ports: Box<[u16]>,
+    pub probes: Box<[Probe]>,
+    /// Named TCP container ports, for services' named targetPorts.
+    pub named_ports: Box<[(Box<str>, u16)]>,
+}
+
+impl PodRecord {
+    /// None for a pod without a name or namespace (the API server never sends one).
+    pub fn from_pod(p: &Pod) -> Option<PodRecord> {
+        let m = &p.metadata;
+        let spec = p.spec.as_ref();
+        let st = p.status.as_ref();
+        let labels = m.labels.clone().unwrap_or_default();
+        let annotation = |k: &str| m.annotations.as_ref().and_then(|a| a.get(k));
+        let service_account = spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let mut ips: Vec<IpAddr> = st
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.ip.parse().ok())
+            .collect();
+        if let Some(ip) = st
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|s| s.parse().ok())
+        {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        ips.retain(|ip| !ip.is_loopback() && !ip.is_unspecified());
+        let phase = st.and_then(|s| s.phase.as_deref());
+        let named_ports = spec
+            .into_iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                Some((
+                    p.name.as_deref()?.into(),
+                    u16::try_from(p.container_port).ok()?,
+                ))
+            })
+            .collect();
+        Some(PodRecord {
+            uid: m.uid.as_deref().unwrap_or_default().into(),
+            node: spec
+                .and_then(|s| s.node_name.as_deref())
+                .unwrap_or_default()
+                .into(),
+            ips: ips.into(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            finished: matches!(phase, Some("Succeeded" | "Failed")),
+            running: phase == Some("Running"),
+            ready: st
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            deleting: m.deletion_timestamp.is_some(),
+            enforce_label: labels
+                .get(ENFORCE_LABEL)
+                .is_some_and(|v| v == ENFORCE_VALUE),
+            excluded: annotation(EXCLUDE_ANNOTATION).is_some_and(|v| v == "true"),
+            exclude_inbound_ports: annotation(EXCLUDE_INBOUND_PORTS_ANNOTATION)
+                .map(|v| excluded_inbound_ports(v))
+                .unwrap_or_default()
+                .into(),
+            probes: spec.map(probes).unwrap_or_default().into(),
+            named_ports,
+            workload: Arc::new(Workload {
+                name: m.name.clone()?,
+                namespace: m.namespace.clone()?,
+                labels: Labels::from(&labels),
+                service_account,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.workload.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.workload.namespace
+    }
+
+    /// Not on the host's network, and not finished (a finished pod's address is reused).
+    pub fn has_own_network(&self) -> bool {
+        !self.host_network && !self.finished
+    }
+
+    pub fn named_port(&self, name: &str) -> Option<u16> {
+        self.named_ports
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, p)| *p)
+    }
+
+    /// As `self`, sharing `old`'s workload when it is the same (so an unchanged pod keeps the
+    /// one the registry already holds).
+    fn sharing(mut self, old: &PodRecord) -> PodRecord {
+        if self.workload == old.workload {
+            self.workload = old.workload.clone();
+        }
+        self
+    }
+}
+
+/// Istio's `traffic.sidecar.istio.io/excludeInboundPorts` (comma-separated). A value that does
+/// not parse, or too many ports, excludes nothing: capture is the safe side.
+fn excluded_inbound_ports(v: &str) -> Vec<u16> {
+    let ports: Option<Vec<u16>> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().ok().filter(|p| *p != 0))
+        .collect();
+    match ports {
+        Some(p) if p.len() <= crate::config::MAX_EXCLUDED_INBOUND_PORTS => p,
+        _ => vec![],
+    }
+}
+
+/// kubelet's liveness, readiness and startup probes of the pod's containers; a named port is
+/// resolved against the containers' ports, an unresolvable one dropped.
+fn probes(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<Probe> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let port = |p: &IntOrString| -> Option<u16> {
+        match p {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => spec
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                .and_then(|cp| u16::try_from(cp.container_port).ok()),
+        }
+    };
+    let mut out: Vec<Probe> = spec
+        .containers
+        .iter()
+        .flat_map(|c| [&c.liveness_probe, &c.readiness_probe, &c.startup_probe])
+        .flatten()
+        .filter_map(|p| {
+            if let Some(h) = &p.http_get {
+                let path = h.path.as_deref().unwrap_or("/");
+                // A path kubelet could not send as one request line gets no exemption.
+                if path.contains(['\n', '\r', ' ']) || !path.starts_with('/') {
+                    return None;
+                }
+                return Some(Probe::Http {
+                    port: port(&h.port)?,
+                    path: path.to_string(),
+                });
+            }
+            if let Some(t) = &p.tcp_socket {
+                return Some(Probe::Tcp {
+                    port: port(&t.port)?,
+                });
+            }
+            let g = p.grpc.as_ref()?;
+            Some(Probe::Grpc {
+                port: u16::try_from(g.port).ok()?,
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| format!("{p:?}"));
+    out.dedup();
+    out
+}
+
+/// The pods the watcher has seen, by uid. Between a relist's start and end the previous state
+/// stays readable (an API server outage keeps what was last known).
+#[derive(Clone, Default)]
+pub struct PodStore {
+    inner: Arc<RwLock<Inner>>,
+    ready: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<Box<str>, Arc<PodRecord>>,
+    /// A relist in progress.
+    next: Option<HashMap<Box<str>, Arc<PodRecord>>>,
+    ready: bool,
+}
+
+impl PodStore {
+    /// Every pod now.
+    pub fn state(&self) -> Vec<Arc<PodRecord>> {
+        self.inner.read().unwrap().live.values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().unwrap().live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves once the first full list is in.
+    pub async fn wait_until_ready(&self) {
+        loop {
+            let notified = self.ready.notified();
+            if self.inner.read().unwrap().ready {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Applies one watcher event; true when what the agent reads changed.
+    pub fn apply(&self, ev: kube::runtime::watcher::Event<Pod>) -> bool {
+        use kube::runtime::watcher::Event;
+        let mut s = self.inner.write().unwrap();
+        match ev {
+            Event::Init => {
+                s.next = Some(HashMap::new());
+                false
+            }
+            Event::InitApply(p) => {
+                if let Some(r) = PodRecord::from_pod(&p) {
+                    let old = s.live.get(&r.uid).cloned();
+                    let r = match old {
+                        Some(old) if *old == r => old,
+                        Some(old) => Arc::new(r.sharing(&old)),
+                        None => Arc::new(r),
+                    };
+                    s.next
+                        .get_or_insert_with(HashMap::new)
+                        .insert(r.uid.clone(), r);
+                }
+                false
+            }
+            Event::InitDone => {
+                let next = s.next.take().unwrap_or_default();
+                let changed = !s.ready
+                    || next.len() != s.live.len()
+                    || next
+                        .iter()
+                        .any(|(k, v)| s.live.get(k).is_none_or(|old| !Arc::ptr_eq(old, v)));
+                s.live = next;
+                if !s.ready {
+                    s.ready = true;
+                    self.ready.notify_waiters();
+                }
+                changed
+            }
+            Event::Apply(p) => {
+                let Some(r) = PodRecord::from_pod(&p) else {
+                    return false;
+                };
+                match s.live.get(&r.uid) {
+                    Some(old) if **old == r => false,
+                    Some(old) => {
+                        let r = Arc::new(r.sharing(old));
+                        s.live.insert(r.uid.clone(), r);
+                        true
+                    }
+                    None => {
+                        let r = Arc::new(r);
+                        s.live.insert(r.uid.clone(), r);
+                        true
+                    }
+                }
+            }
+            Event::Delete(p) => {
+                let uid = p.metadata.uid.as_deref().unwrap_or_default();
+                s.live.remove(uid).is_some()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn record(v: serde_json::Value) -> Arc<PodRecord> {
+    Arc::new(PodRecord::from_pod(&serde_json::from_value(v).unwrap()).unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+
+    fn pod(extra_status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "n", "uid": "u", "labels": {"app": "a"},
+                "annotations": {"authz.io/exclude": "true", "big": "x",
+                                "traffic.sidecar.istio.io/excludeInboundPorts": "9090, 9091"},
+                "managedFields": [{"manager": "m"}]},
+            "spec": {"nodeName": "node", "serviceAccountName": "sa", "containers": [
+                {"name": "c", "image": "i", "ports": [
+                    {"name": "http", "containerPort": 8080}, {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                    {"containerPort": 7}],
+                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                 "livenessProbe": {"httpGet": {"path": "bad path", "port": 8080}},
+                 "startupProbe": {"tcpSocket": {"port": 9000}}}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}],
+                "conditions": [{"type": "Ready", "status": "True"}, {"type": "Initialized", "status": "True"}],
+                "extra": extra_status}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_record_keeps_what_is_read() {
+        let r = PodRecord::from_pod(&pod(json!(null))).unwrap();
+        assert_eq!((r.namespace(), r.name()), ("n", "a"));
+        assert_eq!(r.workload.service_account, "sa");
+        assert_eq!(&*r.node, "node");
+        assert_eq!(r.ips.len(), 2);
+        assert!(r.ready && r.running && r.excluded && !r.deleting && !r.finished);
+        assert_eq!(&*r.exclude_inbound_ports, [9090, 9091]);
+        assert_eq!(r.named_port("http"), Some(8080));
+        assert_eq!(
+            r.named_port("dns"),
+            None,
+            "UDP ports are not service targets"
+        );
+        assert_eq!(
+            &*r.probes,
+            [
+                Probe::Http {
+                    port: 8080,
+                    path: "/ready".into()
+                },
+                Probe::Tcp { port: 9000 }
+            ],
+            "a path that is no request-line path is dropped"
+        );
+    }
+
+    #[test]
+    fn churn_that_changes_nothing_read_wakes_nothing() {
+        let store = PodStore::default();
+        assert!(!store.apply(Event::Init));
+        assert!(!store.apply(Event::InitApply(pod(json!(null)))));
+        assert!(store.apply(Event::InitDone), "the first list is a change");
+        let before = store.state()[0].clone();
+        // A status field the agent does not read.
+        assert!(!store.apply(Event::Apply(pod(json!({"lastProbeTime": "now"})))));
+        assert!(Arc::ptr_eq(&before, &store.state()[0]));
+        // Readiness is read.
+        let mut p = pod(json!(null));
+        p.status.as_mut().unwrap().conditions = None;
+        assert!(store.apply(Event::Apply(p)));
+        let after = store.state()[0].clone();
+        assert!(!after.ready);
+        assert!(
+            Arc::ptr_eq(&before.workload, &after.workload),
+            "the workload is shared, not copied"
+        );
+        // A relist with the same pods is no change; a pod gone from it is.
+        store.apply(Event::Init);
+        store.apply(Event::InitApply({
+            let mut p = pod(json!(null));
+            p.status.as_mut().unwrap().conditions = None;
+            p
+        }));
+        assert!(!store.apply(Event::InitDone));
+        store.apply(Event::Init);
+        assert!(store.apply(Event::InitDone));
+        assert!(store.is_empty());
+    }
+}
