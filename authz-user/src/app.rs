@@ -67,7 +67,8 @@ pub struct App {
     store: Arc<JwksStore>,
     cache: Arc<TokenCache>,
     /// The config in force (in Kubernetes mode, with the cluster's pods, workloads, services).
-    current: Config,
+    /// The config in force; /config_dump shares it.
+    current: Arc<Config>,
     heartbeat: Heartbeat,
     drain: drain::Trigger,
     /// SIGTERM and SIGINT, listened for from the start of `build`: a signal that arrives once
@@ -179,7 +180,7 @@ pub async fn build(source: Source, cfg: Config) -> Result<App> {
         input,
         store,
         cache,
-        current: cfg,
+        current: Arc::new(cfg),
         heartbeat,
         drain,
         signals,
@@ -237,13 +238,13 @@ impl App {
                     &self.px,
                     &mut self.applied,
                     &cfg,
-                    &set,
+                    Some(&set),
                     &self.store,
                     &self.cache,
                 );
                 self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                *self.admin.dump.write().unwrap() = Arc::new(cfg.clone());
-                self.current = cfg;
+                self.current = Arc::new(cfg);
+                *self.admin.dump.write().unwrap() = self.current.clone();
             }
             Err(e) => {
                 self.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
@@ -281,7 +282,7 @@ impl App {
             *last_cost = started.elapsed();
             *last_end = Instant::now();
         }
-        *self.admin.dump.write().unwrap() = Arc::new(self.current.clone());
+        *self.admin.dump.write().unwrap() = self.current.clone();
     }
 
     /// Pods not enrolled and addresses not enforced yet: another try.
@@ -315,19 +316,22 @@ impl App {
             }
         } else {
             k.last_wanted = cfg.pods.len();
+            // The engine is rebuilt only when policies changed: pods and services coming and
+            // going on a large cluster must not recompile every policy.
+            let policies = (k.policies.generation != k.applied_generation).then_some(&set);
             k.applied_generation = k.policies.generation;
             apply(
                 &self.px,
                 &mut self.applied,
                 &cfg,
-                &set,
+                policies,
                 &self.store,
                 &self.cache,
             );
             self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
             report_pending(k, &mut self.applied);
         }
-        self.current = cfg;
+        self.current = Arc::new(cfg);
     }
 
     /// The programs, maps and enrollments stay pinned: from here the fail mode applies to new
@@ -478,18 +482,23 @@ fn load_files(config_path: &Path, old: &Config) -> Result<(Config, PolicySet)> {
 /// Swaps in the engine and registry of `cfg` and `set` (new requests, and open TCP relays, are
 /// decided by them from here), then brings the kernel and the listeners in line; operations
 /// that fail are retried.
+/// Puts `cfg` in force, with `set` compiled into a new engine; `set` None keeps the engine in
+/// force (Kubernetes mode: pods or services changed, policies did not).
 fn apply(
     px: &Arc<Proxy>,
     applied: &mut Applied,
     cfg: &Config,
-    set: &PolicySet,
+    set: Option<&PolicySet>,
     store: &Arc<JwksStore>,
     cache: &Arc<TokenCache>,
 ) {
-    let eng = engine::build_from(&cfg.agent, set, Some(store), cache.clone());
+    if let Some(set) = set {
+        let eng = engine::build_from(&cfg.agent, set, Some(store), cache.clone());
+        *px.engine.write().unwrap() = Arc::new(eng);
+    }
     let registry = Arc::new(Registry::from_config(cfg));
     *px.registry.write().unwrap() = registry.clone();
-    *px.engine.write().unwrap() = Arc::new(eng);
+    // Open TCP relays decide again: identities by address may have changed too.
     px.policies_changed.send_modify(|g| *g += 1);
     enroll::apply(px, applied, cfg, &registry);
     release_freed_memory();

@@ -19,7 +19,8 @@ pub struct Config {
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
     #[serde(default)]
-    pub services: Vec<ServiceSpec>,
+    /// Shared with the registry (Kubernetes mode has one per Service of the cluster).
+    pub services: Vec<std::sync::Arc<ServiceSpec>>,
     /// Files or folders of Istio YAML, relative to the config file.
     #[serde(default)]
     pub policies: Vec<PathBuf>,
@@ -37,7 +38,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Peer {
     pub workload: std::sync::Arc<crate::registry::Workload>,
-    pub ips: Vec<IpAddr>,
+    pub ips: std::sync::Arc<[IpAddr]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -98,7 +98,7 @@ pub struct Registry {
     pub decided_at_destination: std::collections::HashSet<IpAddr>,
     /// Every workload by `ns/name` (pods and workloads), for `check --to/--from`.
     pub by_name: HashMap<String, Arc<Workload>>,
-    pub services: Vec<ServiceSpec>,
+    pub services: Vec<Arc<ServiceSpec>>,
     /// Enforced service address -> the service (with backends, one of them enforced).
     pub vips: HashMap<IpAddr, Arc<ServiceSpec>>,
 }
@@ -137,7 +137,7 @@ impl Registry {
         }
         // Not in `by_name` (offline `check` only): one name string less per cluster pod.
         for peer in &cfg.peers {
-            for ip in &peer.ips {
+            for ip in peer.ips.iter() {
                 reg.sources.insert(normalize(*ip), peer.workload.clone());
                 reg.decided_at_destination.insert(normalize(*ip));
             }
@@ -151,7 +151,8 @@ impl Registry {
                 reg.sources.insert(normalize(*ip), workload.clone());
             }
         }
-        for s in &cfg.services {
+        let mut vips = HashMap::new();
+        for s in &reg.services {
             // Steered when a backend is decided here or at its destination: the agent picks the
             // backend (as a waypoint would), and decides only for the former.
             let enforced = s.backends.iter().any(|b| {
@@ -159,12 +160,12 @@ impl Registry {
                 reg.by_ip.contains_key(&ip) || reg.decided_at_destination.contains(&ip)
             });
             if enforced {
-                let s = Arc::new(s.clone());
                 for ip in &s.ips {
-                    reg.vips.insert(normalize(*ip), s.clone());
+                    vips.insert(normalize(*ip), s.clone());
                 }
             }
         }
+        reg.vips = vips;
         reg
     }
 
@@ -214,6 +215,7 @@ impl Registry {
         self.services
             .iter()
             .find(|s| s.name == name && s.namespace == ns)
+            .map(|s| &**s)
     }
 }
 

@@ -24,10 +24,10 @@ pub struct PodRecord {
     /// Namespace, name, labels and service account: shared with the registry and the config in
     /// force, never copied.
     pub workload: Arc<Workload>,
-    pub uid: Box<str>,
+    pub uid: Arc<str>,
     pub node: Box<str>,
     /// status.podIPs then status.podIP, without loopback or unspecified ones.
-    pub ips: Box<[IpAddr]>,
+    pub ips: Arc<[IpAddr]>,
     pub host_network: bool,
     /// Succeeded or Failed: its address may already be another pod's.
     pub finished: bool,
@@ -221,9 +221,9 @@ pub struct PodStore {
 
 #[derive(Default)]
 struct Inner {
-    live: HashMap<Box<str>, Arc<PodRecord>>,
+    live: HashMap<Arc<str>, Arc<PodRecord>>,
     /// A relist in progress.
-    next: Option<HashMap<Box<str>, Arc<PodRecord>>>,
+    next: Option<HashMap<Arc<str>, Arc<PodRecord>>>,
     ready: bool,
 }
 

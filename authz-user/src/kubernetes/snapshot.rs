@@ -32,7 +32,7 @@ pub struct Desired {
     /// Mesh pods anywhere in the cluster, by address: each is decided at its own node (this
     /// node's, through `pods`), so here they are identities and Service backends.
     pub peers: Vec<Peer>,
-    pub services: Vec<ServiceSpec>,
+    pub services: Vec<Arc<ServiceSpec>>,
     /// Pods of this node that should be enrolled but cannot be yet, and why.
     pub not_enrolled: Vec<NotEnrolled>,
     /// Anomalies worth a log line (an address two pods claim).
@@ -125,7 +125,12 @@ pub fn desired(
             if !ips.is_empty() {
                 out.peers.push(Peer {
                     workload: pod.workload.clone(),
-                    ips: ips.clone(),
+                    // The record's own list unless an address went to another pod.
+                    ips: if ips.len() == pod.ips.len() {
+                        pod.ips.clone()
+                    } else {
+                        ips.as_slice().into()
+                    },
                 });
             }
         }
@@ -205,13 +210,13 @@ pub fn desired(
             .map(Vec::as_slice)
             .unwrap_or_default();
         let backends = backends(spec, candidates, &taken);
-        out.services.push(ServiceSpec {
+        out.services.push(Arc::new(ServiceSpec {
             name: name.clone(),
             namespace: namespace.clone(),
             ips,
             ports,
             backends,
-        });
+        }));
     }
     out.services
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
