@@ -82,11 +82,12 @@ impl KubeInput {
         base: &Config,
         metrics: &Metrics,
     ) -> (Config, crate::policy::PolicySet) {
-        let pods = self.cluster.pods.state();
-        let live: HashMap<&str, Vec<IpAddr>> =
-            pods.iter().map(|p| (&*p.uid, p.ips.to_vec())).collect();
+        // A pod found on the host stays found while it keeps its addresses (a sandbox restart
+        // gives it new ones, and maybe another netns).
+        let store = &self.cluster.pods;
+        let addresses = |uid: &str| store.get(uid).map(|p| p.ips.to_vec());
         self.located
-            .retain(|uid, (ips, _, _)| live.get(uid.as_str()) == Some(ips));
+            .retain(|uid, (ips, _, _)| addresses(uid).as_ref() == Some(ips));
         let root = self.cgroup_root.clone();
         let proc_root = self.proc_root.clone();
         let located = &mut self.located;
@@ -95,7 +96,7 @@ impl KubeInput {
                 return Ok((cg.clone(), ns.clone()));
             }
             let (cg, ns) = crate::kubernetes::discover::locate(&root, &proc_root, uid)?;
-            let ips = live.get(uid).cloned().unwrap_or_default();
+            let ips = addresses(uid).unwrap_or_default();
             located.insert(uid.to_string(), (ips, cg.clone(), ns.clone()));
             Ok((cg, ns))
         };

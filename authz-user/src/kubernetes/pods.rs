@@ -138,6 +138,15 @@ impl PodRecord {
             .map(|(_, p)| *p)
     }
 
+    /// The store's order: namespace, name (then uid, for a total order).
+    pub fn order(&self, other: &PodRecord) -> std::cmp::Ordering {
+        (self.namespace(), self.name(), &*self.uid).cmp(&(
+            other.namespace(),
+            other.name(),
+            &*other.uid,
+        ))
+    }
+
     /// As `self`, sharing `old`'s workload when it is the same (so an unchanged pod keeps the
     /// one the registry already holds).
     fn sharing(mut self, old: &PodRecord) -> PodRecord {
@@ -211,8 +220,9 @@ fn probes(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<Probe> {
     out
 }
 
-/// The pods the watcher has seen, by uid. Between a relist's start and end the previous state
-/// stays readable (an API server outage keeps what was last known).
+/// The pods the watcher has seen, by uid, and in namespace/name order (kept sorted as pods come
+/// and go, so an update never sorts the cluster). Between a relist's start and end the previous
+/// state stays readable (an API server outage keeps what was last known).
 #[derive(Clone, Default)]
 pub struct PodStore {
     inner: Arc<RwLock<Inner>>,
@@ -222,15 +232,21 @@ pub struct PodStore {
 #[derive(Default)]
 struct Inner {
     live: HashMap<Arc<str>, Arc<PodRecord>>,
+    /// The same pods in `PodRecord::order`.
+    sorted: Vec<Arc<PodRecord>>,
     /// A relist in progress.
     next: Option<HashMap<Arc<str>, Arc<PodRecord>>>,
     ready: bool,
 }
 
 impl PodStore {
-    /// Every pod now.
+    /// Every pod now, in namespace/name order.
     pub fn state(&self) -> Vec<Arc<PodRecord>> {
-        self.inner.read().unwrap().live.values().cloned().collect()
+        self.inner.read().unwrap().sorted.clone()
+    }
+
+    pub fn get(&self, uid: &str) -> Option<Arc<PodRecord>> {
+        self.inner.read().unwrap().live.get(uid).cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -283,6 +299,9 @@ impl PodStore {
                         .iter()
                         .any(|(k, v)| s.live.get(k).is_none_or(|old| !Arc::ptr_eq(old, v)));
                 s.live = next;
+                let mut sorted: Vec<Arc<PodRecord>> = s.live.values().cloned().collect();
+                sorted.sort_unstable_by(|a, b| a.order(b));
+                s.sorted = sorted;
                 if !s.ready {
                     s.ready = true;
                     self.ready.notify_waiters();
@@ -293,24 +312,41 @@ impl PodStore {
                 let Some(r) = PodRecord::from_pod(&p) else {
                     return false;
                 };
-                match s.live.get(&r.uid) {
-                    Some(old) if **old == r => false,
-                    Some(old) => {
-                        let r = Arc::new(r.sharing(old));
-                        s.live.insert(r.uid.clone(), r);
-                        true
-                    }
-                    None => {
-                        let r = Arc::new(r);
-                        s.live.insert(r.uid.clone(), r);
-                        true
-                    }
+                let old = s.live.get(&r.uid).cloned();
+                if old.as_deref() == Some(&r) {
+                    return false;
                 }
+                let r = Arc::new(match &old {
+                    Some(old) => r.sharing(old),
+                    None => r,
+                });
+                if let Some(old) = old {
+                    s.unsort(&old);
+                }
+                let at = s.sorted.partition_point(|x| x.order(&r).is_lt());
+                s.sorted.insert(at, r.clone());
+                s.live.insert(r.uid.clone(), r);
+                true
             }
             Event::Delete(p) => {
                 let uid = p.metadata.uid.as_deref().unwrap_or_default();
-                s.live.remove(uid).is_some()
+                match s.live.remove(uid) {
+                    Some(old) => {
+                        s.unsort(&old);
+                        true
+                    }
+                    None => false,
+                }
             }
+        }
+    }
+}
+
+impl Inner {
+    fn unsort(&mut self, old: &Arc<PodRecord>) {
+        let at = self.sorted.partition_point(|x| x.order(old).is_lt());
+        if self.sorted.get(at).is_some_and(|x| Arc::ptr_eq(x, old)) {
+            self.sorted.remove(at);
         }
     }
 }
@@ -405,5 +441,33 @@ mod tests {
         store.apply(Event::Init);
         assert!(store.apply(Event::InitDone));
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn the_store_stays_in_namespace_name_order() {
+        let store = PodStore::default();
+        store.apply(Event::Init);
+        store.apply(Event::InitDone);
+        let named = |ns: &str, name: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns,
+                "uid": format!("{ns}-{name}")}}))
+            .unwrap()
+        };
+        for (ns, name) in [("b", "x"), ("a", "z"), ("a", "y"), ("c", "a")] {
+            assert!(store.apply(Event::Apply(named(ns, name))));
+        }
+        let order = |s: &PodStore| {
+            s.state()
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace(), p.name()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(&store), ["a/y", "a/z", "b/x", "c/a"]);
+        assert!(store.apply(Event::Delete(named("a", "z"))));
+        let mut relabelled = named("b", "x");
+        relabelled.metadata.labels = Some([("k".to_string(), "v".to_string())].into());
+        assert!(store.apply(Event::Apply(relabelled)));
+        assert_eq!(order(&store), ["a/y", "b/x", "c/a"]);
+        assert_eq!(store.len(), 3);
     }
 }

@@ -47,6 +47,10 @@ pub struct NotEnrolled {
     pub reason: super::discover::LocateError,
 }
 
+/// Maps for one computation over the whole cluster: keys are the agent's own (addresses, names
+/// from the API server's store), hashed fast.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Where a pod of this node lives on the host: (cgroup, netns path).
 pub type Locate<'a> =
     dyn FnMut(&str) -> Result<(PathBuf, PathBuf), super::discover::LocateError> + 'a;
@@ -87,14 +91,24 @@ pub fn desired(
         .filter_map(|n| n.metadata.name.as_deref())
         .collect();
     let mut out = Desired::default();
-    let mut sorted: Vec<&Arc<PodRecord>> = pods.iter().collect();
     // Where two pods claim one address (one terminating, its address already given to a new
-    // pod), the first claimant keeps it: pods being deleted come last.
-    sorted.sort_unstable_by(|a, b| {
-        (a.deleting, a.namespace(), a.name()).cmp(&(b.deleting, b.namespace(), b.name()))
-    });
-    let mut taken: HashMap<IpAddr, &Arc<PodRecord>> = HashMap::new();
-    for pod in sorted {
+    // pod), the first claimant keeps it: pods being deleted come last, then by namespace/name.
+    // The store keeps pods in that order already; a caller's list is sorted here.
+    let mut sorted_copy = Vec::new();
+    let pods: &[Arc<PodRecord>] = if pods.is_sorted_by(|a, b| a.order(b).is_le()) {
+        pods
+    } else {
+        sorted_copy.extend(pods.iter().cloned());
+        sorted_copy.sort_unstable_by(|a, b| a.order(b));
+        &sorted_copy
+    };
+    let in_order = pods
+        .iter()
+        .filter(|p| !p.deleting)
+        .chain(pods.iter().filter(|p| p.deleting));
+    let mut taken: FastMap<IpAddr, &Arc<PodRecord>> = FastMap::default();
+    taken.reserve(pods.len());
+    for pod in in_order {
         let mesh = in_mesh(pod, &enforced_ns);
         let local = &*pod.node == node;
         // Every pod of the node with a network of its own is steered as a client (unless
@@ -104,33 +118,32 @@ pub fn desired(
         if !mesh && !enroll {
             continue;
         }
-        let mut ips = pod.ips.to_vec();
+        // The record's own list, unless an address already went to another pod.
+        let mut ips = pod.ips.clone();
         if mesh {
             // Two pods claiming one address: the first keeps it (a live pod before one being
             // deleted, then by namespace/name), so traffic to it never meets two sets of policies.
-            ips.retain(|ip| match taken.get(ip) {
-                Some(other) => {
-                    out.warnings.push(format!(
-                        "address {ip} is claimed by {} and {}; it goes to the first until one of them goes",
-                        name_of(other),
-                        name_of(pod)
-                    ));
-                    false
+            if pod.ips.iter().any(|ip| taken.contains_key(ip)) {
+                let mut kept = Vec::with_capacity(pod.ips.len());
+                for ip in pod.ips.iter() {
+                    match taken.get(ip) {
+                        Some(other) => out.warnings.push(format!(
+                            "address {ip} is claimed by {} and {}; it goes to the first until one of them goes",
+                            name_of(other),
+                            name_of(pod)
+                        )),
+                        None => kept.push(*ip),
+                    }
                 }
-                None => true,
-            });
-            for ip in &ips {
+                ips = kept.into();
+            }
+            for ip in ips.iter() {
                 taken.insert(*ip, pod);
             }
             if !ips.is_empty() {
                 out.peers.push(Peer {
                     workload: pod.workload.clone(),
-                    // The record's own list unless an address went to another pod.
-                    ips: if ips.len() == pod.ips.len() {
-                        pod.ips.clone()
-                    } else {
-                        ips.as_slice().into()
-                    },
+                    ips: ips.clone(),
                 });
             }
         }
@@ -146,7 +159,7 @@ pub fn desired(
                 service_account: w.service_account.clone(),
                 netns,
                 cgroup,
-                ips,
+                ips: ips.to_vec(),
                 // Mesh pods are captured inbound; other pods of the node are only clients.
                 inbound: mesh,
                 exclude_inbound_ports: pod.exclude_inbound_ports.to_vec(),
@@ -160,12 +173,24 @@ pub fn desired(
             }),
         }
     }
-    // Pods by (namespace, label, value): a service's candidates are the pods carrying the first
-    // pair of its selector, not every pod of its namespace.
-    let mut by_label: HashMap<(&str, &str, &str), Vec<&Arc<PodRecord>>> = HashMap::new();
+    // A service's candidates are the pods of its namespace carrying the first pair of its
+    // selector: pods are indexed by the pairs services select on, not by every label they have.
+    let mut by_label: FastMap<(&str, &str, &str), Vec<&Arc<PodRecord>>> = FastMap::default();
+    for s in services {
+        let first = s
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.selector.as_ref())
+            .and_then(|sel| sel.iter().next());
+        if let (Some(ns), Some((k, v))) = (s.metadata.namespace.as_deref(), first) {
+            by_label.entry((ns, k, v)).or_default();
+        }
+    }
     for p in pods {
         for (k, v) in p.workload.labels.iter() {
-            by_label.entry((p.namespace(), k, v)).or_default().push(p);
+            if let Some(list) = by_label.get_mut(&(p.namespace(), k, v)) {
+                list.push(p);
+            }
         }
     }
     for s in services {
@@ -173,18 +198,18 @@ pub fn desired(
             continue;
         };
         let Some(spec) = &s.spec else { continue };
-        let ips: Vec<IpAddr> = spec
+        let mut ips: Vec<IpAddr> = spec
             .cluster_ips
             .iter()
             .flatten()
             .chain(spec.cluster_ip.iter())
             .filter_map(|ip| ip.parse().ok())
-            .collect::<HashSet<_>>()
-            .into_iter()
             .collect();
         if ips.is_empty() {
             continue;
         }
+        ips.sort();
+        ips.dedup();
         let ports = spec
             .ports
             .iter()
@@ -200,8 +225,6 @@ pub fn desired(
                 Some(ServicePort { port, target_port })
             })
             .collect();
-        let mut ips = ips;
-        ips.sort();
         let candidates = spec
             .selector
             .as_ref()
@@ -230,7 +253,7 @@ pub fn desired(
 fn backends(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
     pods: &[&Arc<PodRecord>],
-    live: &HashMap<IpAddr, &Arc<PodRecord>>,
+    live: &FastMap<IpAddr, &Arc<PodRecord>>,
 ) -> Vec<crate::config::ServiceBackend> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {

@@ -121,7 +121,7 @@ fn measure(a: &Args, with_pods: bool, with_objects: bool) -> Result<Sample> {
     let before = cpu_us(pid)?;
     for k in 0..flips {
         let mut p = pod(k % a.pods.max(1), a);
-        let ready = if (k / a.pods.max(1)) % 2 == 0 {
+        let ready = if (k / a.pods.max(1)).is_multiple_of(2) {
             "False"
         } else {
             "True"
