@@ -4,11 +4,11 @@
 use std::{path::PathBuf, sync::Arc};
 
 use authz::kubernetes::{
-    pods::PodRecord,
+    pods::{Pod, PodRecord},
     snapshot::{desired, Policies},
 };
 use criterion::{criterion_group, criterion_main, Criterion};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::core::DynamicObject;
 use serde_json::json;
 

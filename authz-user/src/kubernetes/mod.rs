@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::{
     api::{Api, ApiResource, DynamicObject},
     runtime::{
@@ -151,7 +151,7 @@ fn spawn_watch<K>(
 
 /// Runs the pod watcher into the agent's own store: a pod is kept as a `PodRecord`, and only an
 /// update that changes one wakes the agent.
-fn spawn_pod_watch(api: Api<Pod>, store: pods::PodStore, changed: Arc<Notify>) {
+fn spawn_pod_watch(api: Api<pods::Pod>, store: pods::PodStore, changed: Arc<Notify>) {
     let stream = watcher(api, watcher::Config::default()).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -194,7 +194,7 @@ impl Cluster {
         let changed = Arc::new(Notify::new());
         let pods = pods::PodStore::default();
         spawn_pod_watch(
-            Api::<Pod>::all(client.clone()),
+            Api::<pods::Pod>::all(client.clone()),
             pods.clone(),
             changed.clone(),
         );

@@ -1,14 +1,16 @@
-//! The agent's own record of a pod, and the store of them the pod watcher keeps. A k8s-openapi
-//! `Pod`, even trimmed, is kilobytes (its spec inlines every optional field); the record holds
-//! only what the agent reads, parsed once when the pod changes. An update that changes nothing
-//! the agent reads (most pod status churn) leaves the store as it was and wakes nothing.
+//! Pods as the agent keeps them. The watcher decodes only the fields the agent reads (`Pod`
+//! here, not k8s-openapi's: a whole pod with its containers' env, volumes and managedFields is
+//! kilobytes to build and throw away), and the store keeps one `PodRecord` per pod, parsed once
+//! when the pod changes. An update that changes nothing the agent reads (most pod status churn)
+//! leaves the store as it was and wakes nothing.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, RwLock},
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString};
+use serde::Deserialize;
 
 use super::snapshot::{
     ENFORCE_LABEL, ENFORCE_VALUE, EXCLUDE_ANNOTATION, EXCLUDE_INBOUND_PORTS_ANNOTATION,
@@ -17,6 +19,176 @@ use crate::{
     config::Probe,
     registry::{Labels, Workload},
 };
+
+/// A Pod as the watcher decodes it: only the fields the agent reads. serde skips the rest
+/// (containers' env and volumes, managedFields, other annotations) without building them.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Pod {
+    #[serde(default, deserialize_with = "read_meta")]
+    pub metadata: ObjectMeta,
+    pub spec: Option<Spec>,
+    pub status: Option<Status>,
+}
+
+impl k8s_openapi::Resource for Pod {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "Pod";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "pods";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for Pod {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spec {
+    pub node_name: Option<String>,
+    pub service_account_name: Option<String>,
+    pub host_network: Option<bool>,
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+    pub liveness_probe: Option<ContainerProbe>,
+    pub readiness_probe: Option<ContainerProbe>,
+    pub startup_probe: Option<ContainerProbe>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub container_port: i32,
+    pub protocol: Option<String>,
+}
+
+/// A container's probe, as kubelet reads it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerProbe {
+    pub http_get: Option<HttpGet>,
+    pub tcp_socket: Option<TcpSocket>,
+    pub grpc: Option<Grpc>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct HttpGet {
+    pub path: Option<String>,
+    pub port: IntOrString,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TcpSocket {
+    pub port: IntOrString,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Grpc {
+    pub port: i32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+}
+
+/// The metadata the agent and the watcher read; other annotations (a kubectl
+/// last-applied-configuration can be kilobytes) are skipped, not copied.
+fn read_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        name: Option<String>,
+        namespace: Option<String>,
+        uid: Option<String>,
+        resource_version: Option<String>,
+        labels: Option<BTreeMap<String, String>>,
+        #[serde(default, deserialize_with = "read_annotations")]
+        annotations: Option<BTreeMap<String, String>>,
+        deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    }
+    let m = Meta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: m.labels,
+        annotations: m.annotations,
+        deletion_timestamp: m.deletion_timestamp,
+        ..Default::default()
+    })
+}
+
+fn read_annotations<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Wanted;
+    impl<'de> serde::de::Visitor<'de> for Wanted {
+        type Value = Option<BTreeMap<String, String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of annotations")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(k) = a.next_key::<String>()? {
+                if k == EXCLUDE_ANNOTATION || k == EXCLUDE_INBOUND_PORTS_ANNOTATION {
+                    out.insert(k, a.next_value::<String>()?);
+                } else {
+                    a.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(Some(out))
+        }
+    }
+    d.deserialize_option(Wanted)
+}
 
 /// What the agent reads of a pod.
 #[derive(Debug, PartialEq, Eq)]
@@ -58,9 +230,8 @@ impl PodRecord {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".into());
         let mut ips: Vec<IpAddr> = st
-            .and_then(|s| s.pod_ips.as_ref())
             .into_iter()
-            .flatten()
+            .flat_map(|s| &s.pod_ips)
             .filter_map(|p| p.ip.parse().ok())
             .collect();
         if let Some(ip) = st
@@ -76,7 +247,7 @@ impl PodRecord {
         let named_ports = spec
             .into_iter()
             .flat_map(|s| &s.containers)
-            .flat_map(|c| c.ports.iter().flatten())
+            .flat_map(|c| &c.ports)
             .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .filter_map(|p| {
                 Some((
@@ -95,9 +266,11 @@ impl PodRecord {
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             finished: matches!(phase, Some("Succeeded" | "Failed")),
             running: phase == Some("Running"),
-            ready: st
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            ready: st.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            }),
             deleting: m.deletion_timestamp.is_some(),
             enforce_label: labels
                 .get(ENFORCE_LABEL)
@@ -174,15 +347,14 @@ fn excluded_inbound_ports(v: &str) -> Vec<u16> {
 
 /// kubelet's liveness, readiness and startup probes of the pod's containers; a named port is
 /// resolved against the containers' ports, an unresolvable one dropped.
-fn probes(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<Probe> {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+fn probes(spec: &Spec) -> Vec<Probe> {
     let port = |p: &IntOrString| -> Option<u16> {
         match p {
             IntOrString::Int(n) => u16::try_from(*n).ok(),
             IntOrString::String(name) => spec
                 .containers
                 .iter()
-                .flat_map(|c| c.ports.iter().flatten())
+                .flat_map(|c| &c.ports)
                 .find(|cp| cp.name.as_deref() == Some(name.as_str()))
                 .and_then(|cp| u16::try_from(cp.container_port).ok()),
         }
@@ -422,7 +594,7 @@ mod tests {
         assert!(Arc::ptr_eq(&before, &store.state()[0]));
         // Readiness is read.
         let mut p = pod(json!(null));
-        p.status.as_mut().unwrap().conditions = None;
+        p.status.as_mut().unwrap().conditions.clear();
         assert!(store.apply(Event::Apply(p)));
         let after = store.state()[0].clone();
         assert!(!after.ready);
@@ -434,7 +606,7 @@ mod tests {
         store.apply(Event::Init);
         store.apply(Event::InitApply({
             let mut p = pod(json!(null));
-            p.status.as_mut().unwrap().conditions = None;
+            p.status.as_mut().unwrap().conditions.clear();
             p
         }));
         assert!(!store.apply(Event::InitDone));
