@@ -1,5 +1,5 @@
 //! The Kubernetes source against an API server over real HTTP (the in-process fake): what the
-//! reflector stores hold as objects are added, changed and deleted, across 410 Gone, API server
+//! stores hold as objects are added, changed and deleted, across 410 Gone, API server
 //! restarts and bookmarks. No root needed.
 use std::time::{Duration, Instant};
 

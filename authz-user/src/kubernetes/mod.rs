@@ -1,5 +1,6 @@
-//! Kubernetes mode: pods, services, namespaces and Istio policies from the API server, kept in
-//! reflector stores by watchers (list, then watch; relist on 410 Gone; retried with backoff).
+//! Kubernetes mode: pods, services, namespaces and Istio policies from the API server, kept by
+//! watchers (list, then watch; relist on 410 Gone; retried with backoff): pods in the agent's
+//! own store (`pods`), the rest in reflector stores.
 //! A store keeps its last full state while its watch reconnects, so the agent keeps enforcing
 //! what it last knew through an API server outage.
 use std::{sync::Arc, time::Duration};
