@@ -190,7 +190,14 @@ pub struct Kubelet {
     pub config_maps: Vec<(String, PathBuf)>,
     /// Where emptyDir volumes live.
     pub scratch: PathBuf,
+    /// The service account volume kubelet mounts in every container (its directory here).
+    pub service_account: Option<PathBuf>,
+    /// What kubelet adds to every container's environment (the API server's address).
+    pub env: Vec<(String, String)>,
 }
+
+/// Where kubelet mounts the service account's token, CA and namespace.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// containerd's capabilities for a container that is not privileged, before the spec's drop
 /// and add (the same set the CRI plugin starts from).
@@ -329,10 +336,14 @@ pub fn ctr_run_args(
         a.push(bytes(&limit.0)?.to_string());
     }
 
-    // Environment: the image's, then the container's (kubelet resolves fieldRefs).
+    // Environment: the image's, kubelet's, then the container's (kubelet resolves fieldRefs).
     for e in &config.env {
         a.push("--env".into());
         a.push(e.clone());
+    }
+    for (k, v) in &k.env {
+        a.push("--env".into());
+        a.push(format!("{k}={v}"));
     }
     for e in c.env.clone().unwrap_or_default() {
         let value = match (&e.value, &e.value_from) {
@@ -408,6 +419,15 @@ pub fn ctr_run_args(
             m.mount_path,
             options.join(":")
         ));
+    }
+    if let Some(sa) = &k.service_account {
+        if pod.automount_service_account_token != Some(false) {
+            a.push("--mount".into());
+            a.push(format!(
+                "type=bind,src={},dst={SERVICE_ACCOUNT_DIR},options=rbind:rprivate:ro",
+                sa.display()
+            ));
+        }
     }
     if let Some(p) = rootfs_propagation {
         a.push("--rootfs-propagation".into());
@@ -536,6 +556,8 @@ mod tests {
             node_name: "n".into(),
             config_maps: vec![],
             scratch: std::env::temp_dir().join(format!("authz-ctr-unit-{}", std::process::id())),
+            service_account: None,
+            env: vec![],
         };
         let image = ImageConfig {
             entrypoint: vec!["/agent".into()],

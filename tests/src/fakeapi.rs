@@ -90,6 +90,15 @@ struct Shared {
     /// Istio versions served (v1 and v1beta1 by default).
     istio_versions: Mutex<Vec<&'static str>>,
     bookmark_every: Duration,
+    /// In-cluster mode: HTTPS with a test CA, and the service account token every request must
+    /// carry (401 otherwise, as a real API server answers).
+    tls: Option<InCluster>,
+}
+
+struct InCluster {
+    acceptor: tokio_rustls::TlsAcceptor,
+    ca_pem: String,
+    token: String,
 }
 
 pub struct FakeApi {
@@ -101,6 +110,63 @@ pub struct FakeApi {
 
 impl FakeApi {
     pub fn start() -> Result<FakeApi> {
+        FakeApi::start_with(None)
+    }
+
+    /// As a pod reaches it: HTTPS on 127.0.0.1 with a certificate for that address from a test
+    /// CA, and a service account token required on every request. `service_account` writes
+    /// what kubelet mounts, `service_env` what it sets.
+    pub fn start_in_cluster() -> Result<FakeApi> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key)?;
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec![
+            "127.0.0.1".to_string(),
+            "kubernetes.default.svc".to_string(),
+        ])?
+        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?;
+        FakeApi::start_with(Some(InCluster {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+            ca_pem: ca.pem(),
+            token: format!("sa-token-{}", std::process::id()),
+        }))
+    }
+
+    /// The service account volume kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount.
+    pub fn service_account(&self, dir: &Path) -> Result<()> {
+        let Some(tls) = &self.shared.tls else {
+            bail!("not started in-cluster");
+        };
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("token"), &tls.token)?;
+        std::fs::write(dir.join("ca.crt"), &tls.ca_pem)?;
+        std::fs::write(dir.join("namespace"), SERVICE_ACCOUNT.0)?;
+        Ok(())
+    }
+
+    /// The environment kubelet gives every container for the API server.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KUBERNETES_SERVICE_HOST".into(), self.addr.ip().to_string()),
+            (
+                "KUBERNETES_SERVICE_PORT".into(),
+                self.addr.port().to_string(),
+            ),
+        ]
+    }
+
+    fn start_with(tls: Option<InCluster>) -> Result<FakeApi> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -117,6 +183,7 @@ impl FakeApi {
             changes,
             istio_versions: Mutex::new(vec!["v1", "v1beta1"]),
             bookmark_every: Duration::from_millis(200),
+            tls,
         });
         let listener = rt.block_on(bind("127.0.0.1:0".parse()?))?;
         let addr = listener.local_addr()?;
@@ -135,7 +202,12 @@ impl FakeApi {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// A kubeconfig that points at this server.
@@ -461,13 +533,29 @@ async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         };
         let shared = shared.clone();
         conns.spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
+                hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(authenticated(&shared, req).await) }
+                })
+            };
+            let http = hyper::server::conn::http1::Builder::new();
+            match &shared.tls {
+                None => {
+                    let _ = http
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                }
+                Some(tls) => {
+                    let Ok(stream) = tls.acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let _ = http
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                }
+            }
         });
         while conns.try_join_next().is_some() {}
     }
@@ -488,6 +576,21 @@ impl Body for ChanBody {
 }
 
 type Reply = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
+
+/// In-cluster mode: the service account's bearer token, or 401 as the API server answers.
+async fn authenticated(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
+    if let Some(tls) = &shared.tls {
+        let want = format!("Bearer {}", tls.token);
+        let given = req.headers().get(hyper::header::AUTHORIZATION);
+        if given.and_then(|v| v.to_str().ok()) != Some(want.as_str()) {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                status(401, "Unauthorized", "Unauthorized"),
+            );
+        }
+    }
+    route(shared, req).await
+}
 
 fn reply(status: StatusCode, body: Value) -> Reply {
     Response::builder()

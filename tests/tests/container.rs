@@ -5,10 +5,11 @@
 //! Kubernetes mode against the test API server (RBAC as deploy/ grants it), the FAQ's skip-path
 //! policies on a gateway pod, asked from a namespace that is no pod, from the node and from a pod.
 //!
-//! The ConfigMap is the shipped one with four values of this test: its own pin directory (tests
-//! run side by side), the test's cgroup root (the pods live under it), and a kubeconfig for the
-//! test API server (plain HTTP on loopback, where kubelet would mount a service account token
-//! for the in-cluster HTTPS endpoint).
+//! The test plays kubelet: the ConfigMap as a volume, the service account's token and CA at
+//! /var/run/secrets/kubernetes.io/serviceaccount, `KUBERNETES_SERVICE_HOST`/`_PORT`, and the agent
+//! finds the API server in-cluster, over HTTPS with that CA and token, as it does in a cluster.
+//! The ConfigMap is the shipped one with two values of this test: its own pin directory (tests
+//! run side by side) and the test's cgroup root (the pods live under it).
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -102,7 +103,7 @@ fn faq_in_container(
     let spec = &pod.containers[0];
 
     // The cluster: a gateway pod with the FAQ's policies, a client pod, a namespace that is no pod.
-    let api = FakeApi::start().unwrap();
+    let api = FakeApi::start_in_cluster().unwrap();
     let mut net = Net::new().unwrap();
     net.attach_host().unwrap();
     let sleep = net.kube_pod("sleep", 2, SLEEP_UID).unwrap();
@@ -154,28 +155,19 @@ fn faq_in_container(
     let mut agent_yaml: serde_yaml::Value = serde_yaml::from_str(&data["agent.yaml"]).unwrap();
     agent_yaml["agent"]["bpffs"] = bpffs.to_string_lossy().into_owned().into();
     agent_yaml["agent"]["cgroupRoot"] = net.cgroup_base().to_string_lossy().into_owned().into();
-    let mount_of = |volume: &str| {
-        spec.volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|m| m.name == volume)
-            .unwrap()
-            .mount_path
-            .clone()
-    };
-    agent_yaml["kubernetes"]["kubeconfig"] = format!("{}/kubeconfig", mount_of("config")).into();
     std::fs::write(
         config_dir.join("agent.yaml"),
         serde_yaml::to_string(&agent_yaml).unwrap(),
     )
     .unwrap();
-    api.write_kubeconfig(&config_dir.join("kubeconfig"))
-        .unwrap();
+    let service_account = dir.join("serviceaccount");
+    api.service_account(&service_account).unwrap();
     let kubelet = Kubelet {
         node_name: NODE.into(),
         config_maps: vec![(cm.metadata.name.clone().unwrap(), config_dir.clone())],
         scratch: dir.join("volumes"),
+        service_account: Some(service_account),
+        env: api.service_env(),
     };
 
     let id = format!("authz-agent-{}", std::process::id());
