@@ -117,28 +117,10 @@ impl FakeApi {
     /// CA, and a service account token required on every request. `service_account` writes
     /// what kubelet mounts, `service_env` what it sets.
     pub fn start_in_cluster() -> Result<FakeApi> {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key)?;
-        let key = KeyPair::generate()?;
-        let cert = CertificateParams::new(vec![
-            "127.0.0.1".to_string(),
-            "kubernetes.default.svc".to_string(),
-        ])?
-        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))?;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )?;
+        let (cfg, ca_pem) = crate::test_tls(&["127.0.0.1", "kubernetes.default.svc"])?;
         FakeApi::start_with(Some(InCluster {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-            ca_pem: ca.pem(),
+            ca_pem,
             token: format!("sa-token-{}", std::process::id()),
         }))
     }

@@ -884,25 +884,10 @@ pub struct HttpsFile {
 
 impl HttpsFile {
     pub fn start(path: &str, body: Vec<u8>, dir: &Path) -> Result<HttpsFile> {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key)?;
-        let leaf_key = KeyPair::generate()?;
-        let leaf = CertificateParams::new(vec!["localhost".to_string()])?
-            .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))?;
+        let (cfg, ca_pem) = test_tls(&["localhost"])?;
         std::fs::create_dir_all(dir)?;
         let ca_file = dir.join("jwks-ca.pem");
-        std::fs::write(&ca_file, ca.pem())?;
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-            )?;
+        std::fs::write(&ca_file, ca_pem)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
@@ -1004,4 +989,61 @@ pub fn helm_template(helm: &Path, set: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("helm output is UTF-8")
+}
+
+/// A TLS server config with a certificate for `names` (DNS names or IP addresses) from a fresh
+/// test CA, and that CA in PEM for the client to trust.
+pub fn test_tls(names: &[&str]) -> Result<(rustls::ServerConfig, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let leaf_key = KeyPair::generate()?;
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let leaf = CertificateParams::new(names)?
+        .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))?;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )?;
+    Ok((cfg, ca.pem()))
+}
+
+/// curl from the test's own namespace (the node): (status, body); status 0 when no connection
+/// was made, with curl's message as the body.
+pub fn curl_node(args: &[&str]) -> (u16, String) {
+    let mut a = vec!["-sS", "-m", "10", "-w", "\n%{http_code}"];
+    a.extend_from_slice(args);
+    let out = Command::new("curl")
+        .args(&a)
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let body = format!("{body}{}", String::from_utf8_lossy(&out.stderr));
+    (code.trim().parse().unwrap_or(0), body)
+}
+
+/// The JWT FAQ's "skip JWT for some paths" at the gateway: (path, token, status, body when it
+/// is Envoy's own). `token` is valid, `bad` a tampered one.
+pub fn faq_skip_path_cases<'a>(
+    token: &'a str,
+    bad: &'a str,
+) -> [(&'static str, Option<&'a str>, u16, Option<&'static str>); 4] {
+    [
+        ("/productpage", None, 200, None),
+        ("/api/v1/products/0", None, 403, Some("RBAC: access denied")),
+        ("/api/v1/products/0", Some(token), 200, None),
+        (
+            "/productpage",
+            Some(bad),
+            401,
+            Some("Jwt verification fails"),
+        ),
+    ]
 }

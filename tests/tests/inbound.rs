@@ -77,14 +77,7 @@ fn curl_from(client: Client, args: &[&str]) -> (u16, String) {
     match client {
         Client::Outside(h) => curl(h, false, args).unwrap_or_else(refused),
         Client::Pod(h) => curl(h, true, args).unwrap_or_else(refused),
-        Client::Node => {
-            let mut a = vec!["-sS", "-m", "10", "-w", "\n%{http_code}"];
-            a.extend_from_slice(args);
-            let out = sh("curl", &a).unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-            (code.trim().parse().unwrap_or(0), body.to_string())
-        }
+        Client::Node => curl_node(args),
     }
 }
 
@@ -138,17 +131,7 @@ fn the_faq_holds_for_clients_outside_every_pod_the_host_and_pods() {
     ] {
         let before = served(&f.gw);
         let mut allowed = 0;
-        for (path, tok, want, body_want) in [
-            ("/productpage", None, 200, None),
-            ("/api/v1/products/0", None, 403, Some("RBAC: access denied")),
-            ("/api/v1/products/0", Some(token.as_str()), 200, None),
-            (
-                "/productpage",
-                Some(bad.as_str()),
-                401,
-                Some("Jwt verification fails"),
-            ),
-        ] {
+        for (path, tok, want, body_want) in faq_skip_path_cases(&token, &bad) {
             let (code, body) = get(client, &format!("{base}{path}"), tok);
             assert_eq!(
                 code,
