@@ -91,8 +91,9 @@ fn decide(c: &mut Criterion) {
             PathNormalization::Base,
             "cluster.local",
         );
+        let pol = engine.policies_for(&w);
         let conn = Conn {
-            destination: &w,
+            policies: &pol,
             source: None,
             source_ip: None,
             dest_ip: None,

@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use authz::kubernetes::{
     pods::{Pod, PodRecord},
-    snapshot::{desired, Policies},
+    snapshot::{desired, Policies, Scope},
 };
 use criterion::{criterion_group, criterion_main, Criterion};
 use k8s_openapi::api::core::v1::{Namespace, Service};
@@ -87,11 +87,10 @@ fn bench(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 desired(
-                    "node7",
+                    &Scope::node("node7", true),
                     &pods,
                     &namespaces,
                     &services,
-                    true,
                     &mut |uid: &str| Ok((PathBuf::from(uid), PathBuf::from(uid))),
                 )
             })

@@ -16,9 +16,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Set once the programs are loaded (kernel counters on /metrics).
     pub kernel: std::sync::OnceLock<Arc<Kernel>>,
-    /// The effective config (with the pods, workloads and services in force), rendered as YAML
-    /// only when /config_dump is asked for.
-    pub dump: std::sync::RwLock<Arc<crate::config::Config>>,
+    /// The state in force; its config (the pods, workloads and services in force) is rendered
+    /// as YAML only when /config_dump is asked for.
+    pub state: Arc<crate::state::InForce>,
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
@@ -88,10 +88,10 @@ fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Response<Fu
             "config_dump is served to loopback clients only\n".into(),
         ),
         "/config_dump" => {
-            let cfg = admin.dump.read().unwrap().clone();
+            let state = admin.state.get();
             reply(
                 StatusCode::OK,
-                serde_yaml::to_string(&*cfg).unwrap_or_default(),
+                serde_yaml::to_string(&*state.config).unwrap_or_default(),
             )
         }
         _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
+        Arc,
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -26,7 +26,7 @@ use crate::{
     policy::PolicySet,
     proxy::Proxy,
     readiness::Readiness,
-    registry::Registry,
+    state::{InForce, State},
 };
 
 /// How often the agent proves it is alive to the programs, and when they stop trusting it.
@@ -66,9 +66,6 @@ pub struct App {
     input: Input,
     store: Arc<JwksStore>,
     cache: Arc<TokenCache>,
-    /// The config in force (in Kubernetes mode, with the cluster's pods, workloads, services).
-    /// The config in force; /config_dump shares it.
-    current: Arc<Config>,
     heartbeat: Heartbeat,
     drain: drain::Trigger,
     /// SIGTERM and SIGINT, listened for from the start of `build`: a signal that arrives once
@@ -84,11 +81,14 @@ pub async fn build(source: Source, cfg: Config) -> Result<App> {
     ));
     // The admin endpoint first: alive (and not ready) while the API server is awaited.
     let metrics = Arc::new(Metrics::default());
+    // One state in force from here on, read by the admin endpoint, the JWKS resolver and the
+    // proxy alike: empty until the first world is read.
+    let in_force = Arc::new(InForce::new(State::empty(cfg.clone())));
     let admin = Arc::new(Admin {
         ready: Readiness::default(),
         metrics: metrics.clone(),
         kernel: Default::default(),
-        dump: RwLock::new(Arc::new(cfg.clone())),
+        state: in_force.clone(),
     });
     let admin_listener = admin::bind(cfg.agent.admin).await?;
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
@@ -120,9 +120,8 @@ pub async fn build(source: Source, cfg: Config) -> Result<App> {
             (Input::File { path, seen }, cfg, set)
         }
     };
-    let registry = Arc::new(Registry::from_config(&cfg));
-    let shared_registry = Arc::new(RwLock::new(registry.clone()));
-    let store = engine::jwks_store(&cfg, &shared_registry)?;
+    let resolving = in_force.clone();
+    let store = engine::jwks_store(&cfg, move || resolving.get().registry.clone())?;
     let cache = Arc::new(TokenCache::new(cfg.agent.token_cache_size));
     let eng = engine::build_from(&cfg.agent, &set, Some(&store), cache.clone());
     drop(set);
@@ -144,23 +143,26 @@ pub async fn build(source: Source, cfg: Config) -> Result<App> {
     kernel.spawn_log_pump();
     kernel.heartbeat(cfg.agent.fail_mode, HEARTBEAT_STALE)?;
     let _ = admin.kernel.set(kernel.clone());
-    *admin.dump.write().unwrap() = Arc::new(cfg.clone());
 
     let max_connections = connection_cap(&cfg, &metrics);
     let (drain, draining) = drain::channel();
+    let settings = cfg.agent.clone();
+    let fail_mode = cfg.agent.fail_mode;
+    let admin_addr = cfg.agent.admin;
+    let state = in_force.swap(State::new(Arc::new(cfg), Arc::new(eng), None));
     let px = Arc::new(Proxy {
         max_connections,
         policies_changed: tokio::sync::watch::channel(0).0,
         kernel: kernel.clone(),
         metrics: metrics.clone(),
-        settings: cfg.agent.clone(),
-        engine: RwLock::new(Arc::new(eng)),
-        registry: shared_registry,
+        settings,
+        state: in_force,
         draining,
     });
     // A pod that cannot be enrolled is reported and retried; it never stops the agent.
     let mut applied = Applied::default();
-    enroll::apply(&px, &mut applied, &cfg, &registry);
+    enroll::apply(&px, &mut applied, &state);
+    drop(state);
     if kernel.adopted {
         forget_stale(&kernel, &applied);
     }
@@ -168,9 +170,9 @@ pub async fn build(source: Source, cfg: Config) -> Result<App> {
         report_pending(k, &mut applied);
     }
     release_freed_memory();
-    let heartbeat = Heartbeat::start(kernel.clone(), cfg.agent.fail_mode);
+    let heartbeat = Heartbeat::start(kernel.clone(), fail_mode);
     admin.ready.set_ready();
-    tracing::info!(pods = applied.pods.len(), workloads = applied.enforced.len(), admin = %cfg.agent.admin, "agent ready");
+    tracing::info!(pods = applied.pods.len(), workloads = applied.enforced.len(), admin = %admin_addr, "agent ready");
     Ok(App {
         admin,
         metrics,
@@ -180,7 +182,6 @@ pub async fn build(source: Source, cfg: Config) -> Result<App> {
         input,
         store,
         cache,
-        current: Arc::new(cfg),
         heartbeat,
         drain,
         signals,
@@ -226,25 +227,24 @@ impl App {
         let Input::File { path, seen } = &mut self.input else {
             return;
         };
-        let now = fingerprint(path, &self.current);
+        let current = self.px.state().config.clone();
+        let now = fingerprint(path, &current);
         if now == *seen {
             return;
         }
         *seen = now;
-        match load_files(path, &self.current) {
+        match load_files(path, &current) {
             Ok((cfg, set)) => {
                 *seen = fingerprint(path, &cfg);
                 apply(
                     &self.px,
                     &mut self.applied,
-                    &cfg,
+                    cfg,
                     Some(&set),
                     &self.store,
                     &self.cache,
                 );
                 self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                self.current = Arc::new(cfg);
-                *self.admin.dump.write().unwrap() = self.current.clone();
             }
             Err(e) => {
                 self.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
@@ -282,17 +282,13 @@ impl App {
             *last_cost = started.elapsed();
             *last_end = Instant::now();
         }
-        *self.admin.dump.write().unwrap() = self.current.clone();
     }
 
     /// Pods not enrolled and addresses not enforced yet: another try.
     fn retry(&mut self) {
         match &self.input {
             Input::Kube { .. } => self.apply_snapshot(),
-            Input::File { .. } => {
-                let registry = self.px.registry();
-                enroll::apply(&self.px, &mut self.applied, &self.current, &registry);
-            }
+            Input::File { .. } => enroll::apply(&self.px, &mut self.applied, &self.px.state()),
         }
     }
 
@@ -301,17 +297,19 @@ impl App {
         let Input::Kube { k, .. } = &mut self.input else {
             return;
         };
-        let (cfg, set) = k.snapshot(&self.current, &self.metrics);
+        let state = self.px.state();
+        let current = &state.config;
+        let (cfg, set) = k.snapshot(current, &self.metrics);
         // Most events (pod status churn, objects the agent does not read) change nothing here.
-        let same = cfg.pods == self.current.pods
-            && cfg.peers == self.current.peers
-            && cfg.services == self.current.services
+        let same = cfg.pods == current.pods
+            && cfg.peers == current.peers
+            && cfg.workloads == current.workloads
+            && cfg.services == current.services
             && k.policies.generation == k.applied_generation;
         if same {
             if k.pending(&self.applied) {
-                // Only enrollments to retry: the engine stays.
-                let registry = self.px.registry();
-                enroll::apply(&self.px, &mut self.applied, &cfg, &registry);
+                // Only enrollments to retry: the state stays.
+                enroll::apply(&self.px, &mut self.applied, &state);
                 report_pending(k, &mut self.applied);
             }
         } else {
@@ -323,7 +321,7 @@ impl App {
             apply(
                 &self.px,
                 &mut self.applied,
-                &cfg,
+                cfg,
                 policies,
                 &self.store,
                 &self.cache,
@@ -331,7 +329,6 @@ impl App {
             self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
             report_pending(k, &mut self.applied);
         }
-        self.current = Arc::new(cfg);
     }
 
     /// The programs, maps and enrollments stay pinned: from here the fail mode applies to new
@@ -343,7 +340,8 @@ impl App {
         self.heartbeat.stop();
         // Still serving: a successor agent on the same pins shows up as a heartbeat not ours.
         tokio::time::sleep(2 * HEARTBEAT_EVERY).await;
-        if let Err(e) = self.kernel.stop_heartbeat(self.current.agent.fail_mode) {
+        let settings = &self.px.settings;
+        if let Err(e) = self.kernel.stop_heartbeat(settings.fail_mode) {
             tracing::warn!("marking the agent gone: {e:#}");
         }
         for (_, p) in self.applied.pods.drain() {
@@ -351,10 +349,10 @@ impl App {
         }
         // Idle HTTP connections close now, busy ones after their request; TCP relays run on.
         self.drain
-            .drain(&self.metrics, self.current.agent.drain_timeout)
+            .drain(&self.metrics, settings.drain_timeout)
             .await;
         tracing::info!(
-            bpffs = %self.current.agent.bpffs.display(),
+            bpffs = %settings.bpffs.display(),
             "stopped; enforcement stays pinned (`authz-agent cleanup` removes it)"
         );
     }
@@ -479,34 +477,43 @@ fn load_files(config_path: &Path, old: &Config) -> Result<(Config, PolicySet)> {
     Ok((cfg, set))
 }
 
-/// Swaps in the engine and registry of `cfg` and `set` (new requests, and open TCP relays, are
-/// decided by them from here), then brings the kernel and the listeners in line; operations
-/// that fail are retried.
-/// Puts `cfg` in force, with `set` compiled into a new engine; `set` None keeps the engine in
-/// force (Kubernetes mode: pods or services changed, policies did not).
+/// Puts `cfg` in force as one new state, with `set` compiled into a new engine (`set` None
+/// keeps the engine in force: Kubernetes mode, pods or services changed, policies did not).
+/// New requests, and open TCP relays, are decided by it from here, with every destination's
+/// policies selected by its labels as they are now; then the kernel and the listeners are
+/// brought in line (operations that fail are retried).
 fn apply(
     px: &Arc<Proxy>,
     applied: &mut Applied,
-    cfg: &Config,
+    cfg: Config,
     set: Option<&PolicySet>,
     store: &Arc<JwksStore>,
     cache: &Arc<TokenCache>,
 ) {
-    if let Some(set) = set {
-        let eng = engine::build_from(&cfg.agent, set, Some(store), cache.clone());
-        *px.engine.write().unwrap() = Arc::new(eng);
-    }
-    let registry = Arc::new(Registry::from_config(cfg));
-    *px.registry.write().unwrap() = registry.clone();
+    let prev = px.state();
+    let engine = match set {
+        Some(set) => Arc::new(engine::build_from(
+            &cfg.agent,
+            set,
+            Some(store),
+            cache.clone(),
+        )),
+        None => prev.engine.clone(),
+    };
+    let state = px
+        .state
+        .swap(State::new(Arc::new(cfg), engine, Some(&prev)));
+    drop(prev);
     // Open TCP relays decide again: identities by address may have changed too.
     px.policies_changed.send_modify(|g| *g += 1);
-    enroll::apply(px, applied, cfg, &registry);
+    enroll::apply(px, applied, &state);
     release_freed_memory();
     tracing::info!(
         pods = applied.pods.len(),
         workloads = applied.enforced.len(),
-        request_authentications = px.engine().index().request_authentications,
-        authorization_policies = px.engine().index().authorization_policies,
+        destinations = state.targets(),
+        request_authentications = state.engine.index().request_authentications,
+        authorization_policies = state.engine.index().authorization_policies,
         "applied"
     );
 }

@@ -79,15 +79,16 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let shared = Arc::new(std::sync::RwLock::new(registry.clone()));
-        let store = engine::jwks_store(&cfg, &shared)?;
+        let reg = registry.clone();
+        let store = engine::jwks_store(&cfg, move || reg.clone())?;
         let (eng, set) = engine::build(&cfg, Some(&store), Arc::new(TokenCache::new(0)));
         if !set.is_valid() {
             let msgs: Vec<String> = set.errors().map(|p| p.to_string()).collect();
             bail!("invalid policies:\n{}", msgs.join("\n"));
         }
+        let policies = eng.policies_for(&dest);
         let conn = engine::Conn {
-            destination: &dest,
+            policies: &policies,
             source: source.as_deref(),
             source_ip,
             dest_ip,

@@ -39,6 +39,17 @@ pub struct Config {
 pub struct Peer {
     pub workload: std::sync::Arc<crate::registry::Workload>,
     pub ips: std::sync::Arc<[IpAddr]>,
+    pub decided: DecidedAt,
+}
+
+/// Where connections to a mesh pod of another node are decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecidedAt {
+    /// Its node runs a ready agent, which decides them where they arrive.
+    ItsNode,
+    /// Its node runs no ready agent: this agent decides its pods' connections to it, at the
+    /// client (the outbound path), so the pod is never left to no one.
+    Client,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -57,6 +68,32 @@ pub struct KubernetesSettings {
     /// Steer the connections of every pod of the node to Service addresses (true), or only of
     /// mesh pods (false). Mesh pods are decided where they run either way.
     pub enroll_all_pods: bool,
+    /// The cluster's agents (this DaemonSet's pods): a node with a ready one decides its mesh
+    /// pods' connections itself; mesh pods of a node without one are decided at the client.
+    pub agent_pods: AgentPods,
+}
+
+/// How the agents of the cluster are recognised among its pods.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AgentPods {
+    /// Default: this agent's own namespace (its service account's), else `authz-system`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Labels every agent pod carries (all must match).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for AgentPods {
+    fn default() -> Self {
+        AgentPods {
+            namespace: None,
+            labels: BTreeMap::from([(
+                "app.kubernetes.io/name".to_string(),
+                "authz-agent".to_string(),
+            )]),
+        }
+    }
 }
 
 impl Default for KubernetesSettings {
@@ -68,6 +105,7 @@ impl Default for KubernetesSettings {
             events: true,
             proc_root: PathBuf::from("/proc"),
             enroll_all_pods: true,
+            agent_pods: AgentPods::default(),
         }
     }
 }

@@ -1,11 +1,7 @@
 //! One decision: (request, destination workload, source) -> RequestAuthentication, then
 //! AuthorizationPolicy -> allow (with header changes) or deny (status, body, policy, reason).
 //! The proxy and `authz-agent check` both come through here, so they always agree.
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, RwLock},
-};
+use std::{net::IpAddr, sync::Arc};
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -33,7 +29,6 @@ pub struct Engine {
     store: Option<Arc<JwksStore>>,
     normalization: PathNormalization,
     trust_domain: String,
-    per_workload: RwLock<HashMap<(String, String), Arc<WorkloadPolicies>>>,
 }
 
 /// The request as the engine sees it.
@@ -48,9 +43,10 @@ pub struct Request<'a> {
     pub http2: bool,
 }
 
-/// Who is talking to whom.
+/// Who is talking to whom. The destination is the policies that select it, computed when the
+/// state in force was built (`state::State`), from its labels at that moment.
 pub struct Conn<'a> {
-    pub destination: &'a Workload,
+    pub policies: &'a WorkloadPolicies,
     pub source: Option<&'a Workload>,
     pub source_ip: Option<IpAddr>,
     pub dest_ip: Option<IpAddr>,
@@ -142,7 +138,6 @@ impl Engine {
             store,
             normalization,
             trust_domain: trust_domain.into(),
-            per_workload: RwLock::new(HashMap::new()),
         }
     }
 
@@ -150,14 +145,10 @@ impl Engine {
         &self.index
     }
 
-    pub fn policies_for(&self, w: &Workload) -> Arc<WorkloadPolicies> {
-        let key = (w.namespace.clone(), w.name.clone());
-        if let Some(p) = self.per_workload.read().unwrap().get(&key) {
-            return p.clone();
-        }
-        let p = Arc::new(self.index.for_workload(w));
-        self.per_workload.write().unwrap().insert(key, p.clone());
-        p
+    /// The policies that select `w` as its labels are now. Not cached here: the state in force
+    /// computes them once per destination when it is built.
+    pub fn policies_for(&self, w: &Workload) -> WorkloadPolicies {
+        self.index.for_workload(w)
     }
 
     fn peer(&self, w: Option<&Workload>) -> Option<Peer> {
@@ -171,7 +162,7 @@ impl Engine {
     /// A non-HTTP connection: only the L4 parts of the policies (HTTP-only fields drop ALLOW
     /// rules and are ignored in DENY rules, as Istio compiles them for TCP).
     pub fn decide_tcp(&self, c: &Conn) -> Decision {
-        let pol = self.policies_for(c.destination);
+        let pol = c.policies;
         let peer = self.peer(c.source);
         let a = Attrs {
             http: None,
@@ -218,7 +209,7 @@ impl Engine {
             Err(PathError::Invalid) => return bad_request("path is not in origin form"),
             Err(PathError::BadEscape) => return bad_request("malformed percent-encoding in path"),
         };
-        let pol = self.policies_for(c.destination);
+        let pol = c.policies;
         let mut d = Decision {
             remove_headers: pol.sanitize.clone(),
             ..Default::default()
@@ -467,13 +458,14 @@ fn www_authenticate(r: &Request, path: &str) -> HeaderValue {
 }
 
 /// Builds the JWKS store of a config: service names resolve as in a cluster.
+/// The JWKS store; `jwksUri` hosts resolve through the services of `registry()`, which is read
+/// at each fetch (the registry in force).
 pub fn jwks_store(
     cfg: &crate::config::Config,
-    registry: &Arc<std::sync::RwLock<Arc<crate::registry::Registry>>>,
+    registry: impl Fn() -> Arc<crate::registry::Registry> + Send + Sync + 'static,
 ) -> anyhow::Result<Arc<JwksStore>> {
-    let reg = registry.clone();
     let resolve: jwt::remote::ServiceResolver = Arc::new(move |host, ns| {
-        let r = reg.read().unwrap().clone();
+        let r = registry();
         let s = r.resolve_service(host, ns)?;
         Some(s.ips.clone())
     });
@@ -558,9 +550,9 @@ mod tests {
                 v.parse().unwrap(),
             );
         }
-        let w = workload();
+        let pol = e.policies_for(&workload());
         let c = Conn {
-            destination: &w,
+            policies: &pol,
             source: None,
             source_ip: None,
             dest_ip: None,

@@ -14,9 +14,10 @@ use anyhow::Context;
 use tokio::task::AbortHandle;
 
 use crate::{
-    config::{Config, PodSpec},
+    config::PodSpec,
     proxy::{self, PodListeners, Proxy},
     registry::{Pod, Registry},
+    state::State,
 };
 
 /// A pod by (namespace, name).
@@ -84,8 +85,8 @@ pub enum Op {
 }
 
 /// Whether an enrolled pod can stay as it is: the same place on the host and the same identity.
-/// Labels are not part of it (policies select destinations by labels, not sources), so a
-/// relabelled pod keeps its open connections.
+/// Labels are not part of it: a relabelled pod keeps its listeners and open connections, and
+/// every decision for it reads its labels from the state in force (`state::State::target`).
 pub fn same_enrollment(a: &PodSpec, b: &PodSpec) -> bool {
     a.netns == b.netns
         && a.cgroup == b.cgroup
@@ -152,26 +153,21 @@ pub fn wanted_ips(registry: &Registry) -> HashSet<IpAddr> {
         .collect()
 }
 
-/// Plans against `cfg` and `registry`, then executes.
-pub fn apply(px: &Arc<Proxy>, applied: &mut Applied, cfg: &Config, registry: &Registry) {
+/// Plans against the state in force, then executes.
+pub fn apply(px: &Arc<Proxy>, applied: &mut Applied, state: &State) {
     let ops = plan(
         applied.pods.iter().map(|(k, e)| (k, &e.spec)),
         applied.pending.iter().map(|(k, p)| (k, &p.spec)),
         &applied.enforced,
-        &cfg.pods,
-        &wanted_ips(registry),
+        &state.config.pods,
+        &wanted_ips(&state.registry),
     );
-    execute(px, applied, ops, cfg, registry);
+    execute(px, applied, ops, state);
 }
 
 /// Carries out `ops`; each is recorded in `applied` only once it succeeded.
-pub fn execute(
-    px: &Arc<Proxy>,
-    applied: &mut Applied,
-    ops: Vec<Op>,
-    cfg: &Config,
-    registry: &Registry,
-) {
+pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &State) {
+    let (cfg, registry) = (&state.config, &state.registry);
     let kernel = &px.kernel;
     applied.failed_ips.clear();
     if cfg.pods.iter().any(|p| !p.probes.is_empty()) {
@@ -227,7 +223,9 @@ pub fn execute(
                     applied.enforced.insert(ip);
                     let name = match (registry.by_ip.get(&ip), registry.vips.get(&ip)) {
                         (Some(w), _) => format!("{}/{}", w.namespace, w.name),
-                        (None, Some(s)) => format!("service {}/{}", s.namespace, s.name),
+                        (None, Some(v)) => {
+                            format!("service {}/{}", v.service.namespace, v.service.name)
+                        }
                         _ => String::new(),
                     };
                     tracing::info!(ip = %ip, workload = %name, "destination enforced");

@@ -33,3 +33,4 @@ pub mod proxy;
 #[cfg(feature = "kernel")]
 pub mod readiness;
 pub mod registry;
+pub mod state;

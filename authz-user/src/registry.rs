@@ -4,10 +4,13 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
 };
 
-use crate::config::{Config, ServiceSpec};
+use crate::config::{Config, DecidedAt, ServiceSpec};
 
 /// A workload as policies see it: its namespace, labels and identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +103,25 @@ pub struct Registry {
     pub by_name: HashMap<String, Arc<Workload>>,
     pub services: Vec<Arc<ServiceSpec>>,
     /// Enforced service address -> the service (with backends, one of them enforced).
-    pub vips: HashMap<IpAddr, Arc<ServiceSpec>>,
+    pub vips: HashMap<IpAddr, Vip>,
+}
+
+/// A steered service address: its service, and the backend the next connection gets.
+#[derive(Debug)]
+pub struct Vip {
+    pub service: Arc<ServiceSpec>,
+    /// Round robin over the backends on the connection's port: an even spread whatever the
+    /// clients' source ports (Linux hands even ones to `connect()`) or the number of backends.
+    next: AtomicUsize,
+}
+
+impl Clone for Vip {
+    fn clone(&self) -> Vip {
+        Vip {
+            service: self.service.clone(),
+            next: AtomicUsize::new(self.next.load(Relaxed)),
+        }
+    }
 }
 
 impl Registry {
@@ -139,7 +160,13 @@ impl Registry {
         for peer in &cfg.peers {
             for ip in peer.ips.iter() {
                 reg.sources.insert(normalize(*ip), peer.workload.clone());
-                reg.decided_at_destination.insert(normalize(*ip));
+                match peer.decided {
+                    DecidedAt::ItsNode => reg.decided_at_destination.insert(normalize(*ip)),
+                    DecidedAt::Client => reg
+                        .by_ip
+                        .insert(normalize(*ip), peer.workload.clone())
+                        .is_none(),
+                };
             }
         }
         for w in &cfg.workloads {
@@ -161,7 +188,13 @@ impl Registry {
             });
             if enforced {
                 for ip in &s.ips {
-                    vips.insert(normalize(*ip), s.clone());
+                    vips.insert(
+                        normalize(*ip),
+                        Vip {
+                            service: s.clone(),
+                            next: AtomicUsize::new(0),
+                        },
+                    );
                 }
             }
         }
@@ -169,17 +202,23 @@ impl Registry {
         reg
     }
 
-    /// Where a connection to `dst` goes and whose policies apply. A service address picks one
-    /// of its backends with `pick` (any number that varies between connections); None when the
-    /// service has no backend on that port (the connection is closed, as a proxy would refuse).
-    pub fn resolve(
-        &self,
-        dst: SocketAddr,
-        pick: usize,
-    ) -> Option<(SocketAddr, Option<Arc<Workload>>)> {
-        let Some(svc) = self.vips.get(&normalize(dst.ip())) else {
+    /// Every workload decided by this agent: its captured pods and its client-side workloads.
+    pub fn destinations(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.pods
+            .iter()
+            .filter(|p| p.inbound)
+            .map(|p| &p.workload)
+            .chain(self.by_ip.values())
+    }
+
+    /// Where a connection to `dst` goes and whose policies apply. A service address takes its
+    /// backends on that port in turn; None when the service has none there (the connection is
+    /// closed, as a proxy would refuse).
+    pub fn resolve(&self, dst: SocketAddr) -> Option<(SocketAddr, Option<Arc<Workload>>)> {
+        let Some(vip) = self.vips.get(&normalize(dst.ip())) else {
             return Some((dst, self.workload_at(dst.ip()).cloned()));
         };
+        let svc = &vip.service;
         // Per connection: count, then take the chosen one, with no allocation.
         let candidates = || {
             svc.backends.iter().filter_map(|b| {
@@ -188,6 +227,7 @@ impl Registry {
             })
         };
         let n = candidates().count();
+        let pick = vip.next.fetch_add(1, Relaxed);
         let (ip, port) = candidates().nth(pick.checked_rem(n)?)?;
         Some((SocketAddr::new(ip, port), self.workload_at(ip).cloned()))
     }
@@ -224,5 +264,52 @@ pub fn normalize(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service with `n` backends on port 80 (target 8080), all client-side workloads.
+    fn service_with(n: u8) -> Registry {
+        let mut yaml = String::from("workloads:\n");
+        let mut backends = String::new();
+        for i in 1..=n {
+            yaml += &format!("- {{name: b{i}, namespace: foo, ips: [10.0.0.{i}]}}\n");
+            backends += &format!("{{ip: 10.0.0.{i}, ports: [{{port: 80, targetPort: 8080}}]}},");
+        }
+        yaml += &format!(
+            "services:\n- {{name: s, namespace: foo, ips: [10.96.0.1], backends: [{backends}]}}\n"
+        );
+        Registry::from_config(&Config::parse(&yaml, "t.yaml").unwrap())
+    }
+
+    #[test]
+    fn backends_get_an_even_share_of_connections() {
+        for n in [2u8, 3, 4] {
+            let reg = service_with(n);
+            let mut got: HashMap<IpAddr, usize> = HashMap::new();
+            for _ in 0..1000 {
+                let (to, w) = reg.resolve("10.96.0.1:80".parse().unwrap()).unwrap();
+                assert_eq!(to.port(), 8080);
+                assert!(w.is_some(), "the backend's policies apply");
+                *got.entry(to.ip()).or_default() += 1;
+            }
+            let share = 1000.0 / f64::from(n);
+            assert_eq!(got.len(), usize::from(n), "{got:?}");
+            for (ip, c) in &got {
+                let off = (*c as f64 - share).abs() / share;
+                assert!(off <= 0.10, "{n} backends: {ip} got {c} of 1000 ({got:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn no_backend_on_the_port_is_refused_and_other_addresses_go_as_they_are() {
+        let reg = service_with(2);
+        assert!(reg.resolve("10.96.0.1:81".parse().unwrap()).is_none());
+        let direct: SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        assert_eq!(reg.resolve(direct).unwrap(), (direct, None));
     }
 }

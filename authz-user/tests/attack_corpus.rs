@@ -47,8 +47,9 @@ fn decide(
             v.parse().unwrap(),
         );
     }
+    let pol = e.policies_for(&w);
     let c = Conn {
-        destination: &w,
+        policies: &pol,
         source: None,
         source_ip: None,
         dest_ip: None,

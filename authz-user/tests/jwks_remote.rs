@@ -104,8 +104,9 @@ async fn decide(e: &Engine, token: &str) -> Decision {
         http::header::AUTHORIZATION,
         format!("Bearer {token}").parse().unwrap(),
     );
+    let pol = e.policies_for(&w);
     let c = Conn {
-        destination: &w,
+        policies: &pol,
         source: None,
         source_ip: None,
         dest_ip: None,

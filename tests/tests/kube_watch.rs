@@ -3,7 +3,7 @@
 //! restarts and bookmarks. No root needed.
 use std::time::{Duration, Instant};
 
-use authz::kubernetes::{events::Events, snapshot, Cluster};
+use authz::kubernetes::{events::Events, snapshot, snapshot::Scope, Cluster};
 use authz_tests::fakeapi::{self, FakeApi};
 use serde_json::json;
 
@@ -166,7 +166,7 @@ fn pods_services_and_namespaces_make_the_desired_state() {
         "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80, "targetPort": 8080}]}}));
     let f = fixture(api);
     let mut locate = |uid: &str| Ok((format!("/cg/{uid}").into(), format!("/ns/{uid}").into()));
-    let d = f.cluster.desired("node-a", true, &mut locate);
+    let d = f.cluster.desired(&Scope::node("node-a", true), &mut locate);
     let names = |v: &[authz::config::Peer]| {
         v.iter()
             .map(|p| p.workload.name.clone())
@@ -200,7 +200,7 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     f.api.apply(fakeapi::namespace("other", true));
     f.api.delete("Pod", "mesh", "remote");
     eventually("namespace labelled and pod gone", || {
-        let d = f.cluster.desired("node-a", true, &mut locate);
+        let d = f.cluster.desired(&Scope::node("node-a", true), &mut locate);
         names(&d.peers) == ["local", "outside"] && d.pods.len() == 2
     });
 }

@@ -14,10 +14,10 @@ pub const NOT_ENROLLED_EVENT_AFTER: Duration = Duration::from_secs(5);
 /// Kubernetes mode: the API server's stores, and what the agent remembers between snapshots.
 pub struct KubeInput {
     pub cluster: crate::kubernetes::Cluster,
-    pub node: String,
+    /// This node, and how the other nodes' agents are recognised.
+    pub scope: crate::kubernetes::snapshot::Scope,
     pub cgroup_root: PathBuf,
     pub proc_root: PathBuf,
-    pub enroll_all: bool,
     pub policies: crate::kubernetes::snapshot::Policies,
     /// Pod UID -> (addresses, cgroup, netns) found on the host. Kept so a pod keeps the same
     /// netns path (the same process) for as long as its addresses do not change.
@@ -60,12 +60,19 @@ impl KubeInput {
             .kubernetes
             .events
             .then(|| kubernetes::events::Events::new(client, &node));
+        let agents = &cfg.kubernetes.agent_pods;
+        let scope = crate::kubernetes::snapshot::Scope {
+            node,
+            enroll_all: cfg.kubernetes.enroll_all_pods,
+            agent_namespace: agents.namespace.clone().unwrap_or_else(own_namespace),
+            agent_labels: (&agents.labels).into(),
+        };
+        tracing::info!(namespace = %scope.agent_namespace, labels = ?agents.labels, "other nodes' agents are recognised by");
         Ok(KubeInput {
             cluster,
-            node,
+            scope,
             cgroup_root,
             proc_root: cfg.kubernetes.proc_root.clone(),
-            enroll_all: cfg.kubernetes.enroll_all_pods,
             policies: Default::default(),
             located: HashMap::new(),
             not_enrolled: HashMap::new(),
@@ -100,9 +107,7 @@ impl KubeInput {
             located.insert(uid.to_string(), (ips, cg.clone(), ns.clone()));
             Ok((cg, ns))
         };
-        let d = self
-            .cluster
-            .desired(&self.node, self.enroll_all, &mut locate);
+        let d = self.cluster.desired(&self.scope, &mut locate);
         let mut now = HashMap::new();
         for p in d.not_enrolled {
             let key = format!("{}/{}", p.namespace, p.name);
@@ -194,4 +199,13 @@ pub struct Pending {
     pub since: std::time::Instant,
     /// Warned about and posted as an Event on the pod.
     pub reported: bool,
+}
+
+/// The agent's own namespace, as its service account says (in a pod), else the manifests'.
+fn own_namespace() -> String {
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "authz-system".into())
 }

@@ -270,20 +270,17 @@ impl Cluster {
         }
     }
 
-    /// What to enforce now; `locate` finds this node's pods on the host. `enroll_all`: every
-    /// pod of the node is a steered client, not only mesh pods.
+    /// What to enforce now, as `scope` sees it; `locate` finds this node's pods on the host.
     pub fn desired(
         &self,
-        node: &str,
-        enroll_all: bool,
+        scope: &snapshot::Scope,
         locate: &mut snapshot::Locate,
     ) -> snapshot::Desired {
         snapshot::desired(
-            node,
+            scope,
             &self.pods.state(),
             &self.namespaces.state(),
             &self.services.state(),
-            enroll_all,
             locate,
         )
     }

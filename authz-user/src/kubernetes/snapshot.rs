@@ -13,7 +13,7 @@ use kube::core::DynamicObject;
 
 use super::pods::PodRecord;
 use crate::{
-    config::{Peer, PodSpec, ServicePort, ServiceSpec},
+    config::{DecidedAt, Peer, PodSpec, ServicePort, ServiceSpec},
     policy::{load_str, PolicySet, Problem},
 };
 
@@ -71,14 +71,46 @@ pub fn in_mesh(pod: &PodRecord, enforced_namespaces: &HashSet<&str>) -> bool {
 /// that does not parse, or too many ports, excludes nothing: capture is the safe side.
 pub const EXCLUDE_INBOUND_PORTS_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 
+/// Whose view the desired state is: this node's, and how it knows the other agents.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub node: String,
+    /// Every pod of the node is a steered client (not only mesh pods).
+    pub enroll_all: bool,
+    /// The namespace and labels of the cluster's agent pods.
+    pub agent_namespace: String,
+    pub agent_labels: crate::registry::Labels,
+}
+
+impl Scope {
+    /// `node`'s view, with the agents recognised by their default namespace and labels.
+    pub fn node(node: &str, enroll_all: bool) -> Scope {
+        let agents = crate::config::AgentPods::default();
+        Scope {
+            node: node.into(),
+            enroll_all,
+            agent_namespace: "authz-system".into(),
+            agent_labels: (&agents.labels).into(),
+        }
+    }
+
+    fn is_agent(&self, p: &PodRecord) -> bool {
+        p.namespace() == self.agent_namespace
+            && self
+                .agent_labels
+                .iter()
+                .all(|(k, v)| p.workload.labels.get(k) == Some(v))
+    }
+}
+
 pub fn desired(
-    node: &str,
+    scope: &Scope,
     pods: &[Arc<PodRecord>],
     namespaces: &[Arc<Namespace>],
     services: &[Arc<Service>],
-    enroll_all: bool,
     locate: &mut Locate,
 ) -> Desired {
+    let (node, enroll_all) = (scope.node.as_str(), scope.enroll_all);
     let enforced_ns: HashSet<&str> = namespaces
         .iter()
         .filter(|n| {
@@ -108,6 +140,23 @@ pub fn desired(
         .chain(pods.iter().filter(|p| p.deleting));
     let mut taken: FastMap<IpAddr, &Arc<PodRecord>> = FastMap::default();
     taken.reserve(pods.len());
+    // An address belongs to the pod that holds it now: a pod being deleted loses it to any live
+    // pod reporting it, in the mesh or not, on any node.
+    let held_by_live: std::collections::HashSet<IpAddr, foldhash::fast::RandomState> =
+        if pods.iter().any(|p| p.deleting) {
+            pods.iter()
+                .filter(|p| !p.deleting && p.has_own_network())
+                .flat_map(|p| p.ips.iter().copied())
+                .collect()
+        } else {
+            Default::default()
+        };
+    // Nodes whose agent is ready decide their own mesh pods; this node's agent is this one.
+    let agent_nodes: std::collections::HashSet<&str, foldhash::fast::RandomState> = pods
+        .iter()
+        .filter(|p| p.ready && p.running && !p.deleting && scope.is_agent(p))
+        .map(|p| &*p.node)
+        .collect();
     for pod in in_order {
         let mesh = in_mesh(pod, &enforced_ns);
         let local = &*pod.node == node;
@@ -120,12 +169,20 @@ pub fn desired(
         }
         // The record's own list, unless an address already went to another pod.
         let mut ips = pod.ips.clone();
+        if pod.deleting && pod.ips.iter().any(|ip| held_by_live.contains(ip)) {
+            ips = pod
+                .ips
+                .iter()
+                .copied()
+                .filter(|ip| !held_by_live.contains(ip))
+                .collect();
+        }
         if mesh {
             // Two pods claiming one address: the first keeps it (a live pod before one being
             // deleted, then by namespace/name), so traffic to it never meets two sets of policies.
-            if pod.ips.iter().any(|ip| taken.contains_key(ip)) {
-                let mut kept = Vec::with_capacity(pod.ips.len());
-                for ip in pod.ips.iter() {
+            if ips.iter().any(|ip| taken.contains_key(ip)) {
+                let mut kept = Vec::with_capacity(ips.len());
+                for ip in ips.iter() {
                     match taken.get(ip) {
                         Some(other) => out.warnings.push(format!(
                             "address {ip} is claimed by {} and {}; it goes to the first until one of them goes",
@@ -141,9 +198,15 @@ pub fn desired(
                 taken.insert(*ip, pod);
             }
             if !ips.is_empty() {
+                let decided = if local || agent_nodes.contains(&*pod.node) {
+                    DecidedAt::ItsNode
+                } else {
+                    DecidedAt::Client
+                };
                 out.peers.push(Peer {
                     workload: pod.workload.clone(),
                     ips: ips.clone(),
+                    decided,
                 });
             }
         }
@@ -470,15 +533,32 @@ mod tests {
         merge(&mut v, extra);
         pod(v)
     }
+    /// The agent pod of `node` (host network, the manifests' namespace and labels).
+    fn agent_on(node: &str, ready: bool) -> Arc<PodRecord> {
+        p(
+            &format!("authz-agent-{node}"),
+            "authz-system",
+            node,
+            "192.168.0.1",
+            json!({"metadata": {"labels": {"app.kubernetes.io/name": "authz-agent"}},
+                   "spec": {"hostNetwork": true},
+                   "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}}),
+        )
+    }
+
     /// The desired state seen from node n1, where no pod can be located.
     fn from_n1(
         pods: &[Arc<PodRecord>],
         namespaces: &[Arc<Namespace>],
         services: &[Arc<Service>],
     ) -> Desired {
-        desired("n1", pods, namespaces, services, true, &mut |uid| {
-            Err(crate::kubernetes::discover::LocateError::BadUid(uid.into()))
-        })
+        desired(
+            &Scope::node("n1", true),
+            pods,
+            namespaces,
+            services,
+            &mut |uid| Err(crate::kubernetes::discover::LocateError::BadUid(uid.into())),
+        )
     }
 
     fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
@@ -547,7 +627,13 @@ mod tests {
                 ))
             }
         };
-        let d = desired("n1", &pods, &namespaces, &[], false, &mut locate);
+        let d = desired(
+            &Scope::node("n1", false),
+            &pods,
+            &namespaces,
+            &[],
+            &mut locate,
+        );
         let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enrolled, ["a", "d"], "enrollment limited to the mesh");
         let enforced: Vec<&str> = d.peers.iter().map(|p| p.workload.name.as_str()).collect();
@@ -573,7 +659,13 @@ mod tests {
 
         // The default: every pod of the node with its own network is a steered client, the
         // excluded and unlabelled ones too; only mesh pods are protected destinations.
-        let d = desired("n1", &pods, &namespaces, &[], true, &mut locate);
+        let d = desired(
+            &Scope::node("n1", true),
+            &pods,
+            &namespaces,
+            &[],
+            &mut locate,
+        );
         let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(enrolled, ["a", "e", "c", "d"]);
         let enforced: Vec<&str> = d.peers.iter().map(|p| p.workload.name.as_str()).collect();
@@ -677,6 +769,7 @@ mod tests {
                 "10.0.0.4",
                 merge_into(json!({"metadata": {"labels": {"app": "web"}}}), ready),
             ),
+            agent_on("n2", true),
         ];
         let svc: Arc<Service> = Arc::new(
             serde_json::from_value(json!({
@@ -706,7 +799,7 @@ mod tests {
         };
         let reg = crate::registry::Registry::from_config(&cfg);
         let vip = |port: u16| std::net::SocketAddr::new("10.96.0.1".parse().unwrap(), port);
-        let (to, w) = reg.resolve(vip(80), 7).unwrap();
+        let (to, w) = reg.resolve(vip(80)).unwrap();
         assert_eq!(to, "10.0.0.1:8000".parse().unwrap());
         assert!(
             w.is_none(),
@@ -714,11 +807,11 @@ mod tests {
         );
         assert!(reg.decided_at_destination.contains(&to.ip()));
         assert!(
-            reg.resolve(vip(83), 0).is_none(),
+            reg.resolve(vip(83)).is_none(),
             "no backend on that port: refused"
         );
         let direct = "10.0.0.3:5000".parse().unwrap();
-        assert_eq!(reg.resolve(direct, 0).unwrap().0, direct);
+        assert_eq!(reg.resolve(direct).unwrap().0, direct);
     }
 
     fn merge_into(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
@@ -791,5 +884,115 @@ mod tests {
         let (set, _) = pols.update("security.istio.io/v1", &[], &[]);
         assert!(set.authorization_policies.is_empty());
         assert!(pols.entries.is_empty());
+    }
+
+    use crate::registry::Registry;
+
+    fn decided(d: &Desired, name: &str) -> Option<DecidedAt> {
+        d.peers
+            .iter()
+            .find(|p| p.workload.name == name)
+            .map(|p| p.decided)
+    }
+
+    #[test]
+    fn mesh_pods_of_nodes_without_a_ready_agent_are_decided_at_the_client() {
+        let namespaces = [ns("mesh", true)];
+        let table: &[(&str, Vec<Arc<PodRecord>>, Option<DecidedAt>)] = &[
+            ("no agent on n2", vec![], Some(DecidedAt::Client)),
+            (
+                "a ready agent on n2",
+                vec![agent_on("n2", true)],
+                Some(DecidedAt::ItsNode),
+            ),
+            (
+                "n2's agent not ready",
+                vec![agent_on("n2", false)],
+                Some(DecidedAt::Client),
+            ),
+            (
+                "only n3 has one",
+                vec![agent_on("n3", true)],
+                Some(DecidedAt::Client),
+            ),
+        ];
+        for (case, agents, want) in table {
+            let mut pods = vec![p("web", "mesh", "n2", "10.0.0.1", json!({}))];
+            pods.extend(agents.iter().cloned());
+            let d = from_n1(&pods, &namespaces, &[]);
+            assert_eq!(decided(&d, "web"), *want, "{case}");
+            let reg = Registry::from_config(&crate::config::Config {
+                peers: d.peers.clone(),
+                ..Default::default()
+            });
+            let ip = "10.0.0.1".parse().unwrap();
+            // Decided exactly once: by this agent at the client, or where it arrives.
+            assert_eq!(
+                reg.workload_at(ip).is_some(),
+                *want == Some(DecidedAt::Client),
+                "{case}"
+            );
+            assert_eq!(
+                reg.decided_at_destination.contains(&ip),
+                *want == Some(DecidedAt::ItsNode),
+                "{case}"
+            );
+        }
+        // This node's own pods are this agent's, whatever the API server says of it.
+        let d = from_n1(
+            &[p("local", "mesh", "n1", "10.0.0.5", json!({}))],
+            &namespaces,
+            &[],
+        );
+        assert_eq!(decided(&d, "local"), Some(DecidedAt::ItsNode));
+    }
+
+    #[test]
+    fn an_address_belongs_to_the_pod_that_holds_it_now() {
+        let namespaces = [ns("mesh", true), ns("plain", false)];
+        let deleting = json!({"metadata": {"deletionTimestamp": "2026-12-05T00:00:00Z"}});
+        let old = p("old", "mesh", "n1", "10.0.0.7", deleting.clone());
+        let table: &[(&str, Vec<Arc<PodRecord>>, &[&str])] = &[
+            (
+                "alone while terminating, it keeps its address",
+                vec![],
+                &["old"],
+            ),
+            (
+                "a new pod outside the mesh reports it: nobody's identity",
+                vec![p("new", "plain", "n2", "10.0.0.7", json!({}))],
+                &[],
+            ),
+            (
+                "a new mesh pod reports it: the new pod's",
+                vec![p("new", "mesh", "n2", "10.0.0.7", json!({}))],
+                &["new"],
+            ),
+            (
+                "a finished pod holds nothing",
+                vec![p(
+                    "done",
+                    "plain",
+                    "n2",
+                    "10.0.0.7",
+                    json!({"status": {"phase": "Succeeded"}}),
+                )],
+                &["old"],
+            ),
+        ];
+        for (case, others, want) in table {
+            let mut pods = vec![old.clone()];
+            pods.extend(others.iter().cloned());
+            let d = from_n1(&pods, &namespaces, &[]);
+            let reg = Registry::from_config(&crate::config::Config {
+                peers: d.peers.clone(),
+                ..Default::default()
+            });
+            let owner = reg
+                .source_at("10.0.0.7".parse().unwrap())
+                .map(|w| w.name.clone());
+            let want = want.first().map(|s| s.to_string());
+            assert_eq!(owner, want, "{case}");
+        }
     }
 }

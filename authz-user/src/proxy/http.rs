@@ -102,15 +102,25 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
     };
     if conn.is_probe(req.method(), req.uri().path()) {
         px.metrics.request("allow", "kubelet probe");
-    } else if let Some(dest) = &conn.destination {
+    } else if let Some(key) = &conn.destination {
+        let state = px.state();
+        let Some(dest) = state.target(key) else {
+            // The destination left this agent's care (released, or moved) since the connection
+            // was accepted: never decided with what it used to be.
+            px.metrics.request("deny", "destination gone");
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream".into(),
+            );
+        };
         let target = req
             .uri()
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/")
             .to_string();
-        let engine = px.engine();
-        let d = engine
+        let d = state
+            .engine
             .decide_http(
                 &conn.engine_conn(dest),
                 &crate::engine::Request {
@@ -126,7 +136,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             &px.metrics,
             &d,
             &super::records::Subject {
-                workload: dest,
+                workload: &dest.workload,
                 source: conn.src_ip,
                 method: Some(req.method().as_str()),
                 host: Some(&head.authority),
@@ -136,7 +146,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
         if !d.allowed {
             tracing::info!(
                 target: "authz::deny",
-                workload = %format!("{}/{}", dest.namespace, dest.name),
+                workload = %key,
                 source = %conn.source_label(),
                 method = %req.method(),
                 path = %target.split('?').next().unwrap_or(""),

@@ -18,16 +18,13 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use std::sync::RwLock;
-
 use crate::{
     config::AgentSettings,
-    engine::Engine,
     kernel::{addr_key, key_addr, Kernel},
     metrics::Metrics,
     netns::NetNs,
     registry::Pod,
-    registry::Registry,
+    state::{InForce, State, Target},
 };
 
 pub mod http;
@@ -36,14 +33,13 @@ pub mod records;
 pub mod tcp;
 pub mod upstream;
 
-/// What every connection handler shares. Engine and registry are swapped whole on reload;
-/// a request keeps the ones it started with.
+/// What every connection handler shares. The state in force is swapped whole on a change; a
+/// request is decided with the state of the moment it arrives.
 pub struct Proxy {
     pub kernel: Arc<Kernel>,
     pub metrics: Arc<Metrics>,
     pub settings: AgentSettings,
-    pub engine: RwLock<Arc<Engine>>,
-    pub registry: Arc<RwLock<Arc<Registry>>>,
+    pub state: Arc<InForce>,
     /// Turns true when the agent stops: HTTP connections finish the request in flight and close.
     pub draining: tokio::sync::watch::Receiver<bool>,
     /// Connections open through the agent at once, all pods together (see `limits`).
@@ -53,11 +49,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn engine(&self) -> Arc<Engine> {
-        self.engine.read().unwrap().clone()
-    }
-    pub fn registry(&self) -> Arc<Registry> {
-        self.registry.read().unwrap().clone()
+    pub fn state(&self) -> Arc<State> {
+        self.state.get()
     }
 }
 
@@ -72,8 +65,9 @@ pub enum Direction {
 
 /// One redirected connection.
 pub struct ConnCtx {
-    /// Whose policies apply: the destination workload, if this agent decides for it.
-    pub destination: Option<Arc<crate::registry::Workload>>,
+    /// Whose policies apply: the destination (`ns/name`), if this agent decides for it. Looked
+    /// up in the state in force at each decision, so labels and policies are as they are now.
+    pub destination: Option<String>,
     /// The destination's own agent decides (a Service backend that is a captured pod): this hop
     /// only picks the backend and forwards, deciding and counting nothing.
     pub decided_at_destination: bool,
@@ -97,6 +91,8 @@ pub struct ConnCtx {
 /// The agent's listeners inside one pod's namespace.
 pub struct PodListeners {
     pub pod: Arc<Pod>,
+    /// The pod's `ns/name`: its destination key in the state in force.
+    pub key: String,
     pub netns: Arc<NetNs>,
     pub netns_cookie: u64,
     /// The port of the listeners, recorded in the pod's map entry for connect4/6.
@@ -198,6 +194,7 @@ impl PodListeners {
             }
         }
         Ok(PodListeners {
+            key: crate::state::key(&pod.workload),
             pod,
             netns,
             netns_cookie,
@@ -276,11 +273,11 @@ fn outbound(
     };
     px.metrics.connections_redirected.fetch_add(1, Relaxed);
     let open = OpenGuard::take_counted(px, pl)?;
-    let registry = px.registry();
-    let Some((dst, destination)) = registry.resolve(
-        SocketAddr::new(key_addr(orig.addr), orig.port),
-        usize::from(peer.port()),
-    ) else {
+    let state = px.state();
+    let registry = &state.registry;
+    let Some((dst, destination)) =
+        registry.resolve(SocketAddr::new(key_addr(orig.addr), orig.port))
+    else {
         // A service address with no backend on this port.
         px.metrics.connections_no_backend.fetch_add(1, Relaxed);
         return None;
@@ -297,7 +294,7 @@ fn outbound(
             && registry
                 .decided_at_destination
                 .contains(&crate::registry::normalize(dst.ip())),
-        destination,
+        destination: destination.map(|w| crate::state::key(&w)),
         source: Some(pl.pod.workload.clone()),
         netns: pl.netns.clone(),
         src_ip,
@@ -326,10 +323,10 @@ fn inbound(
     px.metrics.connections_inbound.fetch_add(1, Relaxed);
     let open = OpenGuard::take_counted(px, pl)?;
     let src = crate::registry::normalize(peer.ip());
-    let source = px.registry().source_at(src).cloned();
+    let source = px.state().registry.source_at(src).cloned();
     let probe_paths = probe_paths(&pl.pod, local.port(), src);
     Some(ConnCtx {
-        destination: Some(pl.pod.workload.clone()),
+        destination: Some(pl.key.clone()),
         decided_at_destination: false,
         source,
         netns: pl.netns.clone(),
@@ -492,12 +489,9 @@ impl ConnCtx {
         }
     }
 
-    pub fn engine_conn<'a>(
-        &'a self,
-        dest: &'a crate::registry::Workload,
-    ) -> crate::engine::Conn<'a> {
+    pub fn engine_conn<'a>(&'a self, dest: &'a Target) -> crate::engine::Conn<'a> {
         crate::engine::Conn {
-            destination: dest,
+            policies: &dest.policies,
             source: self.source.as_deref(),
             source_ip: self.src_ip,
             dest_ip: Some(self.dst.ip()),

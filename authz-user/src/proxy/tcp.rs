@@ -19,13 +19,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     px.metrics.connections_tcp.fetch_add(1, Relaxed);
-    if let Some(dest) = &conn.destination {
-        let d = px.engine().decide_tcp(&conn.engine_conn(dest));
+    if let Some(key) = &conn.destination {
+        let state = px.state();
+        let Some(dest) = state.target(key) else {
+            px.metrics.request("deny", "destination gone");
+            return;
+        };
+        let d = state.engine.decide_tcp(&conn.engine_conn(dest));
         super::records::count(
             &px.metrics,
             &d,
             &super::records::Subject {
-                workload: dest,
+                workload: &dest.workload,
                 source: conn.src_ip,
                 method: None,
                 host: None,
@@ -33,7 +38,7 @@ where
             },
         );
         if !d.allowed {
-            tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %conn.source_label(), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "tcp connection denied");
+            tracing::info!(target: "authz::deny", workload = %key, source = %conn.source_label(), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "tcp connection denied");
             return;
         }
     }
@@ -68,13 +73,17 @@ where
             Ok(()) = changed.changed() => {
                 // A reload or an API-server change: a relay the policies now deny is closed, as
                 // ztunnel closes open connections.
-                if let Some(dest) = &conn.destination {
-                    let d = px.engine().decide_tcp(&conn.engine_conn(dest));
-                    if !d.allowed {
-                        px.metrics.tcp_closed_by_policy.fetch_add(1, Relaxed);
-                        tracing::info!(target: "authz::deny", workload = %format!("{}/{}", dest.namespace, dest.name), source = %conn.source_label(), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "open tcp connection closed: the policies now deny it");
-                        return;
-                    }
+                if let Some(key) = &conn.destination {
+                    let state = px.state();
+                    let allowed = state.target(key).map(|dest| state.engine.decide_tcp(&conn.engine_conn(dest)));
+                    let (policy, reason) = match &allowed {
+                        Some(d) if d.allowed => continue,
+                        Some(d) => (d.policy.clone(), d.reason.to_string()),
+                        None => (None, "destination gone".to_string()),
+                    };
+                    px.metrics.tcp_closed_by_policy.fetch_add(1, Relaxed);
+                    tracing::info!(target: "authz::deny", workload = %key, source = %conn.source_label(), policy = policy.as_deref().unwrap_or("-"), reason = %reason, "open tcp connection closed: the policies now deny it");
+                    return;
                 }
             }
             _ = tokio::time::sleep(idle.saturating_sub(clock.idle())) => {
