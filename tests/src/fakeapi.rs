@@ -1029,6 +1029,23 @@ pub fn pod(
     })
 }
 
+/// The agent pod of `node` (the DaemonSet's: host network, its namespace and labels), ready or
+/// not: how every agent learns which nodes decide their own pods.
+pub fn agent_pod(node: &str, ready: bool) -> Value {
+    let mut p = pod(
+        "authz-system",
+        &format!("authz-agent-{node}"),
+        &format!("uid-authz-agent-{node}"),
+        node,
+        "192.0.2.1",
+        json!({"app.kubernetes.io/name": "authz-agent"}),
+        "authz-agent",
+    );
+    p["spec"]["hostNetwork"] = json!(true);
+    p["status"]["conditions"][0]["status"] = json!(if ready { "True" } else { "False" });
+    p
+}
+
 /// A `security.istio.io` object (the version is the one served to each client).
 pub fn istio(kind: &str, ns: &str, name: &str, spec: Value) -> Value {
     json!({"apiVersion": "security.istio.io/v1", "kind": kind,

@@ -195,15 +195,39 @@ impl Net {
     /// container scope below it holding a long-running process in the pod's netns (the sandbox
     /// the agent finds the netns through). Commands `in_pod` run in that container's cgroup.
     pub fn kube_pod(&mut self, name: &str, last: u8, uid: &str) -> Result<Host> {
-        let mut h = self.host(name, last)?;
+        let h = self.host(name, last)?;
         let _ = std::fs::remove_dir(&h.cgroup);
-        let pod = self.cg_base.join(format!(
+        self.sandbox(h, &self.cg_base.clone(), uid)
+    }
+
+    /// The cgroup subtree of node `node` when several agents share this kernel, each a node:
+    /// that agent's `cgroupRoot`, where kubelet of that node puts its pods.
+    pub fn node_root(&self, node: &str) -> PathBuf {
+        self.cg_base.join(node)
+    }
+
+    /// As `kube_pod`, on node `node` (below `node_root(node)`).
+    pub fn kube_pod_on(&mut self, node: &str, name: &str, last: u8, uid: &str) -> Result<Host> {
+        let h = self.host(name, last)?;
+        let _ = std::fs::remove_dir(&h.cgroup);
+        self.sandbox(h, &self.node_root(node), uid)
+    }
+
+    /// `host`'s network namespace and address as a new pod `uid` on `node`: a pod deleted and
+    /// recreated elsewhere with the same address (a new sandbox in the same netns).
+    pub fn kube_pod_again(&mut self, host: &Host, node: &str, uid: &str) -> Result<Host> {
+        self.sandbox(host.clone(), &self.node_root(node), uid)
+    }
+
+    /// kubelet's layout for pod `uid` below `root`, with a process in `h`'s netns.
+    fn sandbox(&mut self, mut h: Host, root: &Path, uid: &str) -> Result<Host> {
+        let pod = root.join(format!(
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
             uid.replace('-', "_")
         ));
-        h.cgroup = pod.join(format!("cri-containerd-{name}.scope"));
+        h.cgroup = pod.join(format!("cri-containerd-{}.scope", h.name));
         std::fs::create_dir_all(&h.cgroup)?;
-        if let Some(saved) = self.hosts.iter_mut().find(|x| x.name == name) {
+        if let Some(saved) = self.hosts.iter_mut().find(|x| x.name == h.name) {
             saved.cgroup = h.cgroup.clone();
         }
         let child = Net::command(&h, true, "sleep", &["infinity"])
@@ -492,6 +516,15 @@ impl Agent {
 
     pub fn metric(&self, name: &str) -> f64 {
         self.metrics().get(name).copied().unwrap_or(0.0)
+    }
+
+    /// Requests this agent counted, every decision and reason together.
+    pub fn requests_total(&self) -> f64 {
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| k.starts_with("authz_requests_total{"))
+            .map(|(_, v)| v)
+            .sum()
     }
 
     /// SIGTERM, then wait for a clean exit.

@@ -106,15 +106,6 @@ fn served(gw: &Host) -> u64 {
         .expect("count")
 }
 
-fn requests_total(agent: &Agent) -> f64 {
-    agent
-        .metrics()
-        .iter()
-        .filter(|(k, _)| k.starts_with("authz_requests_total{"))
-        .map(|(_, v)| v)
-        .sum()
-}
-
 #[test]
 fn the_faq_holds_for_clients_outside_every_pod_the_host_and_pods() {
     if !require_root() {
@@ -196,7 +187,7 @@ spec:
     let f = faq("", &[("policies/need.yaml", need_principal)]);
     let token = demo_jwt();
     let url = format!("http://{}/headers", f.gw.ip);
-    let before = requests_total(&f.agent);
+    let before = f.agent.requests_total();
     let (code, body) = get(Client::Pod(&f.sleep), &url, Some(&token));
     assert_eq!(code, 200, "{body}");
     assert!(
@@ -204,13 +195,13 @@ spec:
         "the token was stripped by the one decision: {body}"
     );
     assert_eq!(
-        requests_total(&f.agent) - before,
+        f.agent.requests_total() - before,
         1.0,
         "decided exactly once"
     );
     let (code, _) = get(Client::Pod(&f.sleep), &url, None);
     assert_eq!(code, 403);
-    assert_eq!(requests_total(&f.agent) - before, 2.0);
+    assert_eq!(f.agent.requests_total() - before, 2.0);
 }
 
 /// At the destination, `principals` and `ipBlocks` come from the peer address: the pod that
