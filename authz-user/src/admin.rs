@@ -16,8 +16,10 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Set once the programs are loaded (kernel counters on /metrics).
     pub kernel: std::sync::OnceLock<Arc<Kernel>>,
-    /// The state in force; its config (the pods, workloads and services in force) is rendered
-    /// as YAML only when /config_dump is asked for.
+    /// The agent's settings, as it started with them.
+    pub settings: crate::config::Config,
+    /// The state in force; its world (the pods, workloads, services and peers in force) is
+    /// rendered as YAML, with the settings, only when /config_dump is asked for.
     pub state: Arc<crate::state::InForce>,
 }
 
@@ -89,13 +91,27 @@ fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Response<Fu
         ),
         "/config_dump" => {
             let state = admin.state.get();
+            let dump = Dump {
+                agent: &admin.settings.agent,
+                kubernetes: &admin.settings.kubernetes,
+                world: &state.world,
+            };
             reply(
                 StatusCode::OK,
-                serde_yaml::to_string(&*state.config).unwrap_or_default(),
+                serde_yaml::to_string(&dump).unwrap_or_default(),
             )
         }
         _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),
     }
+}
+
+/// /config_dump: the settings, then the world in force.
+#[derive(serde::Serialize)]
+struct Dump<'a> {
+    agent: &'a crate::config::AgentSettings,
+    kubernetes: &'a crate::config::KubernetesSettings,
+    #[serde(flatten)]
+    world: &'a crate::world::World,
 }
 
 fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {

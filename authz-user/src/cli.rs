@@ -21,7 +21,9 @@ pub struct CheckArgs {
 /// Runs one request through the engine; returns the JSON line and whether it was allowed.
 pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
     let cfg = Config::load(&a.config)?;
-    let registry = Arc::new(Registry::from_config(&cfg));
+    let registry = Arc::new(Registry::from_world(&crate::world::World::from_config(
+        &cfg,
+    )));
     let dest = registry.by_name.get(&a.to).cloned().ok_or_else(|| {
         anyhow!(
             "--to {}: no such workload or pod in the config (use NAMESPACE/NAME)",

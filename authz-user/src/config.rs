@@ -27,29 +27,6 @@ pub struct Config {
     /// Kubernetes mode: pods, services and policies come from the API server instead.
     #[serde(default)]
     pub kubernetes: KubernetesSettings,
-    /// Kubernetes mode only: mesh pods of other nodes. Their node's agent decides their
-    /// traffic; here they are identities by address (and Service backends), never decided.
-    #[serde(skip)]
-    pub peers: Vec<Peer>,
-}
-
-/// Kubernetes mode: a mesh pod of the cluster, by address. Its workload is the one the pod
-/// store holds, shared (not copied) by the config in force and the registry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Peer {
-    pub workload: std::sync::Arc<crate::registry::Workload>,
-    pub ips: std::sync::Arc<[IpAddr]>,
-    pub decided: DecidedAt,
-}
-
-/// Where connections to a mesh pod of another node are decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DecidedAt {
-    /// Its node runs a ready agent, which decides them where they arrive.
-    ItsNode,
-    /// Its node runs no ready agent: this agent decides its pods' connections to it, at the
-    /// client (the outbound path), so the pod is never left to no one.
-    Client,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -231,21 +208,6 @@ pub struct PodSpec {
     /// `traffic.sidecar.istio.io/excludeInboundPorts`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_inbound_ports: Vec<u16>,
-    /// Kubernetes mode: kubelet's probes of the pod, which pass its policies when they come from
-    /// the node's own address.
-    #[serde(skip)]
-    pub probes: Vec<Probe>,
-}
-
-/// A kubelet probe of a pod (from its containers' liveness, readiness and startup probes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Probe {
-    /// `httpGet`: a GET of this path (query aside) on this port.
-    Http { port: u16, path: String },
-    /// `tcpSocket`: a connection to this port.
-    Tcp { port: u16 },
-    /// `grpc`: the gRPC health check on this port.
-    Grpc { port: u16 },
 }
 
 fn yes() -> bool {

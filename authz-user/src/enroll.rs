@@ -7,17 +7,17 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{atomic::Ordering, Arc},
-    time::Instant,
 };
 
 use anyhow::Context;
 use tokio::task::AbortHandle;
 
 use crate::{
-    config::PodSpec,
     proxy::{self, PodListeners, Proxy},
     registry::{Pod, Registry},
     state::State,
+    waiting::Waiting,
+    world::NodePod,
 };
 
 /// A pod by (namespace, name).
@@ -25,7 +25,7 @@ pub type PodKey = (String, String);
 
 /// An enrolled pod and the task serving its listeners.
 pub struct Enrolled {
-    pub spec: PodSpec,
+    pub spec: NodePod,
     pub cgroup_id: u64,
     /// The netns cookie of a pod captured inbound.
     pub protected: Option<u64>,
@@ -35,12 +35,9 @@ pub struct Enrolled {
 /// A pod whose enrollment failed. With a cgroup id, its kernel entry is in place with no port:
 /// its connections to enforced destinations are refused until it is enrolled.
 pub struct PendingPod {
-    pub spec: PodSpec,
+    pub spec: NodePod,
     pub cgroup_id: Option<u64>,
-    pub reason: String,
-    pub since: Instant,
-    /// Posted as an Event on the pod (Kubernetes mode).
-    pub reported: bool,
+    pub waiting: Waiting,
 }
 
 /// What the agent has put in the kernel and started.
@@ -87,30 +84,31 @@ pub enum Op {
 /// Whether an enrolled pod can stay as it is: the same place on the host and the same identity.
 /// Labels are not part of it: a relabelled pod keeps its listeners and open connections, and
 /// every decision for it reads its labels from the state in force (`state::State::target`).
-pub fn same_enrollment(a: &PodSpec, b: &PodSpec) -> bool {
-    a.netns == b.netns
+pub fn same_enrollment(a: &NodePod, b: &NodePod) -> bool {
+    let (probes, a, b) = (a.probes == b.probes, &a.spec, &b.spec);
+    probes
+        && a.netns == b.netns
         && a.cgroup == b.cgroup
         && a.service_account == b.service_account
         && a.ips == b.ips
         && a.inbound == b.inbound
         && a.exclude_inbound_ports == b.exclude_inbound_ports
-        && a.probes == b.probes
 }
 
 /// The operations that take `enrolled`/`pending`/`enforced` to `wanted` pods and `wanted_ips`:
 /// releases first, then enrollments, then addresses. Pure.
 pub fn plan<'a>(
-    enrolled: impl IntoIterator<Item = (&'a PodKey, &'a PodSpec)>,
-    pending: impl IntoIterator<Item = (&'a PodKey, &'a PodSpec)>,
+    enrolled: impl IntoIterator<Item = (&'a PodKey, &'a NodePod)>,
+    pending: impl IntoIterator<Item = (&'a PodKey, &'a NodePod)>,
     enforced: &HashSet<IpAddr>,
-    wanted: &[PodSpec],
+    wanted: &[NodePod],
     wanted_ips: &HashSet<IpAddr>,
 ) -> Vec<Op> {
-    let want: HashMap<PodKey, &PodSpec> = wanted
+    let want: HashMap<PodKey, &NodePod> = wanted
         .iter()
-        .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+        .map(|p| ((p.spec.namespace.clone(), p.spec.name.clone()), p))
         .collect();
-    let stays = |k: &PodKey, s: &PodSpec| want.get(k).is_some_and(|w| same_enrollment(w, s));
+    let stays = |k: &PodKey, s: &NodePod| want.get(k).is_some_and(|w| same_enrollment(w, s));
     let mut ops = Vec::new();
     let mut kept = HashSet::new();
     let mut releases: Vec<Op> = Vec::new();
@@ -129,7 +127,7 @@ pub fn plan<'a>(
     releases.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
     ops.extend(releases);
     for p in wanted {
-        let k = (p.namespace.clone(), p.name.clone());
+        let k = (p.spec.namespace.clone(), p.spec.name.clone());
         if !kept.contains(&k) {
             ops.push(Op::Enroll(k));
         }
@@ -159,7 +157,7 @@ pub fn apply(px: &Arc<Proxy>, applied: &mut Applied, state: &State) {
         applied.pods.iter().map(|(k, e)| (k, &e.spec)),
         applied.pending.iter().map(|(k, p)| (k, &p.spec)),
         &applied.enforced,
-        &state.config.pods,
+        &state.world.pods,
         &wanted_ips(&state.registry),
     );
     execute(px, applied, ops, state);
@@ -167,10 +165,10 @@ pub fn apply(px: &Arc<Proxy>, applied: &mut Applied, state: &State) {
 
 /// Carries out `ops`; each is recorded in `applied` only once it succeeded.
 pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &State) {
-    let (cfg, registry) = (&state.config, &state.registry);
+    let (world, registry) = (&state.world, &state.registry);
     let kernel = &px.kernel;
     applied.failed_ips.clear();
-    if cfg.pods.iter().any(|p| !p.probes.is_empty()) {
+    if world.has_probes() {
         if let Err(e) = kernel.set_node_ips(&crate::netns::own_addresses()) {
             tracing::warn!("node addresses not recorded for probes: {e:#}");
         }
@@ -200,9 +198,10 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
                         .pods
                         .iter()
                         .find(|p| p.workload.namespace == k.0 && p.workload.name == k.1),
-                    cfg.pods
+                    world
+                        .pods
                         .iter()
-                        .find(|p| p.namespace == k.0 && p.name == k.1),
+                        .find(|p| p.spec.namespace == k.0 && p.spec.name == k.1),
                 ) else {
                     continue;
                 };
@@ -245,7 +244,7 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
         .store(applied.pods.len() as u64, Ordering::Relaxed);
 }
 
-fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod>, spec: &PodSpec) {
+fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod>, spec: &NodePod) {
     let name = format!("{}/{}", key.0, key.1);
     let known = applied.pending.get(&key).and_then(|p| p.cgroup_id);
     match enroll(px, pod, known) {
@@ -268,23 +267,19 @@ fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod
             tracing::info!(pod = %name, cgroup_id, port, inbound = protected.is_some(), "pod enrolled");
         }
         Err((cgroup_id, e)) => {
-            let reason = format!("{e:#}");
-            match applied.pending.get_mut(&key) {
-                Some(p) if p.reason == reason => p.cgroup_id = cgroup_id,
-                _ => {
-                    tracing::error!(pod = %name, pending = cgroup_id.is_some(), "pod not enrolled, retrying: {reason}");
-                    applied.pending.insert(
-                        key,
-                        PendingPod {
-                            spec: spec.clone(),
-                            cgroup_id,
-                            reason,
-                            since: Instant::now(),
-                            reported: false,
-                        },
-                    );
-                }
+            let prev = applied.pending.remove(&key).map(|p| p.waiting);
+            let (waiting, news) = Waiting::renew(prev, format!("{e:#}"));
+            if news {
+                tracing::error!(pod = %name, pending = cgroup_id.is_some(), "pod not enrolled, retrying: {}", waiting.reason());
             }
+            applied.pending.insert(
+                key,
+                PendingPod {
+                    spec: spec.clone(),
+                    cgroup_id,
+                    waiting,
+                },
+            );
         }
     }
 }
@@ -357,7 +352,7 @@ fn protect(kernel: &crate::kernel::Kernel, pl: &PodListeners) -> anyhow::Result<
     };
     let mut tcp_probe_ports = [0u16; authz_common::MAX_PROBE_PORTS];
     let tcp_probes = pl.pod.probes.iter().filter_map(|p| match p {
-        crate::config::Probe::Tcp { port } => Some(*port),
+        crate::world::Probe::Tcp { port } => Some(*port),
         _ => None,
     });
     for (slot, p) in tcp_probe_ports.iter_mut().zip(tcp_probes) {
@@ -382,8 +377,8 @@ fn protect(kernel: &crate::kernel::Kernel, pl: &PodListeners) -> anyhow::Result<
 mod tests {
     use super::*;
 
-    fn pod(name: &str, netns: &str, ip: &str) -> PodSpec {
-        PodSpec {
+    fn pod(name: &str, netns: &str, ip: &str) -> NodePod {
+        let spec = crate::config::PodSpec {
             name: name.into(),
             namespace: "ns".into(),
             labels: Default::default(),
@@ -393,6 +388,9 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             inbound: true,
             exclude_inbound_ports: vec![],
+        };
+        NodePod {
+            spec,
             probes: vec![],
         }
     }
@@ -459,7 +457,7 @@ mod tests {
         assert_eq!(again, vec![Op::Enforce("10.1.0.1".parse().unwrap())]);
         // A pending pod no longer wanted is forgotten; a relabelled pod stays.
         let mut relabelled = a.clone();
-        relabelled.labels.insert("app".into(), "new".into());
+        relabelled.spec.labels.insert("app".into(), "new".into());
         let ops = plan(
             enrolled.iter().map(|(k, s)| (k, s)),
             [(&key("gone"), &pod("gone", "/n/g", "10.0.0.9"))],

@@ -33,4 +33,9 @@ pub mod proxy;
 #[cfg(feature = "kernel")]
 pub mod readiness;
 pub mod registry;
+#[cfg(feature = "kernel")]
+pub mod source;
 pub mod state;
+#[cfg(feature = "kernel")]
+pub mod waiting;
+pub mod world;

@@ -10,10 +10,14 @@ use std::{
     },
 };
 
-use crate::config::{Config, DecidedAt, ServiceSpec};
+use crate::{
+    config::ServiceSpec,
+    world::{DecidedAt, Probe, World},
+};
 
 /// A workload as policies see it: its namespace, labels and identity.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Workload {
     pub name: String,
     pub namespace: String,
@@ -25,6 +29,12 @@ pub struct Workload {
 /// even for one label, and the agent keeps one per pod of the cluster).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Labels(Box<[(Box<str>, Box<str>)]>);
+
+impl serde::Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
 
 impl Labels {
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -85,7 +95,7 @@ pub struct Pod {
     /// Connections arriving at the pod are decided at the pod (its netns is captured).
     pub inbound: bool,
     pub exclude_inbound_ports: Vec<u16>,
-    pub probes: Vec<crate::config::Probe>,
+    pub probes: Vec<Probe>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -125,12 +135,14 @@ impl Clone for Vip {
 }
 
 impl Registry {
-    pub fn from_config(cfg: &Config) -> Registry {
+    pub fn from_world(world: &World) -> Registry {
+        let cfg = world;
         let mut reg = Registry {
             services: cfg.services.clone(),
             ..Default::default()
         };
-        for (i, p) in cfg.pods.iter().enumerate() {
+        for (i, pod) in cfg.pods.iter().enumerate() {
+            let p = &pod.spec;
             let workload = Arc::new(Workload {
                 name: p.name.clone(),
                 namespace: p.namespace.clone(),
@@ -153,7 +165,7 @@ impl Registry {
                 ips: p.ips.clone(),
                 inbound: p.inbound,
                 exclude_inbound_ports: p.exclude_inbound_ports.clone(),
-                probes: p.probes.clone(),
+                probes: pod.probes.clone(),
             }));
         }
         // Not in `by_name` (offline `check` only): one name string less per cluster pod.
@@ -282,7 +294,9 @@ mod tests {
         yaml += &format!(
             "services:\n- {{name: s, namespace: foo, ips: [10.96.0.1], backends: [{backends}]}}\n"
         );
-        Registry::from_config(&Config::parse(&yaml, "t.yaml").unwrap())
+        Registry::from_world(&World::from_config(
+            &crate::config::Config::parse(&yaml, "t.yaml").unwrap(),
+        ))
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The state in force: what the source (the config file, or the API server) says the world is,
-//! the registry built from it, the compiled policies and, for every destination this agent
+//! The state in force: what the source (the config file, or the API server) says the world is
+//! (`world::World`), the registry built from it, the compiled policies and, for every destination this agent
 //! decides for, the policies that select it as its labels are now. One immutable value, built
 //! whole and swapped whole (`InForce`): the proxy, the admin endpoint, the JWKS resolver and
 //! enrollment all read the same one, so none can lag behind another.
@@ -9,11 +9,12 @@ use std::{
 };
 
 use crate::{
-    config::Config,
+    config::AgentSettings,
     engine::Engine,
     jwt::cache::TokenCache,
     policy::{PolicyIndex, PolicySet, WorkloadPolicies},
     registry::{Registry, Workload},
+    world::World,
 };
 
 /// A destination this agent decides for: its workload and the policies that select it.
@@ -23,9 +24,9 @@ pub struct Target {
 }
 
 pub struct State {
-    /// The world as the config schema writes it (the file, or the cluster's pods, services
-    /// and peers); served by /config_dump.
-    pub config: Arc<Config>,
+    /// What the source said (the file, or the cluster's pods, services and peers); served by
+    /// /config_dump.
+    pub world: Arc<World>,
     pub registry: Arc<Registry>,
     pub engine: Arc<Engine>,
     /// Every destination decided here (captured pods, client-side workloads), by `ns/name`.
@@ -33,11 +34,11 @@ pub struct State {
 }
 
 impl State {
-    /// Builds the state for `config` with `engine`. A destination whose labels did not change
+    /// Builds the state for `world` with `engine`. A destination whose labels did not change
     /// keeps the policies `prev` computed with the same engine: pods coming and going cost
     /// nothing for the others.
-    pub fn new(config: Arc<Config>, engine: Arc<Engine>, prev: Option<&State>) -> State {
-        let registry = Arc::new(Registry::from_config(&config));
+    pub fn new(world: Arc<World>, engine: Arc<Engine>, prev: Option<&State>) -> State {
+        let registry = Arc::new(Registry::from_world(&world));
         let prev = prev.filter(|p| Arc::ptr_eq(&p.engine, &engine));
         let mut targets = HashMap::with_capacity(registry.destinations().size_hint().0);
         for w in registry.destinations() {
@@ -56,7 +57,7 @@ impl State {
             );
         }
         State {
-            config,
+            world,
             registry,
             engine,
             targets,
@@ -64,20 +65,15 @@ impl State {
     }
 
     /// Nothing enrolled, no policy: what is in force before the first world is read.
-    pub fn empty(config: Config) -> State {
+    pub fn empty(agent: &AgentSettings) -> State {
         let engine = Engine::new(
-            PolicyIndex::build(&PolicySet::default(), &config.agent.root_namespace, None),
+            PolicyIndex::build(&PolicySet::default(), &agent.root_namespace, None),
             Arc::new(TokenCache::new(0)),
             None,
-            config.agent.path_normalization,
-            &config.agent.trust_domain,
+            agent.path_normalization,
+            &agent.trust_domain,
         );
-        let config = Config {
-            agent: config.agent,
-            kubernetes: config.kubernetes,
-            ..Default::default()
-        };
-        State::new(Arc::new(config), Arc::new(engine), None)
+        State::new(Arc::default(), Arc::new(engine), None)
     }
 
     /// The destination `ns/name` as it is now; None once it is no longer one of this agent's.
@@ -134,11 +130,13 @@ mod tests {
         ))
     }
 
-    fn config(labels: &str) -> Arc<Config> {
+    fn config(labels: &str) -> Arc<World> {
         let yaml = format!(
             "workloads:\n- {{name: web, namespace: foo, labels: {labels}, ips: [10.0.0.1]}}\n- {{name: db, namespace: foo, labels: {{app: db}}, ips: [10.0.0.2]}}\n"
         );
-        Arc::new(Config::parse(&yaml, "t.yaml").unwrap())
+        Arc::new(World::from_config(
+            &crate::config::Config::parse(&yaml, "t.yaml").unwrap(),
+        ))
     }
 
     fn denied(s: &State, key: &str) -> bool {

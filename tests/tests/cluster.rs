@@ -419,7 +419,6 @@ fn a_node_without_an_agent_is_never_a_hole() {
 
     // A's agent is killed. A's pods: refused (failMode closed), never served unchecked.
     let mut a = a;
-    a.cleanup_on_drop = false;
     let bpffs_a = a.bpffs.clone();
     let _ = a.child.kill();
     let _ = a.child.wait();

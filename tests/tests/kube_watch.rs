@@ -167,7 +167,7 @@ fn pods_services_and_namespaces_make_the_desired_state() {
     let f = fixture(api);
     let mut locate = |uid: &str| Ok((format!("/cg/{uid}").into(), format!("/ns/{uid}").into()));
     let d = f.cluster.desired(&Scope::node("node-a", true), &mut locate);
-    let names = |v: &[authz::config::Peer]| {
+    let names = |v: &[authz::world::Peer]| {
         v.iter()
             .map(|p| p.workload.name.clone())
             .collect::<Vec<_>>()
@@ -177,13 +177,13 @@ fn pods_services_and_namespaces_make_the_desired_state() {
         ["local", "remote"],
         "protected: mesh pods, any node"
     );
-    let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
+    let enrolled: Vec<&str> = d.pods.iter().map(|p| p.spec.name.as_str()).collect();
     assert_eq!(
         enrolled,
         ["local", "outside"],
         "steered: every pod of this node"
     );
-    assert_eq!(d.pods[0].service_account, "sa-a");
+    assert_eq!(d.pods[0].spec.service_account, "sa-a");
     assert_eq!(d.services.len(), 1);
     assert_eq!(d.services[0].ports[0].target_port, Some(8080));
     // The store keeps the agent's record of each pod: what it reads, parsed.

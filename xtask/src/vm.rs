@@ -16,7 +16,14 @@ use crate::{
 };
 
 /// The tests that prove the kernel path: steering, the FAQ, fail modes, hot restart.
-pub const LANE: &[&str] = &["kernel_path", "faq", "inbound", "fail_modes", "hot_restart"];
+pub const LANE: &[&str] = &[
+    "kernel_path",
+    "faq",
+    "inbound",
+    "fail_modes",
+    "hot_restart",
+    "cluster",
+];
 const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Debian 12's kernel series, and the one its backports (and Debian 13) ship.
 const SERIES: &[(&str, &str)] = &[("6.1", "bookworm"), ("6.12", "bookworm-backports")];

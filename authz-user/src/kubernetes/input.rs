@@ -1,15 +1,29 @@
-//! Kubernetes mode's input: the API server's stores, and what the agent remembers between
+//! Kubernetes mode's source: the API server's stores, and what the agent remembers between
 //! snapshots (pods located on the host, pods not enrollable yet, policy versions).
 use std::{
-    collections::HashMap, net::IpAddr, path::PathBuf, sync::atomic::Ordering, time::Duration,
+    collections::HashMap,
+    future::Future,
+    net::IpAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 
-use crate::{config::Config, enroll::Applied, metrics::Metrics};
+use crate::{
+    config::Config,
+    enroll::Applied,
+    metrics::Metrics,
+    source::{Source, Update},
+    waiting::Waiting,
+    world::World,
+};
 
-/// A pod of this node still not enrollable after this gets an Event.
-pub const NOT_ENROLLED_EVENT_AFTER: Duration = Duration::from_secs(5);
+/// How long events may keep arriving before the agent applies them together.
+const SETTLE: Duration = Duration::from_millis(50);
+const SETTLE_MAX: Duration = Duration::from_secs(5);
 
 /// Kubernetes mode: the API server's stores, and what the agent remembers between snapshots.
 pub struct KubeInput {
@@ -31,6 +45,10 @@ pub struct KubeInput {
     pub last_wanted: usize,
     /// `policies.generation` when last applied.
     pub applied_generation: u64,
+    /// When the last read started, and what reading and applying it cost (for pacing).
+    read_started: Instant,
+    last_cost: Duration,
+    last_end: Instant,
 }
 
 impl KubeInput {
@@ -80,15 +98,14 @@ impl KubeInput {
             events,
             last_wanted: 0,
             applied_generation: 0,
+            read_started: Instant::now(),
+            last_cost: Duration::ZERO,
+            last_end: Instant::now(),
         })
     }
 
-    /// `base` with this moment's pods, workloads and services, and the valid policies.
-    pub fn snapshot(
-        &mut self,
-        base: &Config,
-        metrics: &Metrics,
-    ) -> (Config, crate::policy::PolicySet) {
+    /// This moment's world (pods, services, peers), and the valid policies.
+    pub fn snapshot(&mut self, metrics: &Metrics) -> (World, crate::policy::PolicySet) {
         // A pod found on the host stays found while it keeps its addresses (a sandbox restart
         // gives it new ones, and maybe another netns).
         let store = &self.cluster.pods;
@@ -111,28 +128,21 @@ impl KubeInput {
         let mut now = HashMap::new();
         for p in d.not_enrolled {
             let key = format!("{}/{}", p.namespace, p.name);
-            let mut pending = match self.not_enrolled.remove(&key) {
-                Some(old) if old.pod.reason == p.reason => old,
-                _ => {
-                    tracing::info!(pod = %key, "pod not enrolled yet, retrying: {}", p.reason);
-                    Pending {
-                        pod: p,
-                        since: std::time::Instant::now(),
-                        reported: false,
-                    }
-                }
-            };
+            let prev = self.not_enrolled.remove(&key).map(|n| n.waiting);
+            let (mut waiting, news) = Waiting::renew(prev, p.reason.to_string());
+            if news {
+                tracing::info!(pod = %key, "pod not enrolled yet, retrying: {}", p.reason);
+            }
             // A sandbox starting takes a moment; a pod still not enrollable after that is
             // reported where its owner looks.
-            if !pending.reported && pending.since.elapsed() >= NOT_ENROLLED_EVENT_AFTER {
-                pending.reported = true;
-                tracing::warn!(pod = %key, "pod cannot be enrolled: {}", pending.pod.reason);
+            if waiting.report_due() {
+                tracing::warn!(pod = %key, "pod cannot be enrolled: {}", p.reason);
                 if let Some(ev) = &self.events {
-                    let (ev, pod) = (ev.clone(), pending.pod.clone());
+                    let (ev, pod) = (ev.clone(), p.clone());
                     tokio::spawn(async move { ev.pod_not_enrolled(&pod).await });
                 }
             }
-            now.insert(key, pending);
+            now.insert(key, Pending { pod: p, waiting });
         }
         self.not_enrolled = now;
         if d.warnings != self.warnings {
@@ -172,17 +182,21 @@ impl KubeInput {
                 tokio::spawn(async move { ev.publish(&r).await });
             }
         }
-        // Only the settings of `base`: its pods and workloads are about to be replaced.
-        let cfg = Config {
-            agent: base.agent.clone(),
-            kubernetes: base.kubernetes.clone(),
+        let world = World {
             pods: d.pods,
-            peers: d.peers,
-            services: d.services,
-            policies: vec![],
             workloads: vec![],
+            services: d.services,
+            peers: d.peers,
         };
-        (cfg, set)
+        (world, set)
+    }
+
+    /// The first world, from the first full lists.
+    pub fn first(&mut self, metrics: &Metrics) -> (World, crate::policy::PolicySet) {
+        let (world, set) = self.snapshot(metrics);
+        self.applied_generation = self.policies.generation;
+        self.last_wanted = world.pods.len();
+        (world, set)
     }
 
     /// Some pod of this node waits to be enrolled, or an address to be enforced.
@@ -193,12 +207,10 @@ impl KubeInput {
     }
 }
 
-/// A pod of this node that cannot be enrolled yet.
+/// A pod of this node that cannot be located yet.
 pub struct Pending {
     pub pod: crate::kubernetes::snapshot::NotEnrolled,
-    pub since: std::time::Instant,
-    /// Warned about and posted as an Event on the pod.
-    pub reported: bool,
+    pub waiting: Waiting,
 }
 
 /// The agent's own namespace, as its service account says (in a pod), else the manifests'.
@@ -208,4 +220,61 @@ fn own_namespace() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "authz-system".into())
+}
+
+impl Source for KubeInput {
+    /// A store changed. A burst of events (a relist, `kubectl apply -f dir/`) settles into one
+    /// update, and on a large, busy cluster updates keep to about a tenth of a core: the next
+    /// starts no sooner than nine times the last one's cost after it ended. After a quiet spell
+    /// a change waits only for the burst to settle.
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        // Called again right after the last read was applied: that read's cost ends here.
+        self.last_end = Instant::now();
+        self.last_cost = self.last_end.saturating_duration_since(self.read_started);
+        let changed = self.cluster.changed.clone();
+        let duty = self.last_cost * 9;
+        Box::pin(async move {
+            changed.notified().await;
+            let wait = duty.saturating_sub(self.last_end.elapsed());
+            tokio::time::sleep(wait.clamp(SETTLE, SETTLE_MAX)).await;
+        })
+    }
+
+    fn read(&mut self, current: &World, metrics: &Metrics) -> Result<Option<Update>> {
+        self.read_started = Instant::now();
+        let (world, set) = self.snapshot(metrics);
+        // Most events (pod status churn, objects the agent does not read) change nothing here.
+        let policies_changed = self.policies.generation != self.applied_generation;
+        if world == *current && !policies_changed {
+            return Ok(None);
+        }
+        self.last_wanted = world.pods.len();
+        self.applied_generation = self.policies.generation;
+        // The engine is rebuilt only when policies changed: pods and services coming and going
+        // on a large cluster must not recompile every policy.
+        Ok(Some(Update {
+            world,
+            policies: policies_changed.then_some(set),
+        }))
+    }
+
+    fn retrying(&self, applied: &Applied) -> bool {
+        self.pending(applied)
+    }
+
+    /// Pods whose enrollment keeps failing get an Event, once per reason.
+    fn applied(&mut self, applied: &mut Applied) {
+        let Some(ev) = &self.events else { return };
+        for ((ns, name), p) in applied.pending.iter_mut() {
+            if p.waiting.report_due() {
+                let (ev, ns, name, reason) = (
+                    ev.clone(),
+                    ns.clone(),
+                    name.clone(),
+                    p.waiting.reason().to_string(),
+                );
+                tokio::spawn(async move { ev.pod_pending(&ns, &name, &reason).await });
+            }
+        }
+    }
 }

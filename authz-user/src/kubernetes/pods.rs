@@ -16,8 +16,8 @@ use super::snapshot::{
     ENFORCE_LABEL, ENFORCE_VALUE, EXCLUDE_ANNOTATION, EXCLUDE_INBOUND_PORTS_ANNOTATION,
 };
 use crate::{
-    config::Probe,
     registry::{Labels, Workload},
+    world::Probe,
 };
 
 /// A Pod as the watcher decodes it: only the fields the agent reads. serde skips the rest

@@ -13,8 +13,9 @@ use kube::core::DynamicObject;
 
 use super::pods::PodRecord;
 use crate::{
-    config::{DecidedAt, Peer, PodSpec, ServicePort, ServiceSpec},
+    config::{PodSpec, ServicePort, ServiceSpec},
     policy::{load_str, PolicySet, Problem},
+    world::{DecidedAt, NodePod, Peer},
 };
 
 /// Namespace or pod label that puts pods in the mesh: their node's agent decides every connection
@@ -28,7 +29,7 @@ pub const EXCLUDE_ANNOTATION: &str = "authz.io/exclude";
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Desired {
     /// Pods of this node to enroll, located on the host.
-    pub pods: Vec<PodSpec>,
+    pub pods: Vec<NodePod>,
     /// Mesh pods anywhere in the cluster, by address: each is decided at its own node (this
     /// node's, through `pods`), so here they are identities and Service backends.
     pub peers: Vec<Peer>,
@@ -215,17 +216,19 @@ pub fn desired(
         }
         let w = &pod.workload;
         match locate(&pod.uid) {
-            Ok((cgroup, netns)) => out.pods.push(PodSpec {
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                labels: w.labels.to_map(),
-                service_account: w.service_account.clone(),
-                netns,
-                cgroup,
-                ips: ips.to_vec(),
-                // Mesh pods are captured inbound; other pods of the node are only clients.
-                inbound: mesh,
-                exclude_inbound_ports: pod.exclude_inbound_ports.to_vec(),
+            Ok((cgroup, netns)) => out.pods.push(NodePod {
+                spec: PodSpec {
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    labels: w.labels.to_map(),
+                    service_account: w.service_account.clone(),
+                    netns,
+                    cgroup,
+                    ips: ips.to_vec(),
+                    // Mesh pods are captured inbound; other pods of the node are only clients.
+                    inbound: mesh,
+                    exclude_inbound_ports: pod.exclude_inbound_ports.to_vec(),
+                },
                 probes: pod.probes.to_vec(),
             }),
             Err(reason) => out.not_enrolled.push(NotEnrolled {
@@ -634,7 +637,7 @@ mod tests {
             &[],
             &mut locate,
         );
-        let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
+        let enrolled: Vec<&str> = d.pods.iter().map(|p| p.spec.name.as_str()).collect();
         assert_eq!(enrolled, ["a", "d"], "enrollment limited to the mesh");
         let enforced: Vec<&str> = d.peers.iter().map(|p| p.workload.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]); // by namespace, then name
@@ -654,8 +657,8 @@ mod tests {
                 "no process in /cg/missing yet (pod not started)"
             )
         );
-        assert_eq!(d.pods[0].service_account, "a");
-        assert_eq!(d.pods[0].cgroup, PathBuf::from("/cg/uid-a"));
+        assert_eq!(d.pods[0].spec.service_account, "a");
+        assert_eq!(d.pods[0].spec.cgroup, PathBuf::from("/cg/uid-a"));
 
         // The default: every pod of the node with its own network is a steered client, the
         // excluded and unlabelled ones too; only mesh pods are protected destinations.
@@ -666,7 +669,7 @@ mod tests {
             &[],
             &mut locate,
         );
-        let enrolled: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
+        let enrolled: Vec<&str> = d.pods.iter().map(|p| p.spec.name.as_str()).collect();
         assert_eq!(enrolled, ["a", "e", "c", "d"]);
         let enforced: Vec<&str> = d.peers.iter().map(|p| p.workload.name.as_str()).collect();
         assert_eq!(enforced, ["a", "b", "h", "d"]);
@@ -792,12 +795,12 @@ mod tests {
             b[0].ports.iter().map(|p| (p.port, p.target_port)).collect();
         assert_eq!(ports, [(80, Some(8000)), (81, Some(9000)), (82, Some(82))]);
 
-        let cfg = crate::config::Config {
+        let cfg = crate::world::World {
             peers: d.peers.clone(),
             services: d.services.clone(),
             ..Default::default()
         };
-        let reg = crate::registry::Registry::from_config(&cfg);
+        let reg = crate::registry::Registry::from_world(&cfg);
         let vip = |port: u16| std::net::SocketAddr::new("10.96.0.1".parse().unwrap(), port);
         let (to, w) = reg.resolve(vip(80)).unwrap();
         assert_eq!(to, "10.0.0.1:8000".parse().unwrap());
@@ -888,6 +891,9 @@ mod tests {
 
     use crate::registry::Registry;
 
+    /// A table row: what the case is, the other pods of the cluster, what is expected.
+    type Case<T> = (&'static str, Vec<Arc<PodRecord>>, T);
+
     fn decided(d: &Desired, name: &str) -> Option<DecidedAt> {
         d.peers
             .iter()
@@ -898,7 +904,7 @@ mod tests {
     #[test]
     fn mesh_pods_of_nodes_without_a_ready_agent_are_decided_at_the_client() {
         let namespaces = [ns("mesh", true)];
-        let table: &[(&str, Vec<Arc<PodRecord>>, Option<DecidedAt>)] = &[
+        let table: &[Case<Option<DecidedAt>>] = &[
             ("no agent on n2", vec![], Some(DecidedAt::Client)),
             (
                 "a ready agent on n2",
@@ -921,7 +927,7 @@ mod tests {
             pods.extend(agents.iter().cloned());
             let d = from_n1(&pods, &namespaces, &[]);
             assert_eq!(decided(&d, "web"), *want, "{case}");
-            let reg = Registry::from_config(&crate::config::Config {
+            let reg = Registry::from_world(&crate::world::World {
                 peers: d.peers.clone(),
                 ..Default::default()
             });
@@ -952,7 +958,7 @@ mod tests {
         let namespaces = [ns("mesh", true), ns("plain", false)];
         let deleting = json!({"metadata": {"deletionTimestamp": "2026-12-05T00:00:00Z"}});
         let old = p("old", "mesh", "n1", "10.0.0.7", deleting.clone());
-        let table: &[(&str, Vec<Arc<PodRecord>>, &[&str])] = &[
+        let table: &[Case<&[&str]>] = &[
             (
                 "alone while terminating, it keeps its address",
                 vec![],
@@ -984,7 +990,7 @@ mod tests {
             let mut pods = vec![old.clone()];
             pods.extend(others.iter().cloned());
             let d = from_n1(&pods, &namespaces, &[]);
-            let reg = Registry::from_config(&crate::config::Config {
+            let reg = Registry::from_world(&crate::world::World {
                 peers: d.peers.clone(),
                 ..Default::default()
             });

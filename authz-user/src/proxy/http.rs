@@ -32,7 +32,7 @@ where
     });
     let header_read_timeout = px.settings.header_read_timeout;
     let metrics = px.metrics.clone();
-    let px_draining = px.draining.clone();
+    let px_draining = px.drain.draining();
     let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = requests.clone();
     let service = hyper::service::service_fn(move |req| {

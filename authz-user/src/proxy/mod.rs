@@ -40,8 +40,9 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub settings: AgentSettings,
     pub state: Arc<InForce>,
-    /// Turns true when the agent stops: HTTP connections finish the request in flight and close.
-    pub draining: tokio::sync::watch::Receiver<bool>,
+    /// Every connection holds a blocker from it; on stop, HTTP connections finish the request
+    /// in flight and close, and the agent waits for the last blocker.
+    pub drain: crate::drain::Watch,
     /// Connections open through the agent at once, all pods together (see `limits`).
     pub max_connections: u64,
     /// Bumped when new policies are in force: open TCP relays decide again.
@@ -223,9 +224,11 @@ pub async fn serve(px: Arc<Proxy>, mut pl: PodListeners) {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
-                        // Counted from accept on, so a stopping agent never exits between
-                        // accepting a connection and counting it open.
-                        let starting = Starting::new(&px.metrics);
+                        // Held from accept on, so a stopping agent never exits between
+                        // accepting a connection and holding it open.
+                        let Some(starting) = Starting::new(&px) else {
+                            continue;
+                        };
                         let (px, pl) = (px.clone(), pl.clone());
                         tokio::spawn(async move {
                             let conn = if is_inbound {
@@ -348,7 +351,7 @@ const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 /// The HTTP and gRPC probe paths of `pod` on `port`, when `peer` is one of the node's own
 /// addresses (kubelet's); none otherwise.
 fn probe_paths(pod: &Pod, port: u16, peer: IpAddr) -> Vec<String> {
-    use crate::config::Probe;
+    use crate::world::Probe;
     let paths: Vec<String> = pod
         .probes
         .iter()
@@ -393,19 +396,27 @@ async fn serve_conn(px: Arc<Proxy>, conn: ConnCtx, mut stream: TcpStream) {
     }
 }
 
-/// A connection accepted and not yet counted open (or closed).
-pub struct Starting(Arc<crate::metrics::Metrics>);
+/// A connection accepted and not yet open (or closed): it blocks the drain meanwhile.
+pub struct Starting {
+    metrics: Arc<Metrics>,
+    _blocker: crate::drain::Blocker,
+}
 
 impl Starting {
-    fn new(metrics: &Arc<crate::metrics::Metrics>) -> Starting {
-        metrics.connections_starting.fetch_add(1, Relaxed);
-        Starting(metrics.clone())
+    /// None once the agent has drained.
+    fn new(px: &Proxy) -> Option<Starting> {
+        let blocker = px.drain.block()?;
+        px.metrics.connections_starting.fetch_add(1, Relaxed);
+        Some(Starting {
+            metrics: px.metrics.clone(),
+            _blocker: blocker,
+        })
     }
 }
 
 impl Drop for Starting {
     fn drop(&mut self) {
-        self.0.connections_starting.fetch_sub(1, Relaxed);
+        self.metrics.connections_starting.fetch_sub(1, Relaxed);
     }
 }
 
@@ -413,12 +424,16 @@ impl Drop for Starting {
 enum Limit {
     Pod,
     Agent,
+    /// The agent has drained.
+    Drained,
 }
 
-/// One open connection, counted for the agent and its pod while it lives.
+/// One open connection, counted for the agent and its pod while it lives; the drain waits for
+/// it.
 pub struct OpenGuard {
     metrics: Arc<Metrics>,
     pl: Arc<PodListeners>,
+    _blocker: crate::drain::Blocker,
 }
 
 impl OpenGuard {
@@ -436,10 +451,12 @@ impl OpenGuard {
                     .fetch_add(1, Relaxed);
                 None
             }
+            Err(Limit::Drained) => None,
         }
     }
 
     fn take(px: &Proxy, pl: &Arc<PodListeners>) -> Result<Self, Limit> {
+        let blocker = px.drain.block().ok_or(Limit::Drained)?;
         if pl.open.fetch_add(1, Relaxed) >= px.settings.max_connections_per_pod {
             pl.open.fetch_sub(1, Relaxed);
             return Err(Limit::Pod);
@@ -454,6 +471,7 @@ impl OpenGuard {
         Ok(OpenGuard {
             metrics: px.metrics.clone(),
             pl: pl.clone(),
+            _blocker: blocker,
         })
     }
 }

@@ -3,9 +3,13 @@
 //! empty cluster and on the same services and policies without pods, measured in the same run.
 //! Reports time to ready, RSS (and per pod: against the run without pods), the agent's CPU per
 //! pod status update while pods churn, and how long a new policy takes to be in force.
+//! Then churn: pods created and deleted as rollouts do (each with a new name), `--pods` alive at
+//! a time and `--lifecycle` created over the run: RSS before and after (memory must stay flat),
+//! and the agent's CPU per pod created or deleted.
 //! Targets: under 2 KB per pod, under 100 us per pod status update, a new policy in under
-//! 100 ms at 10,000 pods.
-//!   sudo target/release/authz-kube-scale [--pods 10000]
+//! 100 ms at 10,000 pods, RSS after churn within 10% of before.
+//! Every node of the cluster runs a ready agent (the DaemonSet's pods are on the API server).
+//!   sudo target/release/authz-kube-scale [--pods 10000] [--lifecycle 50000]
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -30,7 +34,13 @@ struct Args {
     /// Pod status updates sent while measuring the agent's CPU.
     #[arg(long, default_value_t = 2_000)]
     churn: usize,
+    /// Pods created (and as many deleted) in the churn run; 0 skips it.
+    #[arg(long, default_value_t = 50_000)]
+    lifecycle: usize,
 }
+
+/// The cluster's nodes.
+const NODES: usize = 100;
 
 struct Sample {
     ready: Duration,
@@ -48,7 +58,7 @@ fn pod(i: usize, a: &Args) -> serde_json::Value {
         &format!("ns{}", i % a.namespaces),
         &format!("p{i}"),
         &format!("00000000-0000-4000-8000-{i:012}"),
-        &format!("node{}", i % 100),
+        &format!("node{}", i % NODES),
         &ip,
         json!({"app": format!("app{}", i % a.services.max(1))}),
         "sa",
@@ -57,12 +67,20 @@ fn pod(i: usize, a: &Args) -> serde_json::Value {
     p
 }
 
-fn measure(a: &Args, with_pods: bool, with_objects: bool) -> Result<Sample> {
-    let api = FakeApi::start()?;
-    let net = Net::new()?;
+/// Namespaces, and the DaemonSet's agent pod on every node.
+fn base_cluster(api: &FakeApi, a: &Args) {
     for n in 0..a.namespaces {
         api.apply(fakeapi::namespace(&format!("ns{n}"), true));
     }
+    for n in 0..NODES {
+        api.apply(fakeapi::agent_pod(&format!("node{n}"), true));
+    }
+}
+
+fn measure(a: &Args, with_pods: bool, with_objects: bool) -> Result<Sample> {
+    let api = FakeApi::start()?;
+    let net = Net::new()?;
+    base_cluster(&api, a);
     if with_pods {
         for i in 0..a.pods {
             api.apply(pod(i, a));
@@ -172,6 +190,78 @@ fn measure(a: &Args, with_pods: bool, with_objects: bool) -> Result<Sample> {
     })
 }
 
+struct Churn {
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    cpu_us_per_change: f64,
+    changes: usize,
+    took: Duration,
+}
+
+/// Rollouts: `a.pods` alive; `a.lifecycle` new pods created, and as many of the oldest deleted,
+/// in batches of 100 every 20 ms. Measured once the agent has caught up (no update for 2 s).
+fn churn(a: &Args) -> Result<Churn> {
+    let api = FakeApi::start()?;
+    let net = Net::new()?;
+    base_cluster(&api, a);
+    for s in 0..a.services {
+        api.apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("s{s}"), "namespace": format!("ns{}", s % a.namespaces)},
+            "spec": {"clusterIP": format!("10.96.{}.{}", s / 250, s % 250 + 1),
+                     "selector": {"app": format!("app{s}")}, "ports": [{"port": 80, "targetPort": "http"}]}}));
+    }
+    for p in 0..a.policies {
+        api.apply(fakeapi::istio("AuthorizationPolicy", &format!("ns{}", p % a.namespaces), &format!("ap{p}"),
+            json!({"selector": {"matchLabels": {"app": format!("app{p}")}}, "action": "DENY",
+                   "rules": [{"to": [{"operation": {"paths": ["/admin/*"], "methods": ["POST"]}}]}]})));
+    }
+    for i in 0..a.pods {
+        api.apply(pod(i, a));
+    }
+    let cfg = format!(
+        "agent: {{admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: kubeconfig}}\n",
+        net.cgroup_base().display()
+    );
+    let kubeconfig = api.kubeconfig();
+    let mut agent = Agent::spawn(&cfg, &[("kubeconfig", kubeconfig.as_str())], &fresh_bpffs())?;
+    agent.wait_ready()?;
+    let settled = |agent: &Agent| {
+        let reloads = || agent.metric("authz_reloads_total");
+        let mut last = (reloads(), Instant::now());
+        while last.1.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = reloads();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+        }
+    };
+    settled(&agent);
+    let pid = agent.child.id();
+    let rss_before = rss_kib(pid)?;
+    let cpu_before = cpu_us(pid)?;
+    let t = Instant::now();
+    for k in 0..a.lifecycle {
+        api.apply(pod(a.pods + k, a));
+        api.delete("Pod", &format!("ns{}", k % a.namespaces), &format!("p{k}"));
+        if k % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    settled(&agent);
+    let took = t.elapsed();
+    let cpu = cpu_us(pid)? - cpu_before;
+    let rss_after = rss_kib(pid)?;
+    agent.stop()?;
+    Ok(Churn {
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        cpu_us_per_change: cpu as f64 / (2 * a.lifecycle).max(1) as f64,
+        changes: 2 * a.lifecycle,
+        took,
+    })
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let empty = measure(&a, false, false)?;
@@ -223,6 +313,24 @@ fn main() -> Result<()> {
             per_pod(full.rss_kib, objects.rss_kib),
             per_pod(full.rss_after_kib, objects.rss_after_kib),
         );
+    }
+    if a.lifecycle > 0 {
+        let c = churn(&a)?;
+        println!(
+            "\n| churn | RSS before / after | change | agent CPU per pod created or deleted |\n|---|---:|---:|---:|"
+        );
+        println!(
+            "| {} pods created and {} deleted over {:.0} s, {} alive | {:.1} / {:.1} MB | {:+.1}% | {:.0} us |",
+            a.lifecycle,
+            a.lifecycle,
+            c.took.as_secs_f64(),
+            a.pods,
+            c.rss_before_kib as f64 / 1024.0,
+            c.rss_after_kib as f64 / 1024.0,
+            (c.rss_after_kib as f64 / c.rss_before_kib.max(1) as f64 - 1.0) * 100.0,
+            c.cpu_us_per_change
+        );
+        eprintln!("({} changes)", c.changes);
     }
     Ok(())
 }
