@@ -45,8 +45,9 @@ pub struct KubeInput {
     pub last_wanted: usize,
     /// `policies.generation` when last applied.
     pub applied_generation: u64,
-    /// When the last read started, and what reading and applying it cost (for pacing).
-    read_started: Instant,
+    /// When the last read started, until its cost is taken; what reading and applying it
+    /// cost, and when that ended (for pacing).
+    read_started: Option<Instant>,
     last_cost: Duration,
     last_end: Instant,
 }
@@ -98,7 +99,7 @@ impl KubeInput {
             events,
             last_wanted: 0,
             applied_generation: 0,
-            read_started: Instant::now(),
+            read_started: None,
             last_cost: Duration::ZERO,
             last_end: Instant::now(),
         })
@@ -229,8 +230,10 @@ impl Source for KubeInput {
     /// a change waits only for the burst to settle.
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         // Called again right after the last read was applied: that read's cost ends here.
-        self.last_end = Instant::now();
-        self.last_cost = self.last_end.saturating_duration_since(self.read_started);
+        if let Some(started) = self.read_started.take() {
+            self.last_end = Instant::now();
+            self.last_cost = self.last_end.saturating_duration_since(started);
+        }
         let changed = self.cluster.changed.clone();
         let duty = self.last_cost * 9;
         Box::pin(async move {
@@ -241,7 +244,7 @@ impl Source for KubeInput {
     }
 
     fn read(&mut self, current: &World, metrics: &Metrics) -> Result<Option<Update>> {
-        self.read_started = Instant::now();
+        self.read_started = Some(Instant::now());
         let (world, set) = self.snapshot(metrics);
         // Most events (pod status churn, objects the agent does not read) change nothing here.
         let policies_changed = self.policies.generation != self.applied_generation;
