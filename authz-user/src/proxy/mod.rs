@@ -68,7 +68,7 @@ pub enum Direction {
 pub struct ConnCtx {
     /// Whose policies apply: the destination (`ns/name`), if this agent decides for it. Looked
     /// up in the state in force at each decision, so labels and policies are as they are now.
-    pub destination: Option<String>,
+    pub destination: Option<Arc<str>>,
     /// The destination's own agent decides (a Service backend that is a captured pod): this hop
     /// only picks the backend and forwards, deciding and counting nothing.
     pub decided_at_destination: bool,
@@ -93,7 +93,7 @@ pub struct ConnCtx {
 pub struct PodListeners {
     pub pod: Arc<Pod>,
     /// The pod's `ns/name`: its destination key in the state in force.
-    pub key: String,
+    pub key: Arc<str>,
     pub netns: Arc<NetNs>,
     pub netns_cookie: u64,
     /// The port of the listeners, recorded in the pod's map entry for connect4/6.
@@ -195,7 +195,7 @@ impl PodListeners {
             }
         }
         Ok(PodListeners {
-            key: crate::state::key(&pod.workload),
+            key: crate::state::key(&pod.workload).into(),
             pod,
             netns,
             netns_cookie,
@@ -297,7 +297,7 @@ fn outbound(
             && registry
                 .decided_at_destination
                 .contains(&crate::registry::normalize(dst.ip())),
-        destination: destination.map(|w| crate::state::key(&w)),
+        destination: destination.map(|w| crate::state::key(&w).into()),
         source: Some(pl.pod.workload.clone()),
         netns: pl.netns.clone(),
         src_ip,

@@ -77,6 +77,29 @@ fn base_cluster(api: &FakeApi, a: &Args) {
     }
 }
 
+/// `a.services` Services and `a.policies` AuthorizationPolicies, spread over the namespaces.
+fn objects(api: &FakeApi, a: &Args) {
+    for s in 0..a.services {
+        api.apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("s{s}"), "namespace": format!("ns{}", s % a.namespaces)},
+            "spec": {"clusterIP": format!("10.96.{}.{}", s / 250, s % 250 + 1),
+                     "selector": {"app": format!("app{s}")}, "ports": [{"port": 80, "targetPort": "http"}]}}));
+    }
+    for p in 0..a.policies {
+        api.apply(fakeapi::istio("AuthorizationPolicy", &format!("ns{}", p % a.namespaces), &format!("ap{p}"),
+            json!({"selector": {"matchLabels": {"app": format!("app{p}")}}, "action": "DENY",
+                   "rules": [{"to": [{"operation": {"paths": ["/admin/*"], "methods": ["POST"]}}]}]})));
+    }
+}
+
+/// The benchmarked agent: Kubernetes mode on a node of its own.
+fn agent_config(net: &Net) -> String {
+    format!(
+        "agent: {{admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: kubeconfig}}\n",
+        net.cgroup_base().display()
+    )
+}
+
 fn measure(a: &Args, with_pods: bool, with_objects: bool) -> Result<Sample> {
     let api = FakeApi::start()?;
     let net = Net::new()?;
@@ -87,22 +110,9 @@ fn measure(a: &Args, with_pods: bool, with_objects: bool) -> Result<Sample> {
         }
     }
     if with_objects {
-        for s in 0..a.services {
-            api.apply(json!({"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": format!("s{s}"), "namespace": format!("ns{}", s % a.namespaces)},
-                "spec": {"clusterIP": format!("10.96.{}.{}", s / 250, s % 250 + 1),
-                         "selector": {"app": format!("app{s}")}, "ports": [{"port": 80, "targetPort": "http"}]}}));
-        }
-        for p in 0..a.policies {
-            api.apply(fakeapi::istio("AuthorizationPolicy", &format!("ns{}", p % a.namespaces), &format!("ap{p}"),
-                json!({"selector": {"matchLabels": {"app": format!("app{p}")}}, "action": "DENY",
-                       "rules": [{"to": [{"operation": {"paths": ["/admin/*"], "methods": ["POST"]}}]}]})));
-        }
+        objects(&api, a);
     }
-    let cfg = format!(
-        "agent: {{admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: kubeconfig}}\n",
-        net.cgroup_base().display()
-    );
+    let cfg = agent_config(&net);
     let kubeconfig = api.kubeconfig();
     let started = Instant::now();
     let mut agent = Agent::spawn(&cfg, &[("kubeconfig", kubeconfig.as_str())], &fresh_bpffs())?;
@@ -204,24 +214,11 @@ fn churn(a: &Args) -> Result<Churn> {
     let api = FakeApi::start()?;
     let net = Net::new()?;
     base_cluster(&api, a);
-    for s in 0..a.services {
-        api.apply(json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": format!("s{s}"), "namespace": format!("ns{}", s % a.namespaces)},
-            "spec": {"clusterIP": format!("10.96.{}.{}", s / 250, s % 250 + 1),
-                     "selector": {"app": format!("app{s}")}, "ports": [{"port": 80, "targetPort": "http"}]}}));
-    }
-    for p in 0..a.policies {
-        api.apply(fakeapi::istio("AuthorizationPolicy", &format!("ns{}", p % a.namespaces), &format!("ap{p}"),
-            json!({"selector": {"matchLabels": {"app": format!("app{p}")}}, "action": "DENY",
-                   "rules": [{"to": [{"operation": {"paths": ["/admin/*"], "methods": ["POST"]}}]}]})));
-    }
+    objects(&api, a);
     for i in 0..a.pods {
         api.apply(pod(i, a));
     }
-    let cfg = format!(
-        "agent: {{admin: \"{{ADMIN}}\", cgroupRoot: {}}}\nkubernetes: {{enabled: true, nodeName: bench-node, kubeconfig: kubeconfig}}\n",
-        net.cgroup_base().display()
-    );
+    let cfg = agent_config(&net);
     let kubeconfig = api.kubeconfig();
     let mut agent = Agent::spawn(&cfg, &[("kubeconfig", kubeconfig.as_str())], &fresh_bpffs())?;
     agent.wait_ready()?;
