@@ -88,6 +88,40 @@ pub struct ListenerKey {
     pub _pad: u32,
 }
 
+/// `SOURCE_PODS` value; the key is the ifindex of the host side of a pod's interface, where
+/// the pod's packets enter the node. Packets from the pod must carry one of `addrs`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourcePod {
+    /// The pod's addresses (IPv6 form, IPv4 mapped) and its IPv6 link-local ones; the first
+    /// `count` slots are used.
+    pub addrs: [Addr; MAX_SOURCE_ADDRS],
+    pub count: u32,
+    pub pod_id: u32,
+    /// Inode of the network namespace the host side lives in (user space only: the ifindex is
+    /// only unique there, and `cleanup` finds the interface by it).
+    pub host_netns: u64,
+}
+
+pub const MAX_SOURCE_ADDRS: usize = 6;
+
+/// `SOURCE_DROPS` value (per CPU): packets a pod sent that the node dropped, by kind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceDrops {
+    /// IPv4 from an address that is not the pod's.
+    pub ipv4: u64,
+    /// IPv6 from an address that is not the pod's (nor its link-local, nor `::` for ND).
+    pub ipv6: u64,
+    /// ARP whose sender address is not the pod's.
+    pub arp: u64,
+    /// Neighbour discovery claiming an address that is not the pod's, router advertisements
+    /// and redirects.
+    pub nd: u64,
+    /// Frames of any other kind (VLAN-tagged, other ethertypes, unparseable headers).
+    pub other: u64,
+}
+
 /// `ENFORCED_IPS` value: the address is enforced (the key's presence is what counts).
 pub const ENFORCED: u8 = 1;
 
@@ -156,6 +190,8 @@ pub mod maps {
     pub const HOP_COOKIES: &str = "HOP_COOKIES";
     pub const HOP_PEERS: &str = "HOP_PEERS";
     pub const NODE_IPS: &str = "NODE_IPS";
+    pub const SOURCE_PODS: &str = "SOURCE_PODS";
+    pub const SOURCE_DROPS: &str = "SOURCE_DROPS";
 }
 
 /// The global each loaded copy of the inbound program is given: the netns cookie of the pod
@@ -181,4 +217,6 @@ mod pod {
     unsafe impl aya::Pod for AgentState {}
     unsafe impl aya::Pod for InboundPod {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for SourcePod {}
+    unsafe impl aya::Pod for SourceDrops {}
 }

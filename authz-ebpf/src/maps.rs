@@ -1,9 +1,12 @@
 //! Every map of the programs, in one place. The agent fills ENROLLED_PODS, ENFORCED_IPS,
-//! AGENT_STATE, INBOUND_PODS, INBOUND_LISTENERS and HOP_COOKIES; the programs fill the rest.
-use authz_common::{AgentState, InboundPod, ListenerKey, OrigDst, PodInfo, SockKey};
+//! AGENT_STATE, INBOUND_PODS, INBOUND_LISTENERS, HOP_COOKIES, NODE_IPS and SOURCE_PODS; the
+//! programs fill the rest.
+use authz_common::{
+    AgentState, InboundPod, ListenerKey, OrigDst, PodInfo, SockKey, SourceDrops, SourcePod,
+};
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 
 /// cgroup v2 id -> enrolled pod.
@@ -61,3 +64,12 @@ pub static HOP_PEERS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(65_
 /// The node's own addresses (IPv6 form), where kubelet's probes come from.
 #[map]
 pub static NODE_IPS: HashMap<[u32; 4], u8> = HashMap::with_max_entries(1024, 0);
+
+/// Host-side ifindex of a pod's interface -> the addresses its packets may carry.
+#[map]
+pub static SOURCE_PODS: HashMap<u32, SourcePod> = HashMap::with_max_entries(16_384, 0);
+
+/// Host-side ifindex -> packets from that pod dropped by the source check, per CPU.
+#[map]
+pub static SOURCE_DROPS: PerCpuHashMap<u32, SourceDrops> =
+    PerCpuHashMap::with_max_entries(16_384, 0);

@@ -80,8 +80,12 @@ fn route(admin: &Admin, req: Request<Incoming>, peer: SocketAddr) -> Response<Fu
             }
         }
         "/metrics" => {
-            let k = admin.kernel.get().map(|k| k.counters());
-            reply(StatusCode::OK, admin.metrics.render(k))
+            let k = admin.kernel.get();
+            let mut text = admin.metrics.render(k.map(|k| k.counters()));
+            if let Some(k) = k {
+                crate::metrics::render_source_drops(&mut text, &k.source_drops());
+            }
+            reply(StatusCode::OK, text)
         }
         // The whole inventory (every pod, in Kubernetes mode): only from the node itself, even
         // when the admin port listens on all addresses for the kubelet's probes.

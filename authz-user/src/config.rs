@@ -95,6 +95,19 @@ pub enum FailMode {
     Open,
 }
 
+/// Whether the node checks the source of what each pod sends (the host end of its veth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceCheck {
+    /// A pod's packets must carry its own addresses; a pod whose interface cannot be checked
+    /// is not enrolled (its connections are refused) until it can be.
+    #[default]
+    Enforce,
+    /// No check: identity at the destination rests on addresses alone (a pod with CAP_NET_RAW
+    /// can claim another's). For networks whose pods have no veth on the node.
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PathNormalization {
@@ -155,6 +168,8 @@ pub struct AgentSettings {
     /// A TCP relay with no byte either way for this long is closed.
     #[serde(with = "humantime_serde")]
     pub tcp_idle_timeout: Duration,
+    /// Source addresses bound by the kernel on each pod's interface (see `SourceCheck`).
+    pub source_check: SourceCheck,
 }
 
 impl Default for AgentSettings {
@@ -179,6 +194,7 @@ impl Default for AgentSettings {
             max_connections: 0,
             header_read_timeout: Duration::from_secs(30),
             tcp_idle_timeout: Duration::from_secs(3600),
+            source_check: SourceCheck::Enforce,
         }
     }
 }

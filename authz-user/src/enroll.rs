@@ -29,6 +29,8 @@ pub struct Enrolled {
     pub cgroup_id: u64,
     /// The netns cookie of a pod captured inbound.
     pub protected: Option<u64>,
+    /// The host ends of its interfaces, where the node checks what it sends.
+    pub sources: Vec<crate::netns::HostSide>,
     pub server: AbortHandle,
 }
 
@@ -178,6 +180,11 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
             Op::Release(k) => {
                 if let Some(e) = applied.pods.remove(&k) {
                     let _ = kernel.release(e.cgroup_id);
+                    for side in &e.sources {
+                        if let Err(e) = kernel.unbind_source(side) {
+                            tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "source check not removed: {e:#}");
+                        }
+                    }
                     if let Some(cookie) = e.protected {
                         if let Err(e) = kernel.unprotect(cookie) {
                             tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "inbound capture not removed: {e:#}");
@@ -253,6 +260,7 @@ fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod
             server,
             port,
             protected,
+            sources,
         }) => {
             applied.pending.remove(&key);
             applied.pods.insert(
@@ -261,6 +269,7 @@ fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod
                     spec: spec.clone(),
                     cgroup_id,
                     protected,
+                    sources,
                     server,
                 },
             );
@@ -291,6 +300,7 @@ struct Done {
     port: u16,
     /// The netns cookie, when the pod is captured inbound.
     protected: Option<u64>,
+    sources: Vec<crate::netns::HostSide>,
 }
 
 /// Enrolls one pod: pending entry, listeners, inbound capture, then the entry with their port.
@@ -319,6 +329,13 @@ fn enroll(
     .map_err(|e| (Some(id), e))?;
     let port = pl.port;
     let protected = protect(kernel, &pl).map_err(|e| (Some(id), e))?;
+    // Before the pod's connections are served: the addresses they come from are its own.
+    let sources = match px.settings.source_check {
+        crate::config::SourceCheck::Enforce => {
+            bind_sources(kernel, &pl).map_err(|e| (Some(id), e))?
+        }
+        crate::config::SourceCheck::Off => vec![],
+    };
     kernel
         .enroll(id, pod.id, port)
         .with_context(|| format!("enrolling cgroup {}", pod.cgroup.display()))
@@ -329,7 +346,25 @@ fn enroll(
         server,
         port,
         protected,
+        sources,
     })
+}
+
+/// Binds the pod's addresses on the host end of each of its interfaces; all or none.
+fn bind_sources(
+    kernel: &crate::kernel::Kernel,
+    pl: &PodListeners,
+) -> anyhow::Result<Vec<crate::netns::HostSide>> {
+    let sides = crate::netns::host_sides(&pl.netns, &pl.pod.ips)?;
+    for (i, side) in sides.iter().enumerate() {
+        if let Err(e) = kernel.bind_source(side, pl.pod.id, pl.key.clone(), &pl.pod.ips) {
+            for done in &sides[..i] {
+                let _ = kernel.unbind_source(done);
+            }
+            return Err(e.context("binding the pod's source addresses"));
+        }
+    }
+    Ok(sides)
 }
 
 /// Captures the pod's inbound connections into `pl`'s inbound listeners: the capture entry and

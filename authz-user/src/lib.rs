@@ -25,6 +25,8 @@ pub mod limits;
 #[cfg(feature = "kernel")]
 pub mod metrics;
 #[cfg(feature = "kernel")]
+pub mod netlink;
+#[cfg(feature = "kernel")]
 pub mod netns;
 pub mod normalize;
 pub mod policy;

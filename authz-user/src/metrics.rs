@@ -270,6 +270,32 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Packets each pod sent from an address that is not its own, dropped where they entered the
+/// node, by kind (`ipv4`, `ipv6`, `arp`, `nd`, `other`).
+pub fn render_source_drops(
+    s: &mut String,
+    drops: &[(std::sync::Arc<str>, authz_common::SourceDrops)],
+) {
+    let _ = writeln!(s, "# HELP authz_source_dropped_total Packets a pod sent that the node dropped: not from its own address (ipv4, ipv6), ARP or neighbour discovery claiming another address (arp, nd), or frames of another kind (other).\n# TYPE authz_source_dropped_total counter");
+    let mut drops: Vec<_> = drops.iter().collect();
+    drops.sort_by(|a, b| a.0.cmp(&b.0));
+    for (pod, d) in drops {
+        for (kind, v) in [
+            ("ipv4", d.ipv4),
+            ("ipv6", d.ipv6),
+            ("arp", d.arp),
+            ("nd", d.nd),
+            ("other", d.other),
+        ] {
+            let _ = writeln!(
+                s,
+                "authz_source_dropped_total{{pod=\"{}\",kind=\"{kind}\"}} {v}",
+                escape(pod)
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

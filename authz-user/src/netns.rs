@@ -134,3 +134,128 @@ pub fn own_addresses() -> std::collections::HashSet<std::net::IpAddr> {
         .filter(|ip| !ip.is_loopback())
         .collect()
 }
+
+/// Where one of a pod's interfaces enters the node: the host end of its veth, where the
+/// source check is attached (a filter inside the pod could be skipped by a raw socket).
+#[derive(Debug)]
+pub struct HostSide {
+    /// The namespace the host end lives in: the node's own on a node.
+    pub netns: NetNs,
+    /// That namespace's inode (its ifindexes are only unique there).
+    pub netns_ino: u64,
+    pub ifindex: u32,
+    /// The interface inside the pod (for messages).
+    pub pod_ifname: String,
+    /// The pod's IPv6 link-local addresses on it, which its neighbour discovery uses.
+    pub link_local: Vec<std::net::Ipv6Addr>,
+}
+
+/// Named namespaces (`ip netns`, CNI plugins): where a host end not in the agent's own
+/// namespace is looked for.
+const NAMED_NETNS: &str = "/var/run/netns";
+
+/// The host ends of the pod's interfaces. Every interface carrying one of `pod_ips` must be a
+/// veth whose other end is found outside the pod; otherwise what the pod sends cannot be
+/// checked by the node, which is an error, never a silent pass.
+pub fn host_sides(pod: &NetNs, pod_ips: &[std::net::IpAddr]) -> anyhow::Result<Vec<HostSide>> {
+    use anyhow::{anyhow, bail, Context};
+    use std::os::unix::fs::MetadataExt;
+    let pod_ino = pod.file.metadata()?.ino();
+    // The agent's own namespace first: the host end is there on a node.
+    let mut candidates: Vec<File> = vec![home()?.file];
+    if let Ok(dir) = std::fs::read_dir(NAMED_NETNS) {
+        for e in dir.flatten() {
+            if let Ok(f) = File::open(e.path()) {
+                if f.metadata().is_ok_and(|m| m.ino() != pod_ino) {
+                    candidates.push(f);
+                }
+            }
+        }
+    }
+    let (links, addrs, nsids) = pod.enter(|| -> std::io::Result<_> {
+        let links = crate::netlink::links()?;
+        let addrs: Vec<(String, std::net::IpAddr)> = nix::ifaddrs::getifaddrs()
+            .map_err(std::io::Error::from)?
+            .filter_map(|a| {
+                let sa = a.address?;
+                let ip = if let Some(v4) = sa.as_sockaddr_in() {
+                    std::net::IpAddr::V4(v4.ip())
+                } else {
+                    std::net::IpAddr::V6(sa.as_sockaddr_in6()?.ip())
+                };
+                Some((a.interface_name, ip))
+            })
+            .collect();
+        let nsids: Vec<Option<i32>> = candidates
+            .iter()
+            .map(|c| crate::netlink::nsid(c).ok().flatten())
+            .collect();
+        Ok((links, addrs, nsids))
+    })??;
+    let mut sides = vec![];
+    for link in links.iter().filter(|l| l.name != "lo") {
+        let on_link = addrs
+            .iter()
+            .filter(|(n, _)| *n == link.name)
+            .map(|(_, ip)| *ip);
+        let carries = on_link.clone().any(|ip| pod_ips.contains(&ip));
+        let (Some("veth"), Some(peer), Some(nsid)) =
+            (link.kind.as_deref(), link.peer, link.peer_netnsid)
+        else {
+            if carries {
+                bail!(
+                    "interface {} carries the pod's address but is not a veth with its other end \
+                     outside the pod: the node cannot check what the pod sends",
+                    link.name
+                );
+            }
+            continue;
+        };
+        let Some(at) = nsids.iter().position(|n| *n == Some(nsid)) else {
+            bail!(
+                "the other end of the pod's {} is in no namespace the agent can see (its own, \
+                 or {NAMED_NETNS})",
+                link.name
+            );
+        };
+        let host = NetNs {
+            file: candidates[at].try_clone()?,
+        };
+        let host_links = host.enter(crate::netlink::links)??;
+        if !host_links.iter().any(|h| {
+            h.index == peer && h.kind.as_deref() == Some("veth") && h.peer == Some(link.index)
+        }) {
+            bail!(
+                "the other end of the pod's {} (ifindex {peer}) was not found",
+                link.name
+            );
+        }
+        sides.push(HostSide {
+            netns_ino: host.file.metadata()?.ino(),
+            netns: host,
+            ifindex: peer,
+            pod_ifname: link.name.clone(),
+            link_local: on_link
+                .filter_map(|ip| match ip {
+                    std::net::IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(v6),
+                    _ => None,
+                })
+                .collect(),
+        });
+    }
+    if sides.is_empty() {
+        return Err(anyhow!("no veth in the pod's network namespace"))
+            .context("finding where the pod's packets enter the node");
+    }
+    Ok(sides)
+}
+
+/// The agent's own network namespace.
+pub fn home() -> io::Result<NetNs> {
+    let home = HOME
+        .get()
+        .ok_or_else(|| io::Error::other("netns::init was not called"))?;
+    Ok(NetNs {
+        file: home.try_clone()?,
+    })
+}

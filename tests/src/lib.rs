@@ -65,6 +65,8 @@ pub struct Host {
     pub netns: String,
     pub ip: String,
     pub cgroup: PathBuf,
+    /// The bridge side of its veth (in the hub namespace), where the node sees what it sends.
+    pub host_if: String,
 }
 
 impl Host {
@@ -180,9 +182,15 @@ impl Net {
             netns,
             ip,
             cgroup,
+            host_if: b,
         };
         self.hosts.push(h.clone());
         Ok(h)
+    }
+
+    /// The namespace holding the bridge and the host side of every host's veth.
+    pub fn hub(&self) -> &str {
+        &self.hub
     }
 
     /// The cgroup all of this set's pods are under (an agent's `cgroupRoot`).

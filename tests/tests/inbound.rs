@@ -361,11 +361,13 @@ fn inbound_fail_modes_and_cleanup() {
     }
 }
 
-/// Every address of a protected pod is captured, not only the listed `ips`: an IPv6 address the
-/// config does not name, and an IPv6 link-local address, get the same policies (the IPv6 side
-/// of the capture, the inbound listener on [::1] and the hop from the pod's own address).
+/// Every address of a protected pod is captured: its IPv6 address, and an IPv6 link-local
+/// address the config does not name, get the same policies (the IPv6 side of the capture, the
+/// inbound listener on [::1] and the hop from the pod's own address). The pod answers from them:
+/// the node's source check lets a pod send from its `ips` and the link-local addresses it had
+/// when it was enrolled.
 #[test]
-fn unlisted_ipv6_and_link_local_addresses_are_captured_too() {
+fn ipv6_and_link_local_addresses_are_captured_too() {
     if !require_root() {
         return;
     }
@@ -394,7 +396,9 @@ fn unlisted_ipv6_and_link_local_addresses_are_captured_too() {
     // One dual-stack server on every address of the pod.
     net.spawn(&gw, &testsrv(), &["http", "[::]:80"]).unwrap();
     wait_listening(&gw, 80).unwrap();
-    let agent = start_faq_agent(&sleep, &gw, "", &[]);
+    let mut gw_listed = gw.clone();
+    gw_listed.ip = format!("{}, fd77:{}::3", gw.ip, net.subnet);
+    let agent = start_faq_agent(&sleep, &gw_listed, "", &[]);
     let outside = Client::Outside(&internet);
     for base in [
         format!("http://[fd77:{}::3]", net.subnet),

@@ -15,7 +15,8 @@ use crate::{
     BuildEnv,
 };
 
-/// The tests that prove the kernel path: steering, the FAQ, fail modes, hot restart.
+/// The tests that prove the kernel path: steering, the FAQ, fail modes, hot restart, several
+/// nodes, identity (the source check).
 pub const LANE: &[&str] = &[
     "kernel_path",
     "faq",
@@ -23,6 +24,7 @@ pub const LANE: &[&str] = &[
     "fail_modes",
     "hot_restart",
     "cluster",
+    "identity",
 ];
 const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Debian 12's kernel series, and the one its backports (and Debian 13) ship.

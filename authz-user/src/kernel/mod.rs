@@ -12,14 +12,14 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use authz_common::{
-    counter, maps, AgentState, InboundPod, ListenerKey, OrigDst, PodInfo, SockKey, FAIL_CLOSED,
-    FAIL_OPEN,
+    counter, maps, AgentState, InboundPod, ListenerKey, OrigDst, PodInfo, SockKey, SourceDrops,
+    SourcePod, FAIL_CLOSED, FAIL_OPEN,
 };
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{
-        links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg,
-        SockOps,
+        links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SchedClassifier,
+        SkLookup, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -28,11 +28,12 @@ use crate::config::FailMode;
 
 mod addr;
 pub mod pin;
+mod source;
 pub use addr::{addr_key, key_addr};
 
 /// The maps pinned under `<bpffs>/maps`, with the key and value sizes this build expects of
 /// them: an adopted map of another layout is refused rather than misread.
-const PINNED_MAPS: [(&str, usize, usize); 12] = [
+const PINNED_MAPS: [(&str, usize, usize); 14] = [
     (maps::ENROLLED_PODS, 8, std::mem::size_of::<PodInfo>()),
     (maps::ENFORCED_IPS, 16, 1),
     (maps::ORIG_DST, 8, std::mem::size_of::<OrigDst>()),
@@ -53,6 +54,8 @@ const PINNED_MAPS: [(&str, usize, usize); 12] = [
     (maps::HOP_COOKIES, 8, 1),
     (maps::HOP_PEERS, std::mem::size_of::<SockKey>(), 1),
     (maps::NODE_IPS, 16, 1),
+    (maps::SOURCE_PODS, 4, std::mem::size_of::<SourcePod>()),
+    (maps::SOURCE_DROPS, 4, std::mem::size_of::<SourceDrops>()),
 ];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/authz"));
@@ -90,12 +93,17 @@ pub struct Kernel {
     inbound_listeners: Mutex<SockHash<MapData, ListenerKey>>,
     hop_cookies: Mutex<HashMap<MapData, u64, u8>>,
     node_ips: Mutex<HashMap<MapData, [u32; 4], u8>>,
+    source_pods: Mutex<HashMap<MapData, u32, SourcePod>>,
+    source_drops: Mutex<PerCpuHashMap<MapData, u32, SourceDrops>>,
+    /// Host-side interfaces this agent binds: ifindex -> (its namespace's inode, the pod).
+    bound: Mutex<std::collections::HashMap<u32, (u64, std::sync::Arc<str>)>>,
     bpffs: PathBuf,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     // Pinned: dropping these closes our fds only; the attachments stay.
     _links: Vec<PinnedLink>,
-    /// Keeps the loaded programs' fds for the agent's lifetime.
-    _ebpf: Ebpf,
+    /// Keeps the loaded programs' fds for the agent's lifetime; the source check is attached
+    /// from it as pods come.
+    ebpf: Mutex<Ebpf>,
     pub cgroup_root: PathBuf,
     /// Whether the maps were adopted from a previous agent (hot restart or recovery).
     pub adopted: bool,
@@ -164,6 +172,8 @@ impl Kernel {
             .attach(&cg, CgroupAttachMode::Single)
             .with_context(|| format!("attaching authz_sock_ops to {}", cgroup_root.display()))?;
         links.push(pin_link(prog.take_link(id)?, bpffs, "authz_sock_ops")?);
+        let prog: &mut SchedClassifier = program(&mut ebpf, source::PROGRAM)?.try_into()?;
+        prog.load().context("loading authz_source")?;
 
         Ok(Kernel {
             enrolled: Mutex::new(take(&mut ebpf, maps::ENROLLED_PODS)?),
@@ -176,10 +186,13 @@ impl Kernel {
             inbound_listeners: Mutex::new(take(&mut ebpf, maps::INBOUND_LISTENERS)?),
             hop_cookies: Mutex::new(take(&mut ebpf, maps::HOP_COOKIES)?),
             node_ips: Mutex::new(take(&mut ebpf, maps::NODE_IPS)?),
+            source_pods: Mutex::new(take(&mut ebpf, maps::SOURCE_PODS)?),
+            source_drops: Mutex::new(take(&mut ebpf, maps::SOURCE_DROPS)?),
+            bound: Mutex::default(),
             bpffs: bpffs.to_path_buf(),
             logger: Mutex::new(logger),
             _links: links,
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
             cgroup_root,
             adopted,
         })
@@ -478,6 +491,7 @@ fn check_layouts(ebpf: &Ebpf, maps_dir: &Path) -> Result<()> {
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
         let data: &MapData = match map {
             aya::maps::Map::HashMap(d)
+            | aya::maps::Map::PerCpuHashMap(d)
             | aya::maps::Map::LruHashMap(d)
             | aya::maps::Map::Array(d)
             | aya::maps::Map::SockHash(d) => d,

@@ -130,9 +130,16 @@ pub fn cleanup(dir: &Path) -> Result<Removed> {
         );
     }
     // Links first: once they are gone no program steers traffic into maps we then drop.
+    removed.links += super::source::cleanup_filters(&maps_dir(dir))?;
     if let Ok(entries) = std::fs::read_dir(dir.join("links")) {
         for e in entries.flatten() {
-            detach_pinned(&e.path())?;
+            let done = detach_pinned(&e.path());
+            // A source check's link whose interface went with its pod: nothing left to detach.
+            if done.is_err() && e.file_name().to_string_lossy().starts_with("source-") {
+                let _ = std::fs::remove_file(e.path());
+            } else {
+                done?;
+            }
             removed.links += 1;
         }
     }

@@ -10,6 +10,10 @@
 //! {"upgraded": k, "refused": N-k}, and holds the tunnels open until its stdin closes.
 //! The server answers `Upgrade: h2c` with 101 and then speaks HTTP/2 on the connection, as Go's
 //! h2c handler, Tomcat or nghttpx do, so a proxy that forwards the upgrade is caught.
+//! `authz-testsrv forge-arp IFACE CLAIMED_V4 TO_V4 TO_MAC` and
+//! `authz-testsrv forge-na IFACE FROM_V6 CLAIMED_V6 TO_V6 TO_MAC`: what a pod with CAP_NET_RAW
+//! can send, a raw ARP reply / unsolicited neighbour advertisement (override) claiming an
+//! address to one neighbour.
 //! Every HTTP reply is JSON: {client, method, path, version, headers, body_len, body_sha256};
 //! `GET /__count` answers how many requests the server has seen (not counting itself).
 use std::{
@@ -33,6 +37,9 @@ use tokio::{
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("http");
+    if mode == "forge-arp" || mode == "forge-na" {
+        return forge(mode, &args[2..]);
+    }
     let addr: SocketAddr = args
         .get(2)
         .map(String::as_str)
@@ -368,5 +375,102 @@ async fn h2flood(addr: SocketAddr, kind: &str, n: usize) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"goaway": goaway, "responses": responses, "closed": closed})
     );
+    Ok(())
+}
+
+fn mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let v: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s}"))
+}
+
+/// One raw frame out of `args[0]`, as a pod with CAP_NET_RAW sends it (AF_PACKET).
+fn forge(mode: &str, args: &[String]) -> anyhow::Result<()> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let iface = &args[0];
+    let own = mac(&std::fs::read_to_string(format!(
+        "/sys/class/net/{iface}/address"
+    ))?)?;
+    let (to_mac, frame) = if mode == "forge-arp" {
+        let claimed: Ipv4Addr = args[1].parse()?;
+        let to: Ipv4Addr = args[2].parse()?;
+        let to_mac = mac(&args[3])?;
+        let mut f = vec![];
+        f.extend_from_slice(&to_mac);
+        f.extend_from_slice(&own);
+        f.extend_from_slice(&0x0806u16.to_be_bytes());
+        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]); // Ethernet, IPv4, reply
+        f.extend_from_slice(&own);
+        f.extend_from_slice(&claimed.octets());
+        f.extend_from_slice(&to_mac);
+        f.extend_from_slice(&to.octets());
+        (to_mac, f)
+    } else {
+        let from: Ipv6Addr = args[1].parse()?;
+        let claimed: Ipv6Addr = args[2].parse()?;
+        let to: Ipv6Addr = args[3].parse()?;
+        let to_mac = mac(&args[4])?;
+        // Neighbour advertisement, override flag, with the target link-layer address option.
+        let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+        icmp.extend_from_slice(&claimed.octets());
+        icmp.extend_from_slice(&[2, 1]);
+        icmp.extend_from_slice(&own);
+        let mut sum: u32 = 0;
+        let mut add = |b: &[u8]| {
+            for c in b.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+        };
+        add(&from.octets());
+        add(&to.octets());
+        add(&(icmp.len() as u32).to_be_bytes());
+        add(&[0, 0, 0, 58]);
+        add(&icmp);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        icmp[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let mut f = vec![];
+        f.extend_from_slice(&to_mac);
+        f.extend_from_slice(&own);
+        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[58, 255]);
+        f.extend_from_slice(&from.octets());
+        f.extend_from_slice(&to.octets());
+        f.extend_from_slice(&icmp);
+        (to_mac, f)
+    };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        )
+    };
+    anyhow::ensure!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(iface.as_str())?;
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&to_mac);
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    unsafe { libc::close(fd) };
+    anyhow::ensure!(n > 0, "sendto: {}", std::io::Error::last_os_error());
+    println!("sent {} bytes", frame.len());
     Ok(())
 }
