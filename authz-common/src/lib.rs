@@ -66,12 +66,11 @@ pub struct InboundPod {
     /// Ports never captured (host order), 0 = unused slot; the agent's own outbound listener
     /// port is one of them.
     pub excluded: [u16; MAX_EXCLUDED_PORTS],
-    /// The inbound listeners' ports (IPv4, IPv6; host order), so a hot restart listens beside
-    /// the previous agent's on the same ports.
+    /// The inbound listeners' ports (IPv4, IPv6; host order), for inspection.
     pub listen_port4: u16,
     pub listen_port6: u16,
-    /// kubelet `tcpSocket` probe ports (0 = unused): connections to them from a node address
-    /// (`NODE_IPS`) are not captured, so the probe reaches the application itself.
+    /// kubelet `tcpSocket` probe ports (0 = unused): the kubelet's own connections to them
+    /// (`KUBELET_CONNS`) are not captured, so the probe reaches the application itself.
     pub tcp_probe_ports: [u16; MAX_PROBE_PORTS],
 }
 
@@ -189,7 +188,7 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const HOP_COOKIES: &str = "HOP_COOKIES";
     pub const HOP_PEERS: &str = "HOP_PEERS";
-    pub const NODE_IPS: &str = "NODE_IPS";
+    pub const KUBELET_CONNS: &str = "KUBELET_CONNS";
     pub const SOURCE_PODS: &str = "SOURCE_PODS";
     pub const SOURCE_DROPS: &str = "SOURCE_DROPS";
 }
@@ -197,6 +196,11 @@ pub mod maps {
 /// The global each loaded copy of the inbound program is given: the netns cookie of the pod
 /// whose namespace it is attached to (sk_lookup programs cannot ask for it).
 pub const INBOUND_NETNS_GLOBAL: &str = "POD_NETNS";
+
+/// How long after the kubelet opened a connection its 4-tuple counts as the kubelet's: the
+/// handshake takes microseconds, SYN retransmits a few seconds; a 4-tuple cannot be reused by
+/// anyone else (the node's TIME_WAIT and conntrack hold it) within this time.
+pub const KUBELET_CONN_MAX_AGE_NS: u64 = 10_000_000_000;
 
 /// Deepest cgroup level connect4/6 walk up to find an enrolled ancestor (kubelet puts
 /// containers two or three levels below the pod's cgroup).

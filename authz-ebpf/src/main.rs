@@ -1,6 +1,7 @@
 //! The kernel half of the authorizer. One program per file; every map lives in `maps.rs`.
 //!
 //! connect4/connect6 -> steer an enrolled pod's connect() to the agent and remember where it went;
+//! kubelet (sock_ops on the kubelet's cgroup) -> record the connections the kubelet opens;
 //! sock_ops -> pair the app socket and the agent's accepted socket in the sockhash;
 //! sk_msg -> move bytes between the pair without the loopback TCP stack.
 //! source -> on the host side of each pod's interface, drop what the pod sends from an address
@@ -13,6 +14,7 @@
 mod connect4;
 mod connect6;
 mod helpers;
+mod kubelet;
 mod maps;
 mod skmsg;
 mod sockops;

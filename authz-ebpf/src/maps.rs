@@ -1,5 +1,5 @@
 //! Every map of the programs, in one place. The agent fills ENROLLED_PODS, ENFORCED_IPS,
-//! AGENT_STATE, INBOUND_PODS, INBOUND_LISTENERS, HOP_COOKIES, NODE_IPS and SOURCE_PODS; the
+//! AGENT_STATE, INBOUND_PODS, INBOUND_LISTENERS, HOP_COOKIES and SOURCE_PODS; the
 //! programs fill the rest.
 use authz_common::{
     AgentState, InboundPod, ListenerKey, OrigDst, PodInfo, SockKey, SourceDrops, SourcePod,
@@ -61,10 +61,6 @@ pub static HOP_COOKIES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65_53
 #[map]
 pub static HOP_PEERS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(65_536, 0);
 
-/// The node's own addresses (IPv6 form), where kubelet's probes come from.
-#[map]
-pub static NODE_IPS: HashMap<[u32; 4], u8> = HashMap::with_max_entries(1024, 0);
-
 /// Host-side ifindex of a pod's interface -> the addresses its packets may carry.
 #[map]
 pub static SOURCE_PODS: HashMap<u32, SourcePod> = HashMap::with_max_entries(16_384, 0);
@@ -73,3 +69,7 @@ pub static SOURCE_PODS: HashMap<u32, SourcePod> = HashMap::with_max_entries(16_3
 #[map]
 pub static SOURCE_DROPS: PerCpuHashMap<u32, SourceDrops> =
     PerCpuHashMap::with_max_entries(16_384, 0);
+
+/// Connections the kubelet opened (4-tuple from its side, netns 0) -> when (boot ns).
+#[map]
+pub static KUBELET_CONNS: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(16_384, 0);

@@ -3,19 +3,23 @@
 //! connects to the application itself. Each loaded copy knows its pod by the `POD_NETNS` global.
 use core::ptr::read_volatile;
 
-use authz_common::{counter, v4_mapped, Addr, InboundPod, ListenerKey, AF_INET};
+use authz_common::{
+    counter, v4_mapped, Addr, InboundPod, ListenerKey, SockKey, AF_INET, KUBELET_CONN_MAX_AGE_NS,
+};
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::generated::bpf_ktime_get_boot_ns,
     macros::sk_lookup,
     programs::SkLookupContext,
 };
 
 use crate::{
     helpers::{agent_verdict, count, Verdict},
-    maps::{INBOUND_LISTENERS, INBOUND_PODS, NODE_IPS},
+    maps::{INBOUND_LISTENERS, INBOUND_PODS, KUBELET_CONNS},
 };
 
 const IPPROTO_TCP: u32 = 6;
+const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 1 << 1;
 /// ::1, words in network order.
 const IPV6_LOOPBACK: [u32; 4] = [0, 0, 0, u32::from_be(1)];
 
@@ -26,11 +30,12 @@ static POD_NETNS: u64 = 0;
 #[sk_lookup]
 pub fn authz_sk_lookup(ctx: SkLookupContext) -> u32 {
     let c = ctx.lookup;
-    let (protocol, family, port) = unsafe {
+    let (protocol, family, port, remote_port) = unsafe {
         (
             read_volatile(&(*c).protocol),
             read_volatile(&(*c).family),
             read_volatile(&(*c).local_port),
+            u16::from_be(read_volatile(&(*c).remote_port)),
         )
     };
     if protocol != IPPROTO_TCP {
@@ -46,7 +51,7 @@ pub fn authz_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     };
     let pod: &InboundPod = pod;
-    if excluded(pod, port) || tcp_probe(pod, &remote, port) {
+    if excluded(pod, port) || tcp_probe(pod, &remote, remote_port, &local, port) {
         return SK_PASS;
     }
     match agent_verdict() {
@@ -65,9 +70,13 @@ pub fn authz_sk_lookup(ctx: SkLookupContext) -> u32 {
         family,
         _pad: 0,
     };
-    // No NO_REUSEPORT flag: during a hot restart the old and new agents' listeners share a
-    // reuseport group, and the kernel spreads (and migrates) connections among them.
-    if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
+    // Exactly the agent's listener, never another member of a reuseport group (the listeners
+    // have no SO_REUSEPORT either: a process of the pod could otherwise join and take a share).
+    // A hot restart hands over by replacing the map entry.
+    if INBOUND_LISTENERS
+        .redirect_sk_lookup(&ctx, key, BPF_SK_LOOKUP_F_NO_REUSEPORT)
+        .is_ok()
+    {
         count(counter::INBOUND_CAPTURED, 1);
         SK_PASS
     } else {
@@ -119,10 +128,11 @@ fn from_inside(remote: &Addr, local: &Addr) -> bool {
     v4_loopback || *remote == IPV6_LOOPBACK || remote == local
 }
 
-/// kubelet's `tcpSocket` probe: a connection from a node address to a probe port reaches the
-/// application itself (captured, the agent would accept it whether the application is up or not).
+/// kubelet's `tcpSocket` probe: a connection the kubelet itself opened (recorded on its cgroup
+/// by `authz_kubelet`) to a probe port reaches the application itself (captured, the agent
+/// would accept it whether the application is up or not). A node address alone is not enough.
 #[inline(always)]
-fn tcp_probe(pod: &InboundPod, remote: &Addr, port: u32) -> bool {
+fn tcp_probe(pod: &InboundPod, remote: &Addr, remote_port: u16, local: &Addr, port: u32) -> bool {
     let mut i = 0;
     let mut hit = false;
     while i < pod.tcp_probe_ports.len() {
@@ -132,7 +142,23 @@ fn tcp_probe(pod: &InboundPod, remote: &Addr, port: u32) -> bool {
         }
         i += 1;
     }
-    hit && unsafe { NODE_IPS.get(remote) }.is_some()
+    if !hit {
+        return false;
+    }
+    // The kubelet's side of the connection.
+    let key = SockKey {
+        netns: 0,
+        local: *remote,
+        remote: *local,
+        local_port: u32::from(remote_port),
+        remote_port: port,
+    };
+    match unsafe { KUBELET_CONNS.get(&key) } {
+        Some(at) => {
+            unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(*at) <= KUBELET_CONN_MAX_AGE_NS
+        }
+        None => false,
+    }
 }
 
 #[inline(always)]

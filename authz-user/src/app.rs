@@ -113,8 +113,22 @@ pub async fn build(source: agent::Source, cfg: Config) -> Result<App> {
         authorization_policies = eng.index().authorization_policies,
         "policies loaded"
     );
+    let kubelet = match &cfg.agent.kubelet_cgroup {
+        Some(path) => Some(path.clone()),
+        None => crate::kernel::find_kubelet_cgroup(),
+    };
+    match &kubelet {
+        Some(path) => {
+            tracing::info!(cgroup = %path.display(), "kubelet probes recognised by origin")
+        }
+        None => tracing::warn!(
+            "no kubelet process found (and agent.kubeletCgroup not set): no connection passes \
+             as a kubelet probe; probes are decided by the pods' policies"
+        ),
+    }
     let kernel = Arc::new(Kernel::load(
         cfg.agent.cgroup_root.as_deref(),
+        kubelet.as_deref(),
         &cfg.agent.bpffs,
     )?);
     tracing::info!(

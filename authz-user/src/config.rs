@@ -170,6 +170,10 @@ pub struct AgentSettings {
     pub tcp_idle_timeout: Duration,
     /// Source addresses bound by the kernel on each pod's interface (see `SourceCheck`).
     pub source_check: SourceCheck,
+    /// The kubelet's cgroup (v2 directory): only connections its processes open count as its
+    /// probes. Unset: the cgroup of the process named `kubelet`, if the agent sees one (the
+    /// DaemonSet has hostPID); none found, no connection passes as a probe.
+    pub kubelet_cgroup: Option<PathBuf>,
 }
 
 impl Default for AgentSettings {
@@ -195,6 +199,7 @@ impl Default for AgentSettings {
             header_read_timeout: Duration::from_secs(30),
             tcp_idle_timeout: Duration::from_secs(3600),
             source_check: SourceCheck::Enforce,
+            kubelet_cgroup: None,
         }
     }
 }

@@ -170,11 +170,6 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
     let (world, registry) = (&state.world, &state.registry);
     let kernel = &px.kernel;
     applied.failed_ips.clear();
-    if world.has_probes() {
-        if let Err(e) = kernel.set_node_ips(&crate::netns::own_addresses()) {
-            tracing::warn!("node addresses not recorded for probes: {e:#}");
-        }
-    }
     for op in ops {
         match op {
             Op::Release(k) => {
@@ -321,12 +316,7 @@ fn enroll(
     if reuse.is_none() {
         kernel.enroll(id, pod.id, 0).map_err(|e| (None, e))?;
     }
-    let pl = PodListeners::open(pod.clone(), reuse, |cookie| {
-        kernel
-            .protected(cookie)
-            .map(|p| (p.listen_port4, p.listen_port6))
-    })
-    .map_err(|e| (Some(id), e))?;
+    let pl = PodListeners::open(pod.clone(), reuse).map_err(|e| (Some(id), e))?;
     let port = pl.port;
     let protected = protect(kernel, &pl).map_err(|e| (Some(id), e))?;
     // Before the pod's connections are served: the addresses they come from are its own.

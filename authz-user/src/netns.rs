@@ -83,10 +83,21 @@ impl NetNs {
     /// A listening socket bound in this namespace, with SO_REUSEPORT so a new agent can listen
     /// beside the old one during a hot restart.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        self.listen_with(addr, true)
+    }
+
+    /// A listening socket no other socket can share (no SO_REUSEPORT group to join).
+    pub fn listen_exclusive(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        self.listen_with(addr, false)
+    }
+
+    fn listen_with(&self, addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
         use nix::sys::socket::{bind, setsockopt, sockopt, SockaddrStorage};
         let fd = self.tcp_socket(&addr)?;
         setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        setsockopt(&fd, sockopt::ReusePort, &true)?;
+        if reuse_port {
+            setsockopt(&fd, sockopt::ReusePort, &true)?;
+        }
         bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
         // The kernel caps the backlog at net.core.somaxconn. Not nix's Backlog: it refuses more
         // than the C library's SOMAXCONN, which is 128 in musl (the image's agent).
@@ -115,24 +126,6 @@ pub fn netns_cookie(fd: &impl AsFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(v)
-}
-
-/// The addresses of the agent's own network namespace: on a node, the node's addresses (where
-/// kubelet's probes come from).
-pub fn own_addresses() -> std::collections::HashSet<std::net::IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Default::default();
-    };
-    addrs
-        .filter_map(|a| {
-            let a = a.address?;
-            if let Some(v4) = a.as_sockaddr_in() {
-                return Some(std::net::IpAddr::V4(v4.ip()));
-            }
-            a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
-        })
-        .filter(|ip| !ip.is_loopback())
-        .collect()
 }
 
 /// Where one of a pod's interfaces enters the node: the host end of its veth, where the

@@ -81,6 +81,8 @@ pub struct Net {
     /// Third octet of this set's 10.77.<subnet>.0/24.
     pub subnet: u32,
     host_link: Option<String>,
+    /// Rules and links of `outside_masqueraded`, undone on drop.
+    masquerade: Vec<Vec<String>>,
     hub: String,
     cg_base: PathBuf,
     pub hosts: Vec<Host>,
@@ -99,6 +101,7 @@ impl Net {
             tag,
             subnet: seq % 250,
             host_link: None,
+            masquerade: vec![],
             hub: hub.clone(),
             cg_base: cg_base.clone(),
             hosts: vec![],
@@ -186,6 +189,114 @@ impl Net {
         };
         self.hosts.push(h.clone());
         Ok(h)
+    }
+
+    /// A client outside the node whose connections to the pods the node forwards and
+    /// masquerades to its own address on the pods' bridge (10.77.<subnet>.254), as kube-proxy
+    /// does for a NodePort or LoadBalancer Service with `externalTrafficPolicy: Cluster`. Its
+    /// own link is 10.78.<subnet>.0/24; nothing it sends leaves this machine. Needs
+    /// `attach_host` first.
+    pub fn outside_masqueraded(&mut self, name: &str) -> Result<Host> {
+        let netns = format!("azt{}{}", self.tag, name);
+        let (node_if, ext_if) = (format!("m{}", self.tag), format!("n{}", self.tag));
+        let (node_ip, ext_ip) = (
+            format!("10.78.{}.1", self.subnet),
+            format!("10.78.{}.2", self.subnet),
+        );
+        let (outside, pods) = (
+            format!("10.78.{}.0/24", self.subnet),
+            format!("10.77.{}.0/24", self.subnet),
+        );
+        sh("ip", &["netns", "add", &netns])?;
+        self.masquerade.push(vec![
+            "ip".into(),
+            "netns".into(),
+            "del".into(),
+            netns.clone(),
+        ]);
+        sh(
+            "ip",
+            &[
+                "link", "add", &node_if, "type", "veth", "peer", "name", &ext_if,
+            ],
+        )?;
+        self.masquerade.push(vec![
+            "ip".into(),
+            "link".into(),
+            "del".into(),
+            node_if.clone(),
+        ]);
+        sh("ip", &["link", "set", &ext_if, "netns", &netns])?;
+        sh(
+            "ip",
+            &["addr", "add", &format!("{node_ip}/24"), "dev", &node_if],
+        )?;
+        sh("ip", &["link", "set", &node_if, "up"])?;
+        for args in [
+            vec!["addr", "add", &format!("{ext_ip}/24"), "dev", &ext_if],
+            vec!["link", "set", &ext_if, "name", "eth0"],
+            vec!["link", "set", "eth0", "up"],
+            vec!["link", "set", "lo", "up"],
+            vec!["route", "add", &pods, "via", &node_ip],
+        ] {
+            let mut a = vec!["-n", netns.as_str()];
+            a.extend(args.iter().copied());
+            sh("ip", &a)?;
+        }
+        let forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+        self.masquerade.push(vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo {} > /proc/sys/net/ipv4/ip_forward", forward.trim()),
+        ]);
+        for rule in [
+            vec![
+                "-t",
+                "nat",
+                "POSTROUTING",
+                "-s",
+                &outside,
+                "-d",
+                &pods,
+                "-j",
+                "MASQUERADE",
+            ],
+            vec![
+                "-t", "filter", "FORWARD", "-s", &outside, "-d", &pods, "-j", "ACCEPT",
+            ],
+            vec![
+                "-t", "filter", "FORWARD", "-s", &pods, "-d", &outside, "-j", "ACCEPT",
+            ],
+        ] {
+            let (table, rest) = (rule[..2].to_vec(), &rule[2..]);
+            let mut add: Vec<&str> = table.clone();
+            add.push("-I");
+            add.extend_from_slice(rest);
+            sh("iptables", &add)?;
+            let mut del: Vec<String> = vec!["iptables".into()];
+            del.extend(table.iter().map(|s| s.to_string()));
+            del.push("-D".into());
+            del.extend(rest.iter().map(|s| s.to_string()));
+            self.masquerade.push(del);
+        }
+        let cgroup = self.cg_base.join(name);
+        std::fs::create_dir_all(&cgroup)?;
+        Ok(Host {
+            name: name.into(),
+            netns,
+            ip: ext_ip,
+            cgroup,
+            host_if: node_if,
+        })
+    }
+
+    /// A cgroup for the node's kubelet (an agent's `kubeletCgroup`): what runs in it is the
+    /// kubelet to the agent.
+    pub fn kubelet_cgroup(&self) -> PathBuf {
+        let cg = self.cg_base.join("kubelet.service");
+        std::fs::create_dir_all(&cg).expect("kubelet cgroup");
+        cg
     }
 
     /// The namespace holding the bridge and the host side of every host's veth.
@@ -324,6 +435,9 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", &h.netns]).output();
         }
         remove_cgroup_tree(&self.cg_base);
+        for undo in self.masquerade.iter().rev() {
+            let _ = Command::new(&undo[0]).args(&undo[1..]).output();
+        }
         if let Some(l) = &self.host_link {
             let _ = Command::new("ip").args(["link", "del", l]).output();
         }
@@ -593,6 +707,17 @@ fn fill_config(config: &str, admin: SocketAddr, bpffs: &Path) -> String {
                 bpffs.display()
             ),
         )
+}
+
+/// A command run on the node (the test process's namespace), in `cgroup` (e.g. the kubelet's).
+pub fn node_command(cgroup: &Path, program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    let procs = cgroup.join("cgroup.procs");
+    unsafe {
+        c.pre_exec(move || std::fs::write(&procs, "0"));
+    }
+    c
 }
 
 /// A minimal HTTP/1.0 GET for the admin port (test process namespace).

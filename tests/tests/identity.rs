@@ -389,3 +389,53 @@ fn a_pod_cannot_claim_another_pods_ipv6_address() {
     ip_in(&s.victim, &["-6", "neigh", "del", &trusted6, "dev", "eth0"]);
     assert_eq!(curl(&s.trusted, true, &["-g", &url("/x")]).unwrap().0, 200);
 }
+
+/// A root process in a protected pod binds the agent's listeners' ports in the pod with
+/// SO_REUSEPORT: it must not receive any of the connections handed over for a decision.
+#[test]
+fn a_pod_process_cannot_take_connections_meant_for_the_agent() {
+    if !require_root() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let mut net = Net::new().unwrap();
+    let victim = net.host("victim", 2).unwrap();
+    let client = net.host("client", 3).unwrap();
+    net.serve(&victim, "http", 8000).unwrap();
+    let deny_all = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: allow-nothing, namespace: foo}\n\
+        spec: {selector: {matchLabels: {app: victim}}}\n";
+    let cfg = format!(
+        "agent: {{admin: \"{{ADMIN}}\"}}\npods:\n{}{}policies: [policies]\n",
+        pod_yaml(&victim, "foo", "{app: victim}", "victim"),
+        pod_yaml(&client, "foo", "{app: client}", "client"),
+    );
+    let agent = Agent::start_with_files(&cfg, &[("policies/deny.yaml", deny_all)]).unwrap();
+    let url = format!("http://{}:8000/x", victim.ip);
+    assert_eq!(curl(&client, true, &[&url]).unwrap().0, 403);
+
+    let ports: Vec<String> = loopback_listeners(&victim)
+        .iter()
+        .map(u16::to_string)
+        .collect();
+    assert!(!ports.is_empty());
+    let mut args = vec!["steal", "6"];
+    args.extend(ports.iter().map(String::as_str));
+    let mut thief = Net::command(&victim, true, &testsrv(), &args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(thief.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("joined"), "{line}");
+    let mut served = vec![];
+    for _ in 0..30 {
+        served.push(curl(&client, true, &[&url]).map(|r| r.0).unwrap_or(0));
+    }
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let _ = thief.wait();
+    assert_eq!(line.trim(), "stolen 0", "{served:?}\n{}", agent.log_text());
+    assert!(served.iter().all(|c| *c == 403), "{served:?}");
+}

@@ -558,10 +558,13 @@ fn a_pod_whose_listener_cannot_open_is_refused_and_reported() {
     rbac_held(&api);
 }
 
-/// A mesh pod of this node is protected for a client outside every pod; kubelet's probes (from
-/// the node's own address) pass a deny-all policy, and nothing else from the node does.
+/// A mesh pod of this node is protected for a client outside every pod; the kubelet's probes
+/// pass a deny-all policy, recognised by the cgroup that opened them, never by address: the same
+/// requests from another process of the node, and from a client outside the node masqueraded to
+/// the node's address (a NodePort with `externalTrafficPolicy: Cluster`), are decided by the
+/// policy, HTTP and raw bytes alike, whatever the query string.
 #[test]
-fn probes_pass_a_deny_all_policy_and_nothing_else_from_the_node() {
+fn probes_pass_a_deny_all_policy_only_when_the_kubelet_makes_them() {
     if !require_root() {
         return;
     }
@@ -569,10 +572,13 @@ fn probes_pass_a_deny_all_policy_and_nothing_else_from_the_node() {
     let mut net = Net::new().unwrap();
     // The test's own namespace is the node: 10.77.<subnet>.254 on the pods' bridge.
     net.attach_host().unwrap();
+    let kubelet = net.kubelet_cgroup();
+    let outside = net.outside_masqueraded("ext").unwrap();
     let uid = "5c0ffee0-0000-4000-8000-00000000d001";
     let web = net.kube_pod("web", 3, uid).unwrap();
     let internet = net.host("internet", 9).unwrap();
     net.serve(&web, "http", 8000).unwrap();
+    net.serve(&web, "http", 8001).unwrap();
     net.serve(&web, "echo", 9000).unwrap();
     api.apply(fakeapi::namespace("foo", true));
     let mut pod = fakeapi::pod(
@@ -585,38 +591,69 @@ fn probes_pass_a_deny_all_policy_and_nothing_else_from_the_node() {
         "web",
     );
     pod["spec"]["containers"] = json!([{"name": "app", "image": "example/app:1",
-        "ports": [{"name": "http", "containerPort": 8000}],
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+        "ports": [{"name": "http", "containerPort": 8000}, {"name": "health", "containerPort": 8001}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "health"}},
+        "startupProbe": {"tcpSocket": {"port": 8000}},
         "livenessProbe": {"tcpSocket": {"port": 9000}}}]);
     api.apply(pod);
-    let cfg = kube_config(&net, "{ADMIN}", "");
+    let cfg = kube_config(
+        &net,
+        "{ADMIN}",
+        &format!(", kubeletCgroup: {}", kubelet.display()),
+    );
     let kubeconfig = api.kubeconfig();
     let agent = Agent::start_with_files(&cfg, &[("kubeconfig", kubeconfig.as_str())]).unwrap();
     eventually("web protected", &agent, || {
         agent.metric("authz_pods_enrolled") == 1.0
     });
-    let url = |p: &str| format!("http://{}:8000{p}", web.ip);
-    let from_node = |p: &str| -> u16 {
-        let out = sh(
-            "curl",
-            &[
-                "-sS",
-                "-m",
-                "10",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &url(p),
-            ],
-        )
-        .unwrap();
+    // The serving port (8000, with a tcpSocket startup probe) and the health port (8001).
+    let url = |p: &str| {
+        let port = if p.starts_with("/healthz") {
+            8001
+        } else {
+            8000
+        };
+        format!("http://{}:{port}{p}", web.ip)
+    };
+    let status = |mut c: Command| -> u16 {
+        let out = c.output().unwrap();
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
             .unwrap_or(0)
     };
+    let curl_args = |p: &str| -> Vec<String> {
+        [
+            "-sS",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url(p),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let from_kubelet = |p: &str| {
+        let a = curl_args(p);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        status(node_command(&kubelet, "curl", &a))
+    };
+    let from_node = |p: &str| {
+        let mut c = Command::new("curl");
+        c.args(curl_args(p));
+        status(c)
+    };
+    let from_outside = |p: &str| {
+        let a = curl_args(p);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        status(Net::command(&outside, false, "curl", &a))
+    };
     assert_eq!(curl(&internet, false, &[&url("/x")]).unwrap().0, 200);
+    assert_eq!(from_outside("/x"), 200, "the masqueraded path works");
 
     api.apply(fakeapi::istio(
         "AuthorizationPolicy",
@@ -627,9 +664,21 @@ fn probes_pass_a_deny_all_policy_and_nothing_else_from_the_node() {
     eventually("deny-all in force", &agent, || {
         curl(&internet, false, &[&url("/x")]).unwrap().0 == 403
     });
-    assert_eq!(from_node("/healthz"), 200, "{}", agent.log_text());
-    assert_eq!(from_node("/x"), 403, "only the probe passes from the node");
-    assert_eq!(from_node("/healthz/../x"), 403);
+    assert_eq!(from_kubelet("/healthz"), 200, "{}", agent.log_text());
+    assert_eq!(
+        from_kubelet("/healthz/x"),
+        403,
+        "only the probe passes for the kubelet"
+    );
+    assert_eq!(from_kubelet("/healthz/../x"), 403);
+    for p in ["/healthz", "/healthz?x=1", "/x", "/secret"] {
+        assert_eq!(from_node(p), 403, "{p} from another process of the node");
+        assert_eq!(
+            from_outside(p),
+            403,
+            "{p} masqueraded to the node's address"
+        );
+    }
     assert_eq!(
         curl(&internet, false, &[&url("/healthz")]).unwrap().0,
         403,
@@ -639,19 +688,27 @@ fn probes_pass_a_deny_all_policy_and_nothing_else_from_the_node() {
         .metrics()
         .contains_key("authz_requests_total{decision=\"allow\",reason=\"kubelet probe\"}"));
 
-    // The tcpSocket probe reaches the application itself from the node; from outside, the
-    // same port is captured and denied.
-    let echo_from = |cmd: Command| {
-        let mut c = cmd;
+    // The tcpSocket probe reaches the application itself from the kubelet; from anyone else,
+    // the same port is captured and denied at L4.
+    let echo = |mut c: Command| {
         let out = c.output().unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     };
+    let nc = format!("echo ping | nc -q 1 -w 3 {} 9000", web.ip);
     use std::process::Command;
+    assert_eq!(echo(node_command(&kubelet, "sh", &["-c", &nc])), "ping\n");
     let mut node = Command::new("sh");
-    node.args(["-c", &format!("echo ping | nc -q 1 -w 3 {} 9000", web.ip)]);
-    assert_eq!(echo_from(node), "ping\n");
-    let mut outside = Net::command(&internet, false, "sh", &["-c"]);
-    outside.arg(format!("echo ping | nc -q 1 -w 3 {} 9000", web.ip));
-    assert_eq!(echo_from(outside), "", "denied at L4 for anyone else");
+    node.args(["-c", &nc]);
+    assert_eq!(echo(node), "", "another process of the node: denied at L4");
+    assert_eq!(
+        echo(Net::command(&outside, false, "sh", &["-c", &nc])),
+        "",
+        "masqueraded: denied at L4"
+    );
+    assert_eq!(
+        echo(Net::command(&internet, false, "sh", &["-c", &nc])),
+        "",
+        "denied at L4 for anyone else"
+    );
     rbac_held(&api);
 }

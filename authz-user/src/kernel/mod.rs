@@ -3,7 +3,7 @@
 //! the programs keep applying the fail mode, and the next agent adopts the maps.
 use std::{
     fs::File,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -53,7 +53,7 @@ const PINNED_MAPS: [(&str, usize, usize); 14] = [
     ),
     (maps::HOP_COOKIES, 8, 1),
     (maps::HOP_PEERS, std::mem::size_of::<SockKey>(), 1),
-    (maps::NODE_IPS, 16, 1),
+    (maps::KUBELET_CONNS, std::mem::size_of::<SockKey>(), 8),
     (maps::SOURCE_PODS, 4, std::mem::size_of::<SourcePod>()),
     (maps::SOURCE_DROPS, 4, std::mem::size_of::<SourceDrops>()),
 ];
@@ -92,7 +92,7 @@ pub struct Kernel {
     inbound_pods: Mutex<HashMap<MapData, u64, InboundPod>>,
     inbound_listeners: Mutex<SockHash<MapData, ListenerKey>>,
     hop_cookies: Mutex<HashMap<MapData, u64, u8>>,
-    node_ips: Mutex<HashMap<MapData, [u32; 4], u8>>,
+    kubelet_conns: Mutex<HashMap<MapData, SockKey, u64>>,
     source_pods: Mutex<HashMap<MapData, u32, SourcePod>>,
     source_drops: Mutex<PerCpuHashMap<MapData, u32, SourceDrops>>,
     /// Host-side interfaces this agent binds: ifindex -> (its namespace's inode, the pod).
@@ -113,7 +113,11 @@ impl Kernel {
     /// Loads the programs, adopting the maps pinned under `bpffs` by a previous agent (or pinning
     /// new ones), attaches them to `cgroup_root` (default: the cgroup2 mount) and pins the links,
     /// replacing a previous agent's only after ours are attached.
-    pub fn load(cgroup_root: Option<&Path>, bpffs: &Path) -> Result<Kernel> {
+    pub fn load(
+        cgroup_root: Option<&Path>,
+        kubelet_cgroup: Option<&Path>,
+        bpffs: &Path,
+    ) -> Result<Kernel> {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         check_release(release.trim())?;
         raise_memlock();
@@ -172,6 +176,20 @@ impl Kernel {
             .attach(&cg, CgroupAttachMode::Single)
             .with_context(|| format!("attaching authz_sock_ops to {}", cgroup_root.display()))?;
         links.push(pin_link(prog.take_link(id)?, bpffs, "authz_sock_ops")?);
+        let prog: &mut SockOps = program(&mut ebpf, "authz_kubelet")?.try_into()?;
+        prog.load().context("loading authz_kubelet")?;
+        match kubelet_cgroup {
+            Some(path) => {
+                let kc = File::open(path)
+                    .with_context(|| format!("opening the kubelet's cgroup {}", path.display()))?;
+                let id = prog
+                    .attach(&kc, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching authz_kubelet to {}", path.display()))?;
+                links.push(pin_link(prog.take_link(id)?, bpffs, "authz_kubelet")?);
+            }
+            // No kubelet known: no connection passes as its probe.
+            None => pin::unpin_detach(&pin::link_path(bpffs, "authz_kubelet"))?,
+        }
         let prog: &mut SchedClassifier = program(&mut ebpf, source::PROGRAM)?.try_into()?;
         prog.load().context("loading authz_source")?;
 
@@ -185,7 +203,7 @@ impl Kernel {
             inbound_pods: Mutex::new(take(&mut ebpf, maps::INBOUND_PODS)?),
             inbound_listeners: Mutex::new(take(&mut ebpf, maps::INBOUND_LISTENERS)?),
             hop_cookies: Mutex::new(take(&mut ebpf, maps::HOP_COOKIES)?),
-            node_ips: Mutex::new(take(&mut ebpf, maps::NODE_IPS)?),
+            kubelet_conns: Mutex::new(take(&mut ebpf, maps::KUBELET_CONNS)?),
             source_pods: Mutex::new(take(&mut ebpf, maps::SOURCE_PODS)?),
             source_drops: Mutex::new(take(&mut ebpf, maps::SOURCE_DROPS)?),
             bound: Mutex::default(),
@@ -360,19 +378,20 @@ impl Kernel {
         pin::unpin_detach(&pin::link_path(&self.bpffs, &inbound_link_name(cookie)))
     }
 
-    /// Makes `NODE_IPS` exactly `ips` (the node's own addresses, where kubelet probes come from).
-    pub fn set_node_ips(&self, ips: &std::collections::HashSet<IpAddr>) -> Result<()> {
-        let mut map = self.node_ips.lock().unwrap();
-        let want: std::collections::HashSet<[u32; 4]> =
-            ips.iter().map(|ip| addr_key(*ip)).collect();
-        let have: Vec<[u32; 4]> = map.keys().flatten().collect();
-        for k in have.iter().filter(|k| !want.contains(*k)) {
-            let _ = map.remove(k);
-        }
-        for k in want.iter().filter(|k| !have.contains(k)) {
-            map.insert(*k, 1, 0).context("NODE_IPS insert")?;
-        }
-        Ok(())
+    /// Whether the connection from `peer` to `local` is one the kubelet itself opened (recorded
+    /// by `authz_kubelet` on its cgroup, moments ago).
+    pub fn opened_by_kubelet(&self, peer: SocketAddr, local: SocketAddr) -> bool {
+        let key = SockKey {
+            netns: 0,
+            local: addr_key(peer.ip()),
+            remote: addr_key(local.ip()),
+            local_port: u32::from(peer.port()),
+            remote_port: u32::from(local.port()),
+        };
+        let Ok(at) = self.kubelet_conns.lock().unwrap().get(&key, 0) else {
+            return false;
+        };
+        boottime_ns().saturating_sub(at) <= authz_common::KUBELET_CONN_MAX_AGE_NS
     }
 
     /// Marks the agent's socket `cookie` as the agent end of an inbound hop, before connect(),
@@ -563,6 +582,21 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
         bail!("cgroup {} is not a directory", path.display());
     }
     Ok(meta.ino())
+}
+
+/// The cgroup of the process named `kubelet` (the first found), under the cgroup2 mount.
+pub fn find_kubelet_cgroup() -> Option<PathBuf> {
+    let mount = cgroup2_mount().ok()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim() != "kubelet" {
+            return None;
+        }
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Some(mount.join(rel.trim_start_matches('/')))
+    })
 }
 
 /// Where cgroup2 is mounted: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid.

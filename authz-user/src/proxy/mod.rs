@@ -81,8 +81,8 @@ pub struct ConnCtx {
     /// Where the connection was going.
     pub dst: SocketAddr,
     pub direction: Direction,
-    /// kubelet probe paths this connection may request unchecked (it comes from a node address
-    /// to a probe port of the pod); empty for every other connection.
+    /// kubelet probe paths this connection may request unchecked (the kubelet opened it, to a
+    /// probe port of the pod); empty for every other connection.
     pub probe_paths: Vec<String>,
     /// Counts the connection open while anything (a request, a relay, an upgraded tunnel) still
     /// uses it.
@@ -113,13 +113,10 @@ impl PodListeners {
     /// IPv6 side is taken is given up for another.
     ///
     /// For a pod captured inbound, also binds its inbound listeners on 127.0.0.1 and [::1]
-    /// (sk_lookup hands them connections for any address): on `reuse_inbound(netns cookie)`'s
-    /// ports when a previous agent recorded them, else on ports the kernel picks.
-    pub fn open(
-        pod: Arc<Pod>,
-        reuse: Option<u16>,
-        reuse_inbound: impl FnOnce(u64) -> Option<(u16, u16)>,
-    ) -> anyhow::Result<PodListeners> {
+    /// (sk_lookup hands them connections for any address), on ports the kernel picks and
+    /// without SO_REUSEPORT: no process of the pod can join them and take a share of what they
+    /// are handed. A hot restart hands over by replacing the listener in the kernel's map.
+    pub fn open(pod: Arc<Pod>, reuse: Option<u16>) -> anyhow::Result<PodListeners> {
         use anyhow::Context;
         let name = format!("{}/{}", pod.workload.namespace, pod.workload.name);
         let netns = Arc::new(
@@ -178,18 +175,12 @@ impl PodListeners {
         }
         let mut inbound = vec![];
         if pod.inbound {
-            let (p4, p6) = reuse_inbound(netns_cookie).unwrap_or((0, 0));
-            let bind = |ip: IpAddr, p: u16| {
-                // The previous agent's port (hot restart: one reuseport group), else a new one.
-                netns
-                    .listen(SocketAddr::new(ip, p))
-                    .or_else(|_| netns.listen(SocketAddr::new(ip, 0)))
-            };
-            let l4 = bind(IpAddr::from([127, 0, 0, 1]), p4)
+            let bind = |ip: IpAddr| netns.listen_exclusive(SocketAddr::new(ip, 0));
+            let l4 = bind(IpAddr::from([127, 0, 0, 1]))
                 .with_context(|| format!("pod {name}: inbound listener on 127.0.0.1"))?;
             inbound.push((authz_common::AF_INET, TcpListener::from_std(l4)?));
             if has_v6 {
-                let l6 = bind(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), p6)
+                let l6 = bind(IpAddr::from(std::net::Ipv6Addr::LOCALHOST))
                     .with_context(|| format!("pod {name}: inbound listener on [::1]"))?;
                 inbound.push((authz_common::AF_INET6, TcpListener::from_std(l6)?));
             }
@@ -327,7 +318,9 @@ fn inbound(
     let open = OpenGuard::take_counted(px, pl)?;
     let src = crate::registry::normalize(peer.ip());
     let source = px.state().registry.source_at(src).cloned();
-    let probe_paths = probe_paths(&pl.pod, local.port(), src);
+    let probe_paths = probe_paths(&pl.pod, local.port(), || {
+        px.kernel.opened_by_kubelet(peer, local)
+    });
     Some(ConnCtx {
         destination: Some(pl.key.clone()),
         decided_at_destination: false,
@@ -348,9 +341,9 @@ fn inbound(
 /// The path gRPC health probes request.
 const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
-/// The HTTP and gRPC probe paths of `pod` on `port`, when `peer` is one of the node's own
-/// addresses (kubelet's); none otherwise.
-fn probe_paths(pod: &Pod, port: u16, peer: IpAddr) -> Vec<String> {
+/// The HTTP and gRPC probe paths of `pod` on `port`, when the kubelet itself opened the
+/// connection (`by_kubelet`, asked only when there are any); none otherwise.
+fn probe_paths(pod: &Pod, port: u16, by_kubelet: impl FnOnce() -> bool) -> Vec<String> {
     use crate::world::Probe;
     let paths: Vec<String> = pod
         .probes
@@ -363,7 +356,7 @@ fn probe_paths(pod: &Pod, port: u16, peer: IpAddr) -> Vec<String> {
             _ => None,
         })
         .collect();
-    if paths.is_empty() || !crate::netns::own_addresses().contains(&peer) {
+    if paths.is_empty() || !by_kubelet() {
         return vec![];
     }
     paths

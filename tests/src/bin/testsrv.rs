@@ -14,6 +14,9 @@
 //! `authz-testsrv forge-na IFACE FROM_V6 CLAIMED_V6 TO_V6 TO_MAC`: what a pod with CAP_NET_RAW
 //! can send, a raw ARP reply / unsolicited neighbour advertisement (override) claiming an
 //! address to one neighbour.
+//! `authz-testsrv steal SECONDS PORT...`: a root process in a pod joining whatever listeners on
+//! 127.0.0.1:PORT it can with SO_REUSEPORT; prints `joined N`, then after SECONDS `stolen K`:
+//! connections it accepted that were meant for another address (handed over by sk_lookup).
 //! Every HTTP reply is JSON: {client, method, path, version, headers, body_len, body_sha256};
 //! `GET /__count` answers how many requests the server has seen (not counting itself).
 use std::{
@@ -39,6 +42,9 @@ async fn main() -> anyhow::Result<()> {
     let mode = args.get(1).map(String::as_str).unwrap_or("http");
     if mode == "forge-arp" || mode == "forge-na" {
         return forge(mode, &args[2..]);
+    }
+    if mode == "steal" {
+        return steal(args[2].parse()?, &args[3..]).await;
     }
     let addr: SocketAddr = args
         .get(2)
@@ -472,5 +478,39 @@ fn forge(mode: &str, args: &[String]) -> anyhow::Result<()> {
     unsafe { libc::close(fd) };
     anyhow::ensure!(n > 0, "sendto: {}", std::io::Error::last_os_error());
     println!("sent {} bytes", frame.len());
+    Ok(())
+}
+
+async fn steal(seconds: u64, ports: &[String]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut joined = vec![];
+    for p in ports {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.set_reuseaddr(true)?;
+        sock.set_reuseport(true)?;
+        if sock.bind(format!("127.0.0.1:{p}").parse()?).is_ok() {
+            if let Ok(l) = sock.listen(128) {
+                joined.push(l);
+            }
+        }
+    }
+    println!("joined {}", joined.len());
+    std::io::stdout().flush()?;
+    let stolen = std::sync::Arc::new(AtomicU64::new(0));
+    for l in joined {
+        let stolen = stolen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                if s.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+                    stolen.fetch_add(1, Ordering::Relaxed);
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nstolen")
+                        .await;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    println!("stolen {}", stolen.load(Ordering::Relaxed));
     Ok(())
 }
