@@ -146,6 +146,10 @@ pub async fn build(source: agent::Source, cfg: Config) -> Result<App> {
     let state = in_force.swap(State::new(world, Arc::new(eng), None));
     let px = Arc::new(Proxy {
         max_connections,
+        clients: crate::limits::Clients::new(crate::limits::per_client(
+            cfg.agent.max_connections_per_pod,
+            max_connections,
+        )),
         policies_changed: tokio::sync::watch::channel(0).0,
         kernel: kernel.clone(),
         metrics: metrics.clone(),

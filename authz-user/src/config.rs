@@ -155,8 +155,10 @@ pub struct AgentSettings {
     /// On SIGTERM: how long open connections may finish before the agent exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Connections one pod may have open through the agent; more are closed at once, so one
-    /// noisy pod cannot starve the others on the node.
+    /// Connections one client may have open through the agent: a pod calling out, or one
+    /// source address calling a protected pod (connections still sending their request head
+    /// included); more are closed at once. Counted per client, never against the destination,
+    /// and at most three quarters of `maxConnections`, so no client starves another pod or the node.
     pub max_connections_per_pod: u64,
     /// Connections open through the agent at once, all pods together; more are closed at once.
     /// 0 (default) = as many as the descriptor limit allows, which the agent raises to its hard

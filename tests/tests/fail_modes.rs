@@ -96,8 +96,8 @@ fn fail_modes_adoption_and_cleanup() {
     through_agent(&a);
     assert_eq!(
         ours().len(),
-        5,
-        "connect4, connect6, sock_ops, sk_msg, the pod's sk_lookup: {:?}",
+        6,
+        "connect4, connect6, sock_ops, sk_msg, the source check, the pod's sk_lookup: {:?}",
         ours()
     );
     // Killed during a load run: from 1 s after the kill every attempt is refused, and no attempt
@@ -130,7 +130,7 @@ fn fail_modes_adoption_and_cleanup() {
         Attempt::Refused,
         "stays closed once the heartbeat is stale"
     );
-    assert_eq!(ours().len(), 5, "still loaded after SIGKILL: {:?}", ours());
+    assert_eq!(ours().len(), 6, "still loaded after SIGKILL: {:?}", ours());
     assert!(attached_to_root().contains("authz_connect4"));
 
     // A new agent adopts the pins: it serves, and the dead agent's programs are gone.
@@ -143,7 +143,7 @@ fn fail_modes_adoption_and_cleanup() {
     );
     assert_eq!(
         ours().len(),
-        5,
+        6,
         "the old programs were replaced, not added to (the pod's sk_lookup adopted): {:?}",
         ours()
     );

@@ -83,3 +83,59 @@ fn an_idle_tcp_relay_is_closed_after_tcp_idle_timeout() {
     assert!(!text.contains("late=late"), "idle relay closed: {text}");
     assert_eq!(agent.metric("authz_tcp_idle_timeouts_total"), 1.0);
 }
+
+/// One pod holds as many slow connections (request heads never finished) as it may, spread over
+/// two protected pods: the destinations' other clients and their own outbound calls keep
+/// succeeding, because connections count against the client that opened them.
+#[test]
+fn a_client_holding_slow_connections_starves_no_one() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Net::new().unwrap();
+    let victim = net.host("victim", 2).unwrap();
+    let victim2 = net.host("victim2", 3).unwrap();
+    let attacker = net.host("attacker", 4).unwrap();
+    let other = net.host("other", 5).unwrap();
+    let w = net.host("w", 6).unwrap();
+    for h in [&victim, &victim2, &w] {
+        net.serve(h, "http", 8000).unwrap();
+    }
+    let cfg = format!(
+        "agent: {{admin: \"{{ADMIN}}\", maxConnectionsPerPod: 16, maxConnections: 256, \
+         headerReadTimeout: 30s}}\npods:\n{}{}{}{}workloads:\n{}",
+        pod_yaml(&victim, "foo", "{app: victim}", "victim"),
+        pod_yaml(&victim2, "foo", "{app: victim2}", "victim2"),
+        pod_yaml(&attacker, "foo", "{app: attacker}", "attacker"),
+        pod_yaml(&other, "foo", "{app: other}", "other"),
+        workload_yaml(&w, "foo", "{app: w}", "w"),
+    );
+    let agent = Agent::start(&cfg).unwrap();
+    let targets = format!("{}:8000,{}:8000", victim.ip, victim2.ip);
+    let mut slow = Net::command(&attacker, true, &testsrv(), &["slow", &targets, "40", "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Until the attacker holds what it may.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while agent.metric("authz_connections_over_pod_limit_total") < 24.0 {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (mut inbound_ok, mut outbound_ok, n) = (0, 0, 40);
+    for i in 0..n {
+        let v = if i % 2 == 0 { &victim } else { &victim2 };
+        let (code, _) = curl(&other, true, &[&format!("http://{}:8000/get", v.ip)])
+            .unwrap_or((0, String::new()));
+        inbound_ok += usize::from(code == 200);
+        let (code, _) =
+            curl(v, true, &[&format!("http://{}:8000/get", w.ip)]).unwrap_or((0, String::new()));
+        outbound_ok += usize::from(code == 200);
+    }
+    let out = slow.wait_with_output().unwrap();
+    let held = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(held, "held 16", "the attacker keeps exactly its share");
+    // 99% of 40 is all of them.
+    assert_eq!(inbound_ok, n, "other clients of the destinations");
+    assert_eq!(outbound_ok, n, "the destinations' own outbound calls");
+}

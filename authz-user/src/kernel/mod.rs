@@ -176,10 +176,10 @@ impl Kernel {
             .attach(&cg, CgroupAttachMode::Single)
             .with_context(|| format!("attaching authz_sock_ops to {}", cgroup_root.display()))?;
         links.push(pin_link(prog.take_link(id)?, bpffs, "authz_sock_ops")?);
-        let prog: &mut SockOps = program(&mut ebpf, "authz_kubelet")?.try_into()?;
-        prog.load().context("loading authz_kubelet")?;
         match kubelet_cgroup {
             Some(path) => {
+                let prog: &mut SockOps = program(&mut ebpf, "authz_kubelet")?.try_into()?;
+                prog.load().context("loading authz_kubelet")?;
                 let kc = File::open(path)
                     .with_context(|| format!("opening the kubelet's cgroup {}", path.display()))?;
                 let id = prog

@@ -4,10 +4,7 @@
 //! (HTTP) or relay (TCP).
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
-    },
+    sync::{atomic::Ordering::Relaxed, Arc},
     time::Duration,
 };
 
@@ -45,6 +42,8 @@ pub struct Proxy {
     pub drain: crate::drain::Watch,
     /// Connections open through the agent at once, all pods together (see `limits`).
     pub max_connections: u64,
+    /// Connections open per client (see `limits`).
+    pub clients: crate::limits::Clients,
     /// Bumped when new policies are in force: open TCP relays decide again.
     pub policies_changed: tokio::sync::watch::Sender<u64>,
 }
@@ -102,8 +101,6 @@ pub struct PodListeners {
     /// Listeners sk_lookup hands the pod's inbound connections to (IPv4, then IPv6 if the pod
     /// has it), with their address family; empty for a pod not captured inbound.
     pub inbound: Vec<(u16, TcpListener)>,
-    /// Connections of this pod open through the agent (for maxConnectionsPerPod).
-    pub open: AtomicU64,
 }
 
 impl PodListeners {
@@ -193,7 +190,6 @@ impl PodListeners {
             port,
             listeners,
             inbound,
-            open: AtomicU64::new(0),
         })
     }
 }
@@ -266,7 +262,7 @@ fn outbound(
         return None;
     };
     px.metrics.connections_redirected.fetch_add(1, Relaxed);
-    let open = OpenGuard::take_counted(px, pl)?;
+    let open = OpenGuard::take_counted(px, crate::limits::Client::Pod(pl.key.clone()))?;
     let state = px.state();
     let registry = &state.registry;
     let Some((dst, destination)) =
@@ -315,8 +311,10 @@ fn inbound(
         return None;
     }
     px.metrics.connections_inbound.fetch_add(1, Relaxed);
-    let open = OpenGuard::take_counted(px, pl)?;
     let src = crate::registry::normalize(peer.ip());
+    // Counted against whoever is calling, not against the pod: a client holding all it may
+    // takes nothing from the pod's other clients or its own outbound calls.
+    let open = OpenGuard::take_counted(px, crate::limits::Client::Addr(src))?;
     let source = px.state().registry.source_at(src).cloned();
     let probe_paths = probe_paths(&pl.pod, local.port(), || {
         px.kernel.opened_by_kubelet(peer, local)
@@ -415,26 +413,27 @@ impl Drop for Starting {
 
 /// Which limit refused a connection.
 enum Limit {
-    Pod,
+    /// The client had `maxConnectionsPerPod` open.
+    Client,
     Agent,
     /// The agent has drained.
     Drained,
 }
 
-/// One open connection, counted for the agent and its pod while it lives; the drain waits for
-/// it.
+/// One open connection, counted for the agent and its client while it lives; the drain waits
+/// for it.
 pub struct OpenGuard {
-    metrics: Arc<Metrics>,
-    pl: Arc<PodListeners>,
+    px: Arc<Proxy>,
+    client: crate::limits::Client,
     _blocker: crate::drain::Blocker,
 }
 
 impl OpenGuard {
     /// `take`, counting a refusal.
-    fn take_counted(px: &Proxy, pl: &Arc<PodListeners>) -> Option<Self> {
-        match OpenGuard::take(px, pl) {
+    fn take_counted(px: &Arc<Proxy>, client: crate::limits::Client) -> Option<Self> {
+        match OpenGuard::take(px, client) {
             Ok(g) => Some(g),
-            Err(Limit::Pod) => {
+            Err(Limit::Client) => {
                 px.metrics.connections_over_pod_limit.fetch_add(1, Relaxed);
                 None
             }
@@ -448,22 +447,21 @@ impl OpenGuard {
         }
     }
 
-    fn take(px: &Proxy, pl: &Arc<PodListeners>) -> Result<Self, Limit> {
+    fn take(px: &Arc<Proxy>, client: crate::limits::Client) -> Result<Self, Limit> {
         let blocker = px.drain.block().ok_or(Limit::Drained)?;
-        if pl.open.fetch_add(1, Relaxed) >= px.settings.max_connections_per_pod {
-            pl.open.fetch_sub(1, Relaxed);
-            return Err(Limit::Pod);
+        if !px.clients.take(&client) {
+            return Err(Limit::Client);
         }
         // The agent-wide cap sits below the descriptor limit, so the agent refuses a connection
         // before accept() fails for every pod and the admin port.
         if px.metrics.connections_active.fetch_add(1, Relaxed) >= px.max_connections {
             px.metrics.connections_active.fetch_sub(1, Relaxed);
-            pl.open.fetch_sub(1, Relaxed);
+            px.clients.release(&client);
             return Err(Limit::Agent);
         }
         Ok(OpenGuard {
-            metrics: px.metrics.clone(),
-            pl: pl.clone(),
+            px: px.clone(),
+            client,
             _blocker: blocker,
         })
     }
@@ -471,8 +469,8 @@ impl OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.pl.open.fetch_sub(1, Relaxed);
-        self.metrics.connections_active.fetch_sub(1, Relaxed);
+        self.px.clients.release(&self.client);
+        self.px.metrics.connections_active.fetch_sub(1, Relaxed);
     }
 }
 

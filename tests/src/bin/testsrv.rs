@@ -17,6 +17,9 @@
 //! `authz-testsrv steal SECONDS PORT...`: a root process in a pod joining whatever listeners on
 //! 127.0.0.1:PORT it can with SO_REUSEPORT; prints `joined N`, then after SECONDS `stolen K`:
 //! connections it accepted that were meant for another address (handed over by sk_lookup).
+//! `authz-testsrv slow ADDR[,ADDR...] N SECONDS`: opens N connections spread over the addresses,
+//! each sending a request head it never finishes, holds them SECONDS, then prints `held K`: how
+//! many the other side had not closed.
 //! Every HTTP reply is JSON: {client, method, path, version, headers, body_len, body_sha256};
 //! `GET /__count` answers how many requests the server has seen (not counting itself).
 use std::{
@@ -42,6 +45,9 @@ async fn main() -> anyhow::Result<()> {
     let mode = args.get(1).map(String::as_str).unwrap_or("http");
     if mode == "forge-arp" || mode == "forge-na" {
         return forge(mode, &args[2..]);
+    }
+    if mode == "slow" {
+        return slow(&args[2], args[3].parse()?, args[4].parse()?).await;
     }
     if mode == "steal" {
         return steal(args[2].parse()?, &args[3..]).await;
@@ -512,5 +518,33 @@ async fn steal(seconds: u64, ports: &[String]) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     println!("stolen {}", stolen.load(Ordering::Relaxed));
+    Ok(())
+}
+
+async fn slow(addrs: &str, n: usize, seconds: u64) -> anyhow::Result<()> {
+    let addrs: Vec<SocketAddr> = addrs.split(',').map(str::parse).collect::<Result<_, _>>()?;
+    let closed = std::sync::Arc::new(AtomicU64::new(0));
+    let mut opened = 0u64;
+    let mut held = vec![];
+    for i in 0..n {
+        let Ok(mut s) = tokio::net::TcpStream::connect(addrs[i % addrs.len()]).await else {
+            continue;
+        };
+        opened += 1;
+        let _ = s.write_all(b"GET /slow HTTP/1.1\r\nX: ").await;
+        let closed = closed.clone();
+        held.push(tokio::spawn(async move {
+            let mut b = [0u8; 512];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            closed.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    println!("held {}", opened - closed.load(Ordering::Relaxed));
     Ok(())
 }
