@@ -112,7 +112,7 @@ fn a_client_holding_slow_connections_starves_no_one() {
     );
     let agent = Agent::start(&cfg).unwrap();
     let targets = format!("{}:8000,{}:8000", victim.ip, victim2.ip);
-    let mut slow = Net::command(&attacker, true, &testsrv(), &["slow", &targets, "40", "8"])
+    let slow = Net::command(&attacker, true, &testsrv(), &["slow", &targets, "40", "8"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
