@@ -73,7 +73,7 @@ fn check(ctx: &TcContext, pod: &SourcePod) -> Result<(), Forged> {
     let proto = u16::from_be(unsafe { read_volatile(&(*ctx.skb.skb).protocol) } as u16);
     match proto {
         ETH_P_IP => {
-            let src: u32 = ctx.load(ETH_HLEN + 12).map_err(|_| Forged::Other)?;
+            let src: u32 = load(ctx, ETH_HLEN + 12).ok_or(Forged::Other)?;
             if owns(pod, &v4_mapped(src)) {
                 Ok(())
             } else {
@@ -89,12 +89,12 @@ fn check(ctx: &TcContext, pod: &SourcePod) -> Result<(), Forged> {
 /// ARP for IPv4 over Ethernet only; the sender address is the pod's, or 0.0.0.0 (a probe).
 #[inline(always)]
 fn arp(ctx: &TcContext, pod: &SourcePod) -> Result<(), Forged> {
-    let ptype: u16 = ctx.load(ETH_HLEN + 2).map_err(|_| Forged::Arp)?;
-    let plen: u8 = ctx.load(ETH_HLEN + 5).map_err(|_| Forged::Arp)?;
+    let ptype: u16 = load(ctx, ETH_HLEN + 2).ok_or(Forged::Arp)?;
+    let plen: u8 = load(ctx, ETH_HLEN + 5).ok_or(Forged::Arp)?;
     if u16::from_be(ptype) != ETH_P_IP || plen != 4 {
         return Err(Forged::Arp);
     }
-    let spa: u32 = ctx.load(ETH_HLEN + 14).map_err(|_| Forged::Arp)?;
+    let spa: u32 = load(ctx, ETH_HLEN + 14).ok_or(Forged::Arp)?;
     if spa == 0 || owns(pod, &v4_mapped(spa)) {
         Ok(())
     } else {
@@ -111,14 +111,14 @@ fn ipv6(ctx: &TcContext, pod: &SourcePod) -> Result<(), Forged> {
     if !unspecified && !owns(pod, &src) {
         return Err(Forged::Ipv6);
     }
-    let mut next: u8 = ctx.load(ETH_HLEN + 6).map_err(|_| Forged::Ipv6)?;
+    let mut next: u8 = load(ctx, ETH_HLEN + 6).ok_or(Forged::Ipv6)?;
     let mut off = ETH_HLEN + IPV6_HLEN;
     let mut i = 0;
     while i < MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let len: u8 = ctx.load(off + 1).map_err(|_| Forged::Ipv6)?;
-                next = ctx.load(off).map_err(|_| Forged::Ipv6)?;
+                let len: u8 = load_var(ctx, off + 1).ok_or(Forged::Ipv6)?;
+                next = load_var(ctx, off).ok_or(Forged::Ipv6)?;
                 off += (usize::from(len) + 1) * 8;
             }
             // Neighbour discovery is never fragmented (the kernel drops fragmented ND), so
@@ -146,13 +146,13 @@ fn ipv6(ctx: &TcContext, pod: &SourcePod) -> Result<(), Forged> {
 
 #[inline(always)]
 fn icmpv6(ctx: &TcContext, pod: &SourcePod, off: usize, unspecified: bool) -> Result<(), Forged> {
-    let kind: u8 = ctx.load(off).map_err(|_| Forged::Nd)?;
+    let kind: u8 = load_var(ctx, off).ok_or(Forged::Nd)?;
     match kind {
         ND_ROUTER_ADVERT | ND_REDIRECT => Err(Forged::Nd),
         // An advertisement claims its target; a solicitation from `::` probes its target for
         // the sender's own use.
         ND_NEIGHBOR_ADVERT | ND_NEIGHBOR_SOLICIT if kind == ND_NEIGHBOR_ADVERT || unspecified => {
-            let target = load_addr(ctx, off + 8).ok_or(Forged::Nd)?;
+            let target = load_addr_var(ctx, off + 8).ok_or(Forged::Nd)?;
             if owns(pod, &target) {
                 Ok(())
             } else {
@@ -166,10 +166,39 @@ fn icmpv6(ctx: &TcContext, pod: &SourcePod, off: usize, unspecified: bool) -> Re
 #[inline(always)]
 fn load_addr(ctx: &TcContext, off: usize) -> Option<Addr> {
     Some([
-        ctx.load(off).ok()?,
-        ctx.load(off + 4).ok()?,
-        ctx.load(off + 8).ok()?,
-        ctx.load(off + 12).ok()?,
+        load(ctx, off)?,
+        load(ctx, off + 4)?,
+        load(ctx, off + 8)?,
+        load(ctx, off + 12)?,
+    ])
+}
+
+/// `T` at a constant `off` from the Ethernet header: read in place when it lies in the packet's
+/// linear part (the common case, and much cheaper), else copied out by the kernel.
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + core::mem::size_of::<T>() <= end {
+        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    } else {
+        ctx.load::<T>(off).ok()
+    }
+}
+
+/// `T` at an offset known only at run time (past extension headers): copied out by the kernel,
+/// which the verifier can follow where direct reads at a computed offset would lose it.
+#[inline(always)]
+fn load_var<T>(ctx: &TcContext, off: usize) -> Option<T> {
+    ctx.load::<T>(off).ok()
+}
+
+#[inline(always)]
+fn load_addr_var(ctx: &TcContext, off: usize) -> Option<Addr> {
+    Some([
+        load_var(ctx, off)?,
+        load_var(ctx, off + 4)?,
+        load_var(ctx, off + 8)?,
+        load_var(ctx, off + 12)?,
     ])
 }
 

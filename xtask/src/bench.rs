@@ -97,6 +97,16 @@ pub fn run_bench(env: &BuildEnv, extra: &[String]) -> Result<()> {
         "authz-bench",
     ]);
     run(c)?;
+    let mut c = cargo(env);
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "authz-user",
+        "--example",
+        "source_check_cost",
+    ]);
+    run(c)?;
     let date = crate::today_utc();
     let out = root().join("tests/bench-results").join(&date);
     let mut c = Command::new(root().join("target/release/authz-bench"));
@@ -109,5 +119,17 @@ pub fn run_bench(env: &BuildEnv, extra: &[String]) -> Result<()> {
         .env("AUTHZ_BENCH_HAPROXY", which("haproxy")?)
         .env("AUTHZ_BENCH_NGINX", which("nginx")?)
         .env("AUTHZ_BENCH_ENVOY", envoy);
-    run(c)
+    run(c)?;
+    // What the source check costs per packet, by the kernel's own clock.
+    let cost = Command::new(root().join("target/release/examples/source_check_cost")).output()?;
+    if !cost.status.success() {
+        bail!(
+            "source_check_cost: {}",
+            String::from_utf8_lossy(&cost.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&cost.stdout);
+    print!("{text}");
+    std::fs::write(out.join("source-check.txt"), text.as_bytes())?;
+    Ok(())
 }

@@ -27,8 +27,9 @@ use aya::{
 use crate::config::FailMode;
 
 mod addr;
+pub mod frames;
 pub mod pin;
-mod source;
+pub mod source;
 pub use addr::{addr_key, key_addr};
 
 /// The maps pinned under `<bpffs>/maps`, with the key and value sizes this build expects of
@@ -58,7 +59,7 @@ const PINNED_MAPS: [(&str, usize, usize); 14] = [
     (maps::SOURCE_DROPS, 4, std::mem::size_of::<SourceDrops>()),
 ];
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/authz"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/authz"));
 /// The sk_lookup program alone, loaded once per protected pod (see `protect`).
 static INBOUND_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/authz-inbound"));
@@ -300,7 +301,7 @@ impl Kernel {
 
     /// Protects the pod whose netns is `netns` (cookie `cookie`): records how its inbound
     /// connections are captured, then attaches a copy of the sk_lookup program that knows the
-    /// cookie, replacing a previous agent's. Until `inbound_listen` gives it a listener, the
+    /// cookie, replacing a previous agent's (attached first, then the old one detached). Until `inbound_listen` gives it a listener, the
     /// pod's inbound TCP connections are refused.
     pub fn protect(&self, cookie: u64, netns: &File, pod: InboundPod) -> Result<()> {
         self.inbound_pods
@@ -309,11 +310,9 @@ impl Kernel {
             .insert(cookie, pod, 0)
             .context("INBOUND_PODS insert")?;
         let path = pin::link_path(&self.bpffs, &inbound_link_name(cookie));
-        if path.exists() {
-            // Already attached (by us, or by the agent whose maps we adopted): the program
-            // reads the entry just written.
-            return Ok(());
-        }
+        // Attached even when a previous agent's copy is (its link pinned at `path`): ours goes
+        // in beside it and the old one is detached after, so the pod is never uncaptured and no
+        // program of an older version stays.
         let maps_dir = pin::maps_dir(&self.bpffs);
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS.iter().map(|m| m.0).chain([maps::COUNTERS]) {
@@ -331,11 +330,6 @@ impl Kernel {
         // Pinned, the link keeps the program attached without this process.
         pin::pin_replacing(FdLink::from(prog.take_link(id)?), &path)?;
         Ok(())
-    }
-
-    /// The capture settings recorded for a pod's netns (by this agent or a previous one).
-    pub fn protected(&self, cookie: u64) -> Option<InboundPod> {
-        self.inbound_pods.lock().unwrap().get(&cookie, 0).ok()
     }
 
     /// Netns cookies of every protected pod, including a previous agent's.
@@ -619,7 +613,7 @@ fn boottime_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
-fn raise_memlock() {
+pub(crate) fn raise_memlock() {
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
     let rl = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

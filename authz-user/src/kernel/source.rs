@@ -281,3 +281,61 @@ pub fn cleanup_filters(maps_dir: &std::path::Path) -> Result<usize> {
     }
     Ok(removed)
 }
+
+/// The source check run by the kernel on packets given here, on no interface
+/// (`BPF_PROG_TEST_RUN`, which hands them in as if received on the loopback device): the
+/// program's verdicts for tests, and its cost per packet for the benchmark. Private maps, nothing
+/// attached. Needs root.
+pub struct Harness {
+    ebpf: aya::Ebpf,
+}
+
+impl Harness {
+    /// The program with one pod on the loopback device owning `addrs`.
+    pub fn new(addrs: &[IpAddr]) -> Result<Harness> {
+        super::raise_memlock();
+        let mut ebpf = aya::EbpfLoader::new()
+            .load(super::OBJECT)
+            .context("loading the eBPF object")?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM)
+            .context("authz_source missing")?
+            .try_into()?;
+        prog.load()?;
+        let mut pods: aya::maps::HashMap<_, u32, SourcePod> = aya::maps::HashMap::try_from(
+            ebpf.map_mut(authz_common::maps::SOURCE_PODS)
+                .context("SOURCE_PODS missing")?,
+        )?;
+        let mut entry = SourcePod {
+            count: addrs.len() as u32,
+            pod_id: 1,
+            ..Default::default()
+        };
+        for (slot, a) in entry.addrs.iter_mut().zip(addrs) {
+            *slot = addr_key(*a);
+        }
+        pods.insert(LOOPBACK_IFINDEX, entry, 0)?;
+        Ok(Harness { ebpf })
+    }
+
+    /// Whether the check lets `frame` (Ethernet and up) through, and the kernel's mean time
+    /// per run over `repeat` runs.
+    pub fn run(&self, frame: &[u8], repeat: u32) -> Result<(bool, std::time::Duration)> {
+        use aya::programs::TestRun;
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM)
+            .context("authz_source missing")?
+            .try_into()?;
+        let r = prog.test_run(aya::programs::TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        })?;
+        // TC_ACT_SHOT (2) drops; anything else goes on.
+        Ok((r.return_value != 2, r.duration))
+    }
+}
+
+/// The loopback device, which `BPF_PROG_TEST_RUN` hands packets in on.
+const LOOPBACK_IFINDEX: u32 = 1;

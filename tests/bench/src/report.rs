@@ -223,6 +223,12 @@ impl Report {
             self.rps("agent-inbound"),
             self.rps("direct"),
         );
+        // The source check on the pods' interfaces: with it / without it.
+        ratio(
+            "throughput agent-inbound / agent-inbound-nocheck".into(),
+            self.rps("agent-inbound"),
+            self.rps("agent-inbound-nocheck"),
+        );
         let find = |what: &str| ratios.iter().find(|r| r.what == what).map(|r| r.value);
         check(
             "Inbound CPU per request: agent / HAProxy",

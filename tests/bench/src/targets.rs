@@ -28,8 +28,11 @@ pub enum Kind {
     Envoy {
         cache: bool,
     },
-    /// The backend is a protected pod; the client is outside every pod.
-    AgentInbound,
+    /// The backend is a protected pod; the client is outside every pod. `source_check`: the
+    /// node checks the pods' source addresses (the default); off for the cost of that check.
+    AgentInbound {
+        source_check: bool,
+    },
     /// HAProxy in the backend's netns, on its address.
     HaproxyInbound,
     /// Envoy in the backend's netns, on its address, as Istio's sidecar takes inbound traffic.
@@ -104,9 +107,16 @@ pub fn all() -> Vec<Target> {
         },
         Target {
             name: "agent-inbound",
-            kind: AgentInbound,
+            kind: AgentInbound { source_check: true },
             about:
                 "this agent at the destination: client outside every pod -> backend pod (sk_lookup)",
+        },
+        Target {
+            name: "agent-inbound-nocheck",
+            kind: AgentInbound {
+                source_check: false,
+            },
+            about: "agent-inbound without the source check on the pods' interfaces (its cost)",
         },
         Target {
             name: "haproxy-inbound",
@@ -319,7 +329,7 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 _proc: None,
             })
         }
-        Kind::AgentInbound => {
+        Kind::AgentInbound { source_check } => {
             // The backend pod and the idle pods are protected; the client is no pod.
             let mut pods = pod_yaml(
                 server,
@@ -336,7 +346,8 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 ));
             }
             let cfg = format!(
-                "agent: {{admin: \"{{ADMIN}}\", workerThreads: 1}}\npods:\n{pods}policies: [policies]\n"
+                "agent: {{admin: \"{{ADMIN}}\", workerThreads: 1, sourceCheck: {}}}\npods:\n{pods}policies: [policies]\n",
+                if source_check { "enforce" } else { "off" }
             );
             let files = policies(0)?;
             let refs: Vec<(&str, &str)> = files
