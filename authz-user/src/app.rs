@@ -134,7 +134,9 @@ pub async fn build(source: agent::Source, cfg: Config) -> Result<App> {
     tracing::info!(
         cgroup = %kernel.cgroup_root.display(),
         bpffs = %cfg.agent.bpffs.display(),
+        layout = crate::kernel::layout(),
         adopted = kernel.adopted,
+        taking_over = kernel.taking_over(),
         "eBPF programs attached"
     );
     kernel.spawn_log_pump();
@@ -168,6 +170,11 @@ pub async fn build(source: agent::Source, cfg: Config) -> Result<App> {
     source.applied(&mut applied);
     release_freed_memory();
     let heartbeat = Heartbeat::start(kernel.clone(), cfg.agent.fail_mode);
+    // An upgrade or a rollback: our programs now beside the other layout's, every pod enrolled
+    // in our maps; the old ones go, so every connection met either theirs or ours.
+    if kernel.taking_over() {
+        kernel.retire_previous();
+    }
     admin.ready.set_ready();
     tracing::info!(pods = applied.pods.len(), workloads = applied.enforced.len(), admin = %cfg.agent.admin, "agent ready");
     Ok(App {

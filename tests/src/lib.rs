@@ -550,6 +550,18 @@ impl Agent {
         bpffs: &Path,
         admin: SocketAddr,
     ) -> Result<Agent> {
+        Agent::spawn_with_env(config, files, bpffs, admin, &[])
+    }
+
+    /// As `spawn_at`, with extra environment (e.g. `AUTHZ_TEST_LAYOUT`, an agent of another
+    /// layout version).
+    pub fn spawn_with_env(
+        config: &str,
+        files: &[(&str, &str)],
+        bpffs: &Path,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
         let dir = std::env::temp_dir().join(format!(
             "authz-agent-{}-{}",
             std::process::id(),
@@ -573,6 +585,7 @@ impl Agent {
                 "AUTHZ_LOG",
                 std::env::var("AUTHZ_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;

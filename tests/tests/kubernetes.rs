@@ -401,6 +401,18 @@ fn waits_alive_for_an_api_server_that_is_not_there_yet() {
 /// holds throughout.
 #[test]
 fn rolling_update_hands_over_without_a_failed_request() {
+    rolling_update(None);
+}
+
+/// The same across a layout change (an upgrade whose pinned maps differ): the new agent takes the
+/// old one's state over beside it instead of adopting it, and no request fails either.
+#[test]
+fn rolling_update_across_a_layout_change_hands_over_without_a_failed_request() {
+    rolling_update(Some("1"));
+}
+
+/// A rolling update on one node; `old_layout`: the old agent pins as that layout version.
+fn rolling_update(old_layout: Option<&str>) {
     if !require_root() {
         return;
     }
@@ -440,7 +452,12 @@ fn rolling_update_hands_over_without_a_failed_request() {
     let cfg = kube_config(&net, "{ADMIN}", ", drainTimeout: 2s");
     let kubeconfig = api.kubeconfig();
     let files = [("kubeconfig", kubeconfig.as_str())];
-    let mut old = Agent::spawn(&cfg, &files, &fresh_bpffs()).unwrap();
+    let env: Vec<(&str, &str)> = old_layout
+        .map(|v| ("AUTHZ_TEST_LAYOUT", v))
+        .into_iter()
+        .collect();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut old = Agent::spawn_with_env(&cfg, &files, &fresh_bpffs(), admin, &env).unwrap();
     old.wait_ready().unwrap();
     old.cleanup_on_drop = false;
     let denied = format!("http://{}:8000/get", httpbin.ip);
@@ -476,6 +493,17 @@ fn rolling_update_hands_over_without_a_failed_request() {
         new.log_text()
     );
     assert!(new.metric("authz_connections_inbound_total") > 0.0);
+    if let Some(v) = old_layout {
+        assert!(
+            new.log_text().contains("took over from another layout"),
+            "{}",
+            new.log_text()
+        );
+        assert!(
+            !old.bpffs.join(format!("v{v}")).exists(),
+            "the old layout's state is gone"
+        );
+    }
 }
 
 /// A pod located on this node whose listener cannot open (here: its loopback has no 127.0.0.1, so

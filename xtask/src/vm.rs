@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// The tests that prove the kernel path: steering, the FAQ, fail modes, hot restart, several
-/// nodes, identity (the source check).
+/// nodes, identity (the source check), upgrades across layouts.
 pub const LANE: &[&str] = &[
     "kernel_path",
     "faq",
@@ -25,6 +25,7 @@ pub const LANE: &[&str] = &[
     "hot_restart",
     "cluster",
     "identity",
+    "upgrade",
 ];
 const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Debian 12's kernel series, and the one its backports (and Debian 13) ship.

@@ -32,8 +32,23 @@ pub mod pin;
 pub mod source;
 pub use addr::{addr_key, key_addr};
 
-/// The maps pinned under `<bpffs>/maps`, with the key and value sizes this build expects of
-/// them: an adopted map of another layout is refused rather than misread.
+/// The layout of the pinned state (maps, their key and value sizes, what the programs mean by
+/// them). Bump it with any change to `PINNED_MAPS` or to what a pinned map's entries mean; the
+/// `layout_fingerprint` test fails until it is. Agents adopt only their own layout's state and
+/// take over any other's (`Kernel::retire_previous`).
+pub const LAYOUT: u32 = 2;
+
+/// The layout this agent pins under: `LAYOUT`, unless a test asks for another
+/// (`AUTHZ_TEST_LAYOUT`, so an upgrade or rollback between layouts can be shown with one build).
+pub fn layout() -> u32 {
+    std::env::var("AUTHZ_TEST_LAYOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LAYOUT)
+}
+
+/// The maps pinned under `<bpffs>/v<layout>/maps`, with the key and value sizes this build
+/// expects of them: a map of the wrong layout there is refused rather than misread.
 const PINNED_MAPS: [(&str, usize, usize); 14] = [
     (maps::ENROLLED_PODS, 8, std::mem::size_of::<PodInfo>()),
     (maps::ENFORCED_IPS, 16, 1),
@@ -98,7 +113,10 @@ pub struct Kernel {
     source_drops: Mutex<PerCpuHashMap<MapData, u32, SourceDrops>>,
     /// Host-side interfaces this agent binds: ifindex -> (its namespace's inode, the pod).
     bound: Mutex<std::collections::HashMap<u32, (u64, std::sync::Arc<str>)>>,
-    bpffs: PathBuf,
+    /// This layout's pin directory, `<bpffs>/v<layout>`.
+    pins: PathBuf,
+    /// Other layouts' state found at start, retired once ours is in place.
+    previous: Mutex<Vec<PathBuf>>,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     // Pinned: dropping these closes our fds only; the attachments stay.
     _links: Vec<PinnedLink>,
@@ -126,8 +144,10 @@ impl Kernel {
             Some(p) => p.to_path_buf(),
             None => cgroup2_mount()?,
         };
-        pin::prepare(bpffs)?;
-        let maps_dir = pin::maps_dir(bpffs);
+        let pins = pin::layout_dir(bpffs, layout());
+        pin::prepare(&pins)?;
+        let previous = pin::other_layouts(bpffs, &pins);
+        let maps_dir = pin::maps_dir(&pins);
         let adopted = maps_dir.join(maps::ENROLLED_PODS).exists();
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS.iter().map(|m| m.0).chain([maps::COUNTERS]) {
@@ -135,7 +155,7 @@ impl Kernel {
         }
         let mut ebpf = loader.load(OBJECT).with_context(|| {
             format!(
-                "loading the eBPF object (maps pinned under {}; if another version left them, run `authz-agent cleanup`)",
+                "loading the eBPF object (maps pinned under {})",
                 maps_dir.display()
             )
         })?;
@@ -169,14 +189,14 @@ impl Kernel {
             let id = prog
                 .attach(&cg, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup_root.display()))?;
-            links.push(pin_link(prog.take_link(id)?, bpffs, name)?);
+            links.push(pin_link(prog.take_link(id)?, &pins, name)?);
         }
         let prog: &mut SockOps = program(&mut ebpf, "authz_sock_ops")?.try_into()?;
         prog.load().context("loading authz_sock_ops")?;
         let id = prog
             .attach(&cg, CgroupAttachMode::Single)
             .with_context(|| format!("attaching authz_sock_ops to {}", cgroup_root.display()))?;
-        links.push(pin_link(prog.take_link(id)?, bpffs, "authz_sock_ops")?);
+        links.push(pin_link(prog.take_link(id)?, &pins, "authz_sock_ops")?);
         match kubelet_cgroup {
             Some(path) => {
                 let prog: &mut SockOps = program(&mut ebpf, "authz_kubelet")?.try_into()?;
@@ -186,10 +206,10 @@ impl Kernel {
                 let id = prog
                     .attach(&kc, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching authz_kubelet to {}", path.display()))?;
-                links.push(pin_link(prog.take_link(id)?, bpffs, "authz_kubelet")?);
+                links.push(pin_link(prog.take_link(id)?, &pins, "authz_kubelet")?);
             }
             // No kubelet known: no connection passes as its probe.
-            None => pin::unpin_detach(&pin::link_path(bpffs, "authz_kubelet"))?,
+            None => pin::unpin_detach(&pin::link_path(&pins, "authz_kubelet"))?,
         }
         let prog: &mut SchedClassifier = program(&mut ebpf, source::PROGRAM)?.try_into()?;
         prog.load().context("loading authz_source")?;
@@ -208,13 +228,40 @@ impl Kernel {
             source_pods: Mutex::new(take(&mut ebpf, maps::SOURCE_PODS)?),
             source_drops: Mutex::new(take(&mut ebpf, maps::SOURCE_DROPS)?),
             bound: Mutex::default(),
-            bpffs: bpffs.to_path_buf(),
+            pins,
+            previous: Mutex::new(previous),
             logger: Mutex::new(logger),
             _links: links,
             ebpf: Mutex::new(ebpf),
             cgroup_root,
             adopted,
         })
+    }
+
+    /// Whether state of another layout was found at start (an upgrade or a rollback).
+    pub fn taking_over(&self) -> bool {
+        !self.previous.lock().unwrap().is_empty()
+    }
+
+    /// Removes the state other layouts left (their programs detached, their maps unpinned),
+    /// once ours is in place: called after the first enrollment, so every pod meets either the
+    /// old programs or ours, and the fail mode in between.
+    pub fn retire_previous(&self) {
+        let previous = std::mem::take(&mut *self.previous.lock().unwrap());
+        let keep = self.bound_ifindexes();
+        for dir in previous {
+            match pin::retire(&dir, &keep) {
+                Ok(r) => tracing::info!(
+                    state = %dir.display(),
+                    links = r.links,
+                    maps = r.maps,
+                    "took over from another layout's agent: its programs detached, its maps unpinned"
+                ),
+                Err(e) => {
+                    tracing::error!(state = %dir.display(), "another layout's state not fully removed: {e:#}")
+                }
+            }
+        }
     }
 
     /// Enrolled cgroup ids (including a previous agent's, when adopted).
@@ -309,11 +356,11 @@ impl Kernel {
             .unwrap()
             .insert(cookie, pod, 0)
             .context("INBOUND_PODS insert")?;
-        let path = pin::link_path(&self.bpffs, &inbound_link_name(cookie));
+        let path = pin::link_path(&self.pins, &inbound_link_name(cookie));
         // Attached even when a previous agent's copy is (its link pinned at `path`): ours goes
         // in beside it and the old one is detached after, so the pod is never uncaptured and no
         // program of an older version stays.
-        let maps_dir = pin::maps_dir(&self.bpffs);
+        let maps_dir = pin::maps_dir(&self.pins);
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS.iter().map(|m| m.0).chain([maps::COUNTERS]) {
             loader.map_pin_path(name, maps_dir.join(name));
@@ -369,7 +416,7 @@ impl Kernel {
                 _pad: 0,
             });
         }
-        pin::unpin_detach(&pin::link_path(&self.bpffs, &inbound_link_name(cookie)))
+        pin::unpin_detach(&pin::link_path(&self.pins, &inbound_link_name(cookie)))
     }
 
     /// Whether the connection from `peer` to `local` is one the kubelet itself opened (recorded
@@ -472,14 +519,14 @@ impl Kernel {
     }
 }
 
-/// Pins a cgroup attachment under `bpffs` as `program`'s link (replacing a previous agent's).
-fn pin_link<L>(link: L, bpffs: &Path, program: &str) -> Result<PinnedLink>
+/// Pins a cgroup attachment under `pins` as `program`'s link (replacing a previous agent's).
+fn pin_link<L>(link: L, pins: &Path, program: &str) -> Result<PinnedLink>
 where
     FdLink: TryFrom<L>,
 {
     let link = FdLink::try_from(link)
         .map_err(|_| anyhow!("{program}: the kernel has no bpf_link for cgroups"))?;
-    pin::pin_replacing(link, &pin::link_path(bpffs, program))
+    pin::pin_replacing(link, &pin::link_path(pins, program))
 }
 
 const _: () =
@@ -514,7 +561,7 @@ fn check_layouts(ebpf: &Ebpf, maps_dir: &Path) -> Result<()> {
         if info.key_size() as usize != key || info.value_size() as usize != value {
             bail!(
                 "pinned map {} has key/value sizes {}/{}, this agent needs {key}/{value}: \
-                 it was left by an incompatible version; run `authz-agent cleanup`",
+                 it was not made by this build's layout {LAYOUT}",
                 maps_dir.join(name).display(),
                 info.key_size(),
                 info.value_size()
@@ -621,6 +668,27 @@ pub(crate) fn raise_memlock() {
     };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    /// A change to the pinned maps must come with a new `LAYOUT`: then agents of different
+    /// builds never adopt each other's state, they take it over. When this fails, bump `LAYOUT`
+    /// and put the new fingerprint here.
+    #[test]
+    fn layout_fingerprint() {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (name, key, value) in super::PINNED_MAPS {
+            for b in format!("{name}:{key}:{value};").bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        assert_eq!(
+            (super::LAYOUT, format!("{h:016x}")),
+            (2, "9d8307f49946fc3a".to_string()),
+            "the pinned maps changed: bump LAYOUT and record the new fingerprint"
+        );
     }
 }
 

@@ -2,7 +2,11 @@
 //! process (the heartbeat turns a dead agent into the configured fail mode), a new agent adopts
 //! them, and `authz-agent cleanup` removes them.
 //!
-//! Layout: `<dir>/maps/<MAP>` and `<dir>/links/<program>`.
+//! Layout: `<bpffs>/v<layout>/maps/<MAP>` and `<bpffs>/v<layout>/links/<program>`, one directory
+//! per layout version (`kernel::LAYOUT`): an agent adopts only its own layout's state, and takes
+//! over any other's (an upgrade or a rollback) by building its own beside it, then retiring it.
+//! Agents from before versioning pinned under `<bpffs>/maps` and `<bpffs>/links` (the legacy
+//! layout, taken over the same way).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +31,35 @@ fn is_bpffs(path: &Path) -> bool {
     // (i64 with glibc, u64 with musl.)
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| i64::try_from(s.filesystem_type().0).ok() == Some(BPF_FS_MAGIC))
+}
+
+/// The directory of layout `layout` under the agent's bpffs directory.
+pub fn layout_dir(base: &Path, layout: u32) -> PathBuf {
+    base.join(format!("v{layout}"))
+}
+
+/// State of other layouts under `base` than `mine`: the legacy layout (`base` itself, when it
+/// has `maps/`) and every `v*` directory but `mine`.
+pub fn other_layouts(base: &Path, mine: &Path) -> Vec<PathBuf> {
+    let mut found = vec![];
+    if maps_dir(base).exists() || base.join("links").exists() {
+        found.push(base.to_path_buf());
+    }
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let versioned = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix('v'))
+                .is_some_and(|v| v.parse::<u32>().is_ok());
+            if versioned && p != mine && p.is_dir() {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    found
 }
 
 /// Creates `dir` (and its `maps/`, `links/`) on a bpf file system; mounts bpffs on /sys/fs/bpf
@@ -116,21 +149,39 @@ pub struct Removed {
     pub maps: usize,
 }
 
-/// Detaches every pinned link and unpins every map under `dir`, then removes `dir`.
-/// Idempotent: a missing directory is nothing to do.
-pub fn cleanup(dir: &Path) -> Result<Removed> {
+/// Detaches every pinned link and unpins every map under `base`, whatever layout pinned them,
+/// then removes `base`. Idempotent: a missing directory is nothing to do.
+pub fn cleanup(base: &Path) -> Result<Removed> {
     let mut removed = Removed::default();
-    if !dir.exists() {
+    if !base.exists() {
         return Ok(removed);
     }
-    if !is_bpffs(dir) {
+    if !is_bpffs(base) {
         bail!(
             "{} is not on a bpf file system; not touching it",
-            dir.display()
+            base.display()
         );
     }
+    for dir in other_layouts(base, Path::new("")) {
+        let r = retire(&dir, &Default::default())?;
+        removed.links += r.links;
+        removed.maps += r.maps;
+    }
+    match std::fs::remove_dir(base) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", base.display())),
+    }
+    Ok(removed)
+}
+
+/// Removes one layout's state: its source-check filters (but those on `keep`, which the caller
+/// has since replaced with its own), every pinned link, every map; then its directories (not the
+/// legacy layout's base, which holds the others).
+pub fn retire(dir: &Path, keep: &std::collections::HashSet<u32>) -> Result<Removed> {
+    let mut removed = Removed::default();
     // Links first: once they are gone no program steers traffic into maps we then drop.
-    removed.links += super::source::cleanup_filters(&maps_dir(dir))?;
+    removed.links += super::source::cleanup_filters(&maps_dir(dir), keep)?;
     if let Ok(entries) = std::fs::read_dir(dir.join("links")) {
         for e in entries.flatten() {
             let done = detach_pinned(&e.path());
@@ -150,7 +201,15 @@ pub fn cleanup(dir: &Path) -> Result<Removed> {
             removed.maps += 1;
         }
     }
-    for d in [dir.join("links"), maps_dir(dir), dir.to_path_buf()] {
+    let versioned = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('v'));
+    let mut dirs = vec![dir.join("links"), maps_dir(dir)];
+    if versioned {
+        dirs.push(dir.to_path_buf());
+    }
+    for d in dirs {
         match std::fs::remove_dir(&d) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

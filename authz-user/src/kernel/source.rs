@@ -104,7 +104,7 @@ impl Kernel {
             .program_mut(PROGRAM)
             .context("authz_source missing")?
             .try_into()?;
-        let path = pin::link_path(&self.bpffs, &link_name(side.netns_ino, side.ifindex));
+        let path = pin::link_path(&self.pins, &link_name(side.netns_ino, side.ifindex));
         side.netns
             .enter(|| attach(prog, side.ifindex, &path))?
             .with_context(|| {
@@ -119,12 +119,17 @@ impl Kernel {
 
     /// Removes the check from `side` (the pod is released), then its entry.
     pub fn unbind_source(&self, side: &HostSide) -> Result<()> {
-        let path = pin::link_path(&self.bpffs, &link_name(side.netns_ino, side.ifindex));
+        let path = pin::link_path(&self.pins, &link_name(side.netns_ino, side.ifindex));
         let detached = side.netns.enter(|| detach(side.ifindex, &path))?;
         self.bound.lock().unwrap().remove(&side.ifindex);
         let _ = self.source_pods.lock().unwrap().remove(&side.ifindex);
         let _ = self.source_drops.lock().unwrap().remove(&side.ifindex);
         detached
+    }
+
+    /// The interfaces this agent has bound.
+    pub fn bound_ifindexes(&self) -> std::collections::HashSet<u32> {
+        self.bound.lock().unwrap().keys().copied().collect()
     }
 
     /// What each bound pod's interface dropped, by pod.
@@ -231,17 +236,25 @@ fn detach(ifindex: u32, path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// `cleanup`: removes the clsact filters a stopped agent left (tcx links are pinned and go with
-/// the other links), finding each interface's namespace by the inode its entry recorded.
-pub fn cleanup_filters(maps_dir: &std::path::Path) -> Result<usize> {
+/// `cleanup` and taking over from another layout: removes the clsact filters a stopped agent
+/// left (tcx links are pinned and go with the other links), finding each interface's namespace
+/// by the inode its entry recorded; but not on the interfaces in `keep`, where the caller's own
+/// filter has replaced it in place.
+pub fn cleanup_filters(
+    maps_dir: &std::path::Path,
+    keep: &std::collections::HashSet<u32>,
+) -> Result<usize> {
     use std::os::unix::fs::MetadataExt;
     let path = maps_dir.join(authz_common::maps::SOURCE_PODS);
     if !path.exists() {
         return Ok(0);
     }
     let data = aya::maps::MapData::from_pin(&path).context("opening SOURCE_PODS")?;
-    let map: aya::maps::HashMap<_, u32, SourcePod> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    // Another layout's entries may not read as ours: then there is nothing we can find by them.
+    let Ok(map) = aya::maps::HashMap::<_, u32, SourcePod>::try_from(aya::maps::Map::HashMap(data))
+    else {
+        return Ok(0);
+    };
     let mut spaces: Vec<crate::netns::NetNs> = vec![];
     if let Ok(home) = crate::netns::NetNs::open(std::path::Path::new("/proc/self/ns/net")) {
         spaces.push(home);
@@ -254,6 +267,9 @@ pub fn cleanup_filters(maps_dir: &std::path::Path) -> Result<usize> {
     }
     let mut removed = 0;
     for (ifindex, entry) in map.iter().flatten() {
+        if keep.contains(&ifindex) {
+            continue;
+        }
         let Some(ns) = spaces.iter().find(|n| {
             n.file()
                 .metadata()
