@@ -95,14 +95,7 @@ pub fn run_bench(env: &BuildEnv, extra: &[String]) -> Result<()> {
         "authz-user",
         "-p",
         "authz-bench",
-    ]);
-    run(c)?;
-    let mut c = cargo(env);
-    c.args([
-        "build",
-        "--release",
-        "-p",
-        "authz-user",
+        "--bins",
         "--example",
         "source_check_cost",
     ]);
