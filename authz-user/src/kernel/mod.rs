@@ -625,19 +625,63 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
     Ok(meta.ino())
 }
 
-/// The cgroup of the process named `kubelet` (the first found), under the cgroup2 mount.
+/// The cgroup of the process named `kubelet` (the first found), under the cgroup2 mount. In a
+/// container with its own cgroup namespace, `/proc/<pid>/cgroup` names it relative to ours (with
+/// `..` steps): the path below the mount is then found by the directory that holds the pid.
 pub fn find_kubelet_cgroup() -> Option<PathBuf> {
     let mount = cgroup2_mount().ok()?;
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+    let (pid, rel) = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
         if comm.trim() != "kubelet" {
             return None;
         }
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
-        Some(mount.join(rel.trim_start_matches('/')))
-    })
+        let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?.to_string();
+        Some((pid, rel))
+    })?;
+    cgroup_of(&mount, &rel, pid)
+}
+
+/// The directory under `mount` of the cgroup a process `pid` names as `rel` in its
+/// `/proc/<pid>/cgroup` line, seen from our cgroup namespace.
+fn cgroup_of(mount: &Path, rel: &str, pid: u32) -> Option<PathBuf> {
+    let holds = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim() == pid.to_string()))
+    };
+    let below: PathBuf = Path::new(&rel)
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    let direct = mount.join(&below);
+    if holds(&direct) {
+        return Some(direct);
+    }
+    // Relative to a namespace root we cannot see: the directory ending with that path which
+    // holds the pid (a bounded walk of the hierarchy).
+    let mut stack = vec![(mount.to_path_buf(), 0usize)];
+    let mut seen = 0;
+    while let Some((dir, depth)) = stack.pop() {
+        seen += 1;
+        if seen > 50_000 {
+            return None;
+        }
+        if dir.ends_with(&below) && holds(&dir) {
+            return Some(dir);
+        }
+        if depth < 12 {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                stack.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| (e.path(), depth + 1)),
+                );
+            }
+        }
+    }
+    None
 }
 
 /// Where cgroup2 is mounted: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid.
@@ -668,6 +712,32 @@ pub(crate) fn raise_memlock() {
     };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod kubelet_tests {
+    use super::cgroup_of;
+
+    #[test]
+    fn the_kubelets_cgroup_is_found_from_another_cgroup_namespace() {
+        let root = std::env::temp_dir().join(format!("authz-cg-{}", std::process::id()));
+        let kubelet = root.join("system.slice/kubelet.service");
+        std::fs::create_dir_all(&kubelet).unwrap();
+        std::fs::create_dir_all(root.join("kubepods.slice/pod1/ctr")).unwrap();
+        std::fs::write(kubelet.join("cgroup.procs"), "7\n42\n").unwrap();
+        // Seen from the host's namespace, and from a container's three levels down.
+        assert_eq!(
+            cgroup_of(&root, "/system.slice/kubelet.service", 42),
+            Some(kubelet.clone())
+        );
+        assert_eq!(
+            cgroup_of(&root, "/../../../system.slice/kubelet.service", 42),
+            Some(kubelet.clone())
+        );
+        // Not the kubelet's pid there: not its cgroup.
+        assert_eq!(cgroup_of(&root, "/system.slice/kubelet.service", 43), None);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
 
