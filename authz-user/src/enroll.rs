@@ -186,7 +186,7 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
                         }
                     }
                     e.server.abort();
-                    tracing::info!(pod = %format!("{}/{}", k.0, k.1), "pod released");
+                    tracing::info!(pod = %format!("{}/{}", k.0, k.1), netns = %e.spec.spec.netns.display(), ips = ?e.spec.spec.ips, "pod released");
                 }
             }
             Op::Forget(k) => {
@@ -346,6 +346,9 @@ fn bind_sources(
     pl: &PodListeners,
 ) -> anyhow::Result<Vec<crate::netns::HostSide>> {
     let sides = crate::netns::host_sides(&pl.netns, &pl.pod.ips)?;
+    for side in &sides {
+        tracing::info!(pod = %pl.key, interface = %side.pod_ifname, host_ifindex = side.ifindex, ips = ?pl.pod.ips, link_local = ?side.link_local, "source addresses bound");
+    }
     for (i, side) in sides.iter().enumerate() {
         if let Err(e) = kernel.bind_source(side, pl.pod.id, pl.key.clone(), &pl.pod.ips) {
             for done in &sides[..i] {

@@ -106,8 +106,9 @@ fn parse_link(index: u32, mut rest: &[u8]) -> Link {
             _ => {}
         }
     }
-    // A link that is its own "peer" (IFLA_LINK = own index) has none.
-    if link.peer == Some(index) || link.peer == Some(0) {
+    // A link that is its own "peer" (IFLA_LINK = own index, same namespace) has none. In another
+    // namespace the same number is another device: ifindexes are per namespace.
+    if link.peer == Some(0) || (link.peer == Some(index) && link.peer_netnsid.is_none()) {
         link.peer = None;
     }
     link
@@ -250,6 +251,15 @@ mod tests {
         let link = parse_link(3, &buf);
         assert_eq!(link.name, "eth0");
         assert_eq!(link.peer, Some(7));
+        // A peer with the same ifindex in another namespace is a peer.
+        let mut other = buf.clone();
+        attr(&mut other, IFLA_LINK_NETNSID, &0i32.to_ne_bytes());
+        let mut same = vec![];
+        attr(&mut same, IFLA_LINK, &3u32.to_ne_bytes());
+        assert_eq!(parse_link(3, &same).peer, None);
+        attr(&mut same, IFLA_LINK_NETNSID, &1i32.to_ne_bytes());
+        assert_eq!(parse_link(3, &same).peer, Some(3));
+        assert_eq!(parse_link(3, &other).peer_netnsid, Some(0));
         // A length past the end: nothing more is read.
         buf.extend_from_slice(&[200, 0, 5, 0]);
         assert_eq!(attrs(&buf).count(), 2);

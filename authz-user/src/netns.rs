@@ -198,8 +198,12 @@ pub fn host_sides(pod: &NetNs, pod_ips: &[std::net::IpAddr]) -> anyhow::Result<V
             if carries {
                 bail!(
                     "interface {} carries the pod's address but is not a veth with its other end \
-                     outside the pod: the node cannot check what the pod sends",
-                    link.name
+                     outside the pod (kind {:?}, peer {:?}, peer namespace id {:?}): the node \
+                     cannot check what the pod sends",
+                    link.name,
+                    link.kind,
+                    link.peer,
+                    link.peer_netnsid
                 );
             }
             continue;

@@ -681,8 +681,28 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // A failing test shows the agent's counters of what it refused and dropped.
+        if std::thread::panicking() {
+            if let Ok((_, text)) = http_get(self.admin, "/metrics") {
+                for l in text.lines().filter(|l| {
+                    !l.starts_with('#')
+                        && (l.contains("dropped") || l.contains("refused") || l.contains("pending"))
+                }) {
+                    eprintln!("{l}");
+                }
+            }
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.stop();
+        }
+        // A failing test shows what its agents said (the last lines).
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- agent {} log (last lines) ---", self.admin);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
         }
         if self.cleanup_on_drop {
             if let Err(e) = self.cleanup() {

@@ -255,6 +255,8 @@ pub fn cleanup_filters(
     else {
         return Ok(0);
     };
+    // `cleanup` runs in a process of its own: entering namespaces needs the way home first.
+    crate::netns::init()?;
     let mut spaces: Vec<crate::netns::NetNs> = vec![];
     if let Ok(home) = crate::netns::NetNs::open(std::path::Path::new("/proc/self/ns/net")) {
         spaces.push(home);
