@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
                     &pods,
                     &namespaces,
                     &services,
-                    &mut |uid: &str| Ok((PathBuf::from(uid), PathBuf::from(uid))),
+                    &mut |uid: &str| Ok((PathBuf::from(uid), PathBuf::from(uid)).into()),
                 )
             })
         },

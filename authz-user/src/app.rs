@@ -54,6 +54,60 @@ pub struct App {
     /// SIGTERM and SIGINT, listened for from the start of `build`: a signal that arrives once
     /// the agent reports ready (or before) is kept for `run`, never the default action.
     signals: Option<(Signal, Signal)>,
+    cni: Option<Cni>,
+}
+
+/// The CNI plugin's socket this agent bound, and its installation.
+struct Cni {
+    socket: std::path::PathBuf,
+    ino: u64,
+    installer: Option<crate::cni::install::Installer>,
+    remove_on_exit: bool,
+}
+
+impl Cni {
+    /// Binds the plugin's socket (taking it over from a predecessor) and serves it, and keeps
+    /// the plugin installed: before the API server is waited for, so a pod starting now waits
+    /// in the runtime for its enrollment rather than failing.
+    fn start(s: &crate::config::CniSettings) -> Result<(Cni, crate::cni::Claims)> {
+        let claims = crate::cni::Claims::open(&s.state_dir)?;
+        let server = crate::cni::Server::bind(&s.socket)?;
+        let ino = server.ino();
+        tracing::info!(socket = %s.socket.display(), "CNI plugin socket bound");
+        tokio::spawn(server.serve(claims.clone(), s.timeout));
+        let installer = crate::cni::install::Installer::from_settings(s)?;
+        if let Some(i) = &installer {
+            tracing::info!(bin = %i.bin_dir.display(), conf = %i.conf_dir.display(), fail_mode = ?s.fail_mode, "installing the CNI plugin");
+            tokio::spawn(i.clone().keep(Duration::from_secs(1)));
+        }
+        Ok((
+            Cni {
+                socket: s.socket.clone(),
+                ino,
+                installer,
+                remove_on_exit: s.remove_on_exit,
+            },
+            claims,
+        ))
+    }
+
+    /// Leaving for good (no successor took the socket over): the socket goes, and the plugin
+    /// with it when so configured, so the node's pods do not wait for an agent that is gone.
+    fn stop(&self) {
+        if !crate::cni::Server::still_ours(&self.socket, self.ino) {
+            tracing::info!("a successor serves the CNI socket: the plugin stays installed");
+            return;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        match (&self.installer, self.remove_on_exit) {
+            (Some(i), true) => match i.remove() {
+                Ok(files) => tracing::info!(?files, "CNI plugin removed from the node's configuration"),
+                Err(e) => tracing::warn!("removing the CNI plugin: {e:#}"),
+            },
+            (Some(_), false) => tracing::info!("the CNI plugin stays installed (removeOnExit: false); with failMode closed, pods wait for an agent"),
+            (None, _) => {}
+        }
+    }
 }
 
 /// What woke the agent.
@@ -88,9 +142,18 @@ pub async fn build(source: agent::Source, cfg: Config) -> Result<App> {
     let admin_listener = admin::bind(cfg.agent.admin).await?;
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
     // The first world: from the files, or from the API server's first full lists.
+    let mut cni = None;
     let (source, world, set): (Box<dyn Source>, World, PolicySet) = match source {
         agent::Source::Kubernetes => {
-            let mut k = KubeInput::connect(&cfg).await?;
+            let (started, claims) = match cfg.kubernetes.cni.enabled {
+                true => {
+                    let (c, claims) = Cni::start(&cfg.kubernetes.cni)?;
+                    (Some(c), Some(claims))
+                }
+                false => (None, None),
+            };
+            cni = started;
+            let mut k = KubeInput::connect(&cfg, claims).await?;
             let (world, set) = k.first(&metrics);
             (Box::new(k), world, set)
         }
@@ -189,6 +252,7 @@ pub async fn build(source: agent::Source, cfg: Config) -> Result<App> {
         heartbeat,
         drain,
         signals,
+        cni,
     })
 }
 
@@ -256,6 +320,9 @@ impl App {
         self.metrics.pods_enrolled.store(0, Ordering::Relaxed);
         self.admin.ready.set_not_ready();
         self.heartbeat.stop();
+        if let Some(c) = &self.cni {
+            c.stop();
+        }
         // Still serving: a successor agent on the same pins shows up as a heartbeat not ours.
         tokio::time::sleep(2 * HEARTBEAT_EVERY).await;
         let settings = &self.px.settings;

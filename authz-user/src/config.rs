@@ -48,6 +48,59 @@ pub struct KubernetesSettings {
     /// The cluster's agents (this DaemonSet's pods): a node with a ready one decides its mesh
     /// pods' connections itself; mesh pods of a node without one are decided at the client.
     pub agent_pods: AgentPods,
+    /// The chained CNI plugin (`authz-cni`): pods enrolled while the runtime sets up their
+    /// network, before any of their containers runs.
+    pub cni: CniSettings,
+}
+
+/// The agent's side of the CNI plugin: the socket the plugin reaches it on, where claims are
+/// kept across restarts, and the installation into the node's CNI configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct CniSettings {
+    pub enabled: bool,
+    /// Where the plugin reaches the agent (root only).
+    pub socket: PathBuf,
+    /// Pods the plugin handed over, one file each, read again after a restart.
+    pub state_dir: PathBuf,
+    /// The node's CNI binary directory, as the agent sees it; unset: the plugin is not
+    /// installed by the agent.
+    pub bin_dir: Option<PathBuf>,
+    /// The node's CNI configuration directory (the runtime's primary conflist is the first
+    /// file in it by name); unset: not installed.
+    pub conf_dir: Option<PathBuf>,
+    /// The plugin binary to install; default: `authz-cni` beside the agent's executable.
+    pub plugin_binary: Option<PathBuf>,
+    /// The plugin's behaviour when the agent cannot be reached: `closed` fails the pod's
+    /// network setup (the runtime retries), `open` lets it start unenrolled.
+    pub fail_mode: FailMode,
+    /// How long the plugin waits for the agent to enroll a pod.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A pod handed over by the plugin that the API server does not confirm within this is
+    /// withdrawn (released, reported).
+    #[serde(with = "humantime_serde")]
+    pub reconcile_within: Duration,
+    /// Take the plugin out of the node's configuration when the agent stops for good (no
+    /// successor took its socket over).
+    pub remove_on_exit: bool,
+}
+
+impl Default for CniSettings {
+    fn default() -> Self {
+        CniSettings {
+            enabled: false,
+            socket: PathBuf::from("/var/run/authz/cni.sock"),
+            state_dir: PathBuf::from("/var/run/authz/cni"),
+            bin_dir: None,
+            conf_dir: None,
+            plugin_binary: None,
+            fail_mode: FailMode::Closed,
+            timeout: Duration::from_secs(30),
+            reconcile_within: Duration::from_secs(60),
+            remove_on_exit: true,
+        }
+    }
 }
 
 /// How the agents of the cluster are recognised among its pods.
@@ -83,6 +136,7 @@ impl Default for KubernetesSettings {
             proc_root: PathBuf::from("/proc"),
             enroll_all_pods: true,
             agent_pods: AgentPods::default(),
+            cni: CniSettings::default(),
         }
     }
 }
@@ -370,6 +424,21 @@ impl Config {
                 && self.policies.is_empty())
         {
             return Err("kubernetes.enabled: pods, workloads, services and policies come from the API server; remove them from the file".into());
+        }
+        let cni = &self.kubernetes.cni;
+        if cni.enabled {
+            if !self.kubernetes.enabled {
+                return Err("kubernetes.cni.enabled: the CNI plugin hands over Kubernetes pods; it needs kubernetes.enabled".into());
+            }
+            if !(1..=600).contains(&cni.timeout.as_secs()) {
+                return Err("kubernetes.cni.timeout: between 1s and 600s".into());
+            }
+            if cni.reconcile_within.is_zero() {
+                return Err("kubernetes.cni.reconcileWithin: must not be 0".into());
+            }
+            if cni.bin_dir.is_some() != cni.conf_dir.is_some() {
+                return Err("kubernetes.cni: binDir and confDir are set together (the plugin is installed into both) or not at all".into());
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.pods.iter().enumerate() {

@@ -87,9 +87,12 @@ pub enum Op {
 /// Labels are not part of it: a relabelled pod keeps its listeners and open connections, and
 /// every decision for it reads its labels from the state in force (`state::State::target`).
 pub fn same_enrollment(a: &NodePod, b: &NodePod) -> bool {
-    let (probes, a, b) = (a.probes == b.probes, &a.spec, &b.spec);
-    probes
-        && a.netns == b.netns
+    let (same, a, b) = (
+        a.probes == b.probes && a.identity == b.identity,
+        &a.spec,
+        &b.spec,
+    );
+    same && a.netns == b.netns
         && a.cgroup == b.cgroup
         && a.service_account == b.service_account
         && a.ips == b.ips
@@ -420,6 +423,7 @@ mod tests {
         NodePod {
             spec,
             probes: vec![],
+            identity: Default::default(),
         }
     }
 

@@ -8,6 +8,8 @@ pub mod agent;
 pub mod app;
 pub mod authz;
 pub mod cli;
+#[cfg(feature = "kernel")]
+pub mod cni;
 pub mod config;
 #[cfg(feature = "kernel")]
 pub mod drain;

@@ -65,12 +65,103 @@ enum Cmd {
         #[arg(long)]
         bpffs: Option<PathBuf>,
     },
+    /// Put the CNI plugin into the node's CNI configuration, or take it out (what the agent does
+    /// itself with kubernetes.cni.binDir and confDir set).
+    Cni {
+        #[command(subcommand)]
+        cmd: CniCmd,
+    },
     /// Check config and policy files; every problem as file:line: message.
     Validate {
         #[arg(long, short)]
         config: Option<PathBuf>,
         paths: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum CniCmd {
+    /// Copy the plugin binary in and chain it last in the primary network configuration.
+    Install {
+        /// The node's CNI binary directory.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The node's CNI configuration directory.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The plugin binary [default: authz-cni beside this executable].
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// The agent's socket, as the plugin reaches it.
+        #[arg(long, default_value = "/var/run/authz/cni.sock")]
+        socket: PathBuf,
+        /// closed: a pod does not start while the agent cannot be reached; open: it starts
+        /// unenrolled.
+        #[arg(long, default_value = "closed")]
+        fail_mode: String,
+        /// How long the plugin waits for the agent, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_seconds: u64,
+    },
+    /// Take the plugin out of every configuration in the directory and remove its binary.
+    Uninstall {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+    },
+}
+
+fn cni(cmd: CniCmd) -> anyhow::Result<()> {
+    use authz::cni::install::{Ensured, Installer};
+    use authz::config::CniSettings;
+    match cmd {
+        CniCmd::Install {
+            bin_dir,
+            conf_dir,
+            plugin,
+            socket,
+            fail_mode,
+            timeout_seconds,
+        } => {
+            let settings = CniSettings {
+                socket,
+                bin_dir: Some(bin_dir),
+                conf_dir: Some(conf_dir),
+                plugin_binary: plugin,
+                fail_mode: serde_yaml::from_str(&fail_mode)
+                    .map_err(|_| anyhow::anyhow!("--fail-mode: closed or open"))?,
+                timeout: std::time::Duration::from_secs(timeout_seconds),
+                ..Default::default()
+            };
+            let i = Installer::from_settings(&settings)?.expect("directories given");
+            i.install_binary()?;
+            match i.ensure()? {
+                Ensured::Present(p) | Ensured::Inserted(p) => {
+                    println!("chained into {}", p.display());
+                    Ok(())
+                }
+                Ensured::NoNetwork => anyhow::bail!(
+                    "no network configuration in {} to chain onto",
+                    i.conf_dir.display()
+                ),
+                Ensured::Refused(p, why) => anyhow::bail!("{}: {why}", p.display()),
+            }
+        }
+        CniCmd::Uninstall { bin_dir, conf_dir } => {
+            let settings = CniSettings {
+                bin_dir: Some(bin_dir),
+                conf_dir: Some(conf_dir),
+                plugin_binary: Some(PathBuf::new()),
+                ..Default::default()
+            };
+            let i = Installer::from_settings(&settings)?.expect("directories given");
+            for p in i.remove()? {
+                println!("removed from {}", p.display());
+            }
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -116,6 +207,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Cni { cmd } => match cni(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("authz-agent cni: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Validate { config, paths } => {
             let (lines, ok) = authz::cli::validate(config.as_ref(), &paths);
             for l in lines {

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub pods_pending: AtomicU64,
     /// Policy objects (or versions of them) found invalid and not enforced (Kubernetes mode).
     pub policies_rejected: AtomicU64,
+    /// Pods handed over by the CNI plugin and held now; claims withdrawn (never confirmed by
+    /// the API server).
+    pub cni_claims: AtomicU64,
+    pub cni_claims_withdrawn: AtomicU64,
 }
 
 impl Metrics {
@@ -240,6 +244,8 @@ impl Metrics {
         let _ = writeln!(s, "# HELP authz_connections_max Connections the agent takes at once before refusing new ones.\n# TYPE authz_connections_max gauge\nauthz_connections_max {}", self.connections_max.load(Relaxed));
         let _ = writeln!(s, "# HELP authz_pods_enrolled Pods whose connections the agent steers.\n# TYPE authz_pods_enrolled gauge\nauthz_pods_enrolled {}", self.pods_enrolled.load(Relaxed));
         let _ = writeln!(s, "# HELP authz_pods_not_enrolled Pods of this node that should be enrolled but cannot be yet.\n# TYPE authz_pods_not_enrolled gauge\nauthz_pods_not_enrolled {}", self.pods_not_enrolled.load(Relaxed) + self.pods_pending.load(Relaxed));
+        let _ = writeln!(s, "# HELP authz_cni_claims Pods handed over by the CNI plugin and held.\n# TYPE authz_cni_claims gauge\nauthz_cni_claims {}", self.cni_claims.load(Relaxed));
+        let _ = writeln!(s, "# HELP authz_cni_claims_withdrawn_total Pods handed over by the CNI plugin that the API server did not confirm, released.\n# TYPE authz_cni_claims_withdrawn_total counter\nauthz_cni_claims_withdrawn_total {}", self.cni_claims_withdrawn.load(Relaxed));
         let _ = writeln!(s, "# HELP authz_requests_total HTTP requests by decision and reason.\n# TYPE authz_requests_total counter");
         for ((d, r), v) in self.requests.lock().unwrap().iter() {
             let _ = writeln!(

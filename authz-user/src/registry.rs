@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     config::ServiceSpec,
-    world::{DecidedAt, Probe, World},
+    world::{DecidedAt, Identity, Probe, World},
 };
 
 /// A workload as policies see it: its namespace, labels and identity.
@@ -96,6 +96,7 @@ pub struct Pod {
     pub inbound: bool,
     pub exclude_inbound_ports: Vec<u16>,
     pub probes: Vec<Probe>,
+    pub identity: Identity,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -149,10 +150,16 @@ impl Registry {
                 labels: Labels::from(&p.labels),
                 service_account: p.service_account.clone(),
             });
-            reg.by_name
-                .insert(format!("{}/{}", p.namespace, p.name), workload.clone());
+            let known = pod.identity.is_known();
+            if known {
+                reg.by_name
+                    .insert(format!("{}/{}", p.namespace, p.name), workload.clone());
+            }
             for ip in &p.ips {
-                reg.sources.insert(normalize(*ip), workload.clone());
+                // A pod the source does not vouch for yet is no one as a source.
+                if known {
+                    reg.sources.insert(normalize(*ip), workload.clone());
+                }
                 if p.inbound {
                     reg.decided_at_destination.insert(normalize(*ip));
                 }
@@ -166,6 +173,7 @@ impl Registry {
                 inbound: p.inbound,
                 exclude_inbound_ports: p.exclude_inbound_ports.clone(),
                 probes: pod.probes.clone(),
+                identity: pod.identity,
             }));
         }
         // Not in `by_name` (offline `check` only): one name string less per cluster pod.
@@ -216,9 +224,10 @@ impl Registry {
 
     /// Every workload decided by this agent: its captured pods and its client-side workloads.
     pub fn destinations(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        // A claimed pod is none: no policy can select it yet, so its connections are refused.
         self.pods
             .iter()
-            .filter(|p| p.inbound)
+            .filter(|p| p.inbound && p.identity.is_known())
             .map(|p| &p.workload)
             .chain(self.by_ip.values())
     }

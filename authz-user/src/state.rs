@@ -81,6 +81,18 @@ impl State {
         self.targets.get(key)
     }
 
+    /// Why `key` is no destination here: a claimed pod not confirmed yet, or gone.
+    pub fn no_target_reason(&self, key: &str) -> &'static str {
+        let claimed = self.registry.pods.iter().any(|p| {
+            !p.identity.is_known() && format!("{}/{}", p.workload.namespace, p.workload.name) == key
+        });
+        if claimed {
+            "identity not confirmed"
+        } else {
+            "destination gone"
+        }
+    }
+
     pub fn targets(&self) -> usize {
         self.targets.len()
     }

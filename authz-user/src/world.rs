@@ -34,6 +34,27 @@ pub struct NodePod {
     pub spec: PodSpec,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<Probe>,
+    #[serde(skip_serializing_if = "Identity::is_known")]
+    pub identity: Identity,
+}
+
+/// Whether the source vouches for who a pod of this node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Identity {
+    /// Its labels and service account are the source's (the config file, the API server).
+    #[default]
+    Known,
+    /// Handed over by the CNI plugin and not yet confirmed by the API server: enrolled (its
+    /// connections steered, its inbound captured, its sources checked) but no policy can select
+    /// it yet, so connections to it are refused and it is no one as a source.
+    Claimed,
+}
+
+impl Identity {
+    pub fn is_known(&self) -> bool {
+        *self == Identity::Known
+    }
 }
 
 /// A kubelet probe of a pod (from its containers' liveness, readiness and startup probes).
@@ -78,6 +99,7 @@ impl World {
                 .map(|spec| NodePod {
                     spec: spec.clone(),
                     probes: vec![],
+                    identity: Identity::Known,
                 })
                 .collect(),
             workloads: cfg.workloads.clone(),

@@ -165,7 +165,13 @@ fn pods_services_and_namespaces_make_the_desired_state() {
         "metadata": {"name": "jwks", "namespace": "auth"},
         "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80, "targetPort": 8080}]}}));
     let f = fixture(api);
-    let mut locate = |uid: &str| Ok((format!("/cg/{uid}").into(), format!("/ns/{uid}").into()));
+    let mut locate = |uid: &str| {
+        Ok((
+            std::path::PathBuf::from(format!("/cg/{uid}")),
+            std::path::PathBuf::from(format!("/ns/{uid}")),
+        )
+            .into())
+    };
     let d = f.cluster.desired(&Scope::node("node-a", true), &mut locate);
     let names = |v: &[authz::world::Peer]| {
         v.iter()

@@ -1,7 +1,7 @@
 //! Kubernetes mode's source: the API server's stores, and what the agent remembers between
 //! snapshots (pods located on the host, pods not enrollable yet, policy versions).
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     net::IpAddr,
     path::PathBuf,
@@ -13,12 +13,13 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
-    config::Config,
-    enroll::Applied,
+    cni::{ClaimState, Claims},
+    config::{Config, PodSpec},
+    enroll::{Applied, PodKey},
     metrics::Metrics,
     source::{Source, Update},
     waiting::Waiting,
-    world::World,
+    world::{Identity, NodePod, World},
 };
 
 /// How long events may keep arriving before the agent applies them together.
@@ -45,6 +46,16 @@ pub struct KubeInput {
     pub last_wanted: usize,
     /// `policies.generation` when last applied.
     pub applied_generation: u64,
+    /// Pods the CNI plugin handed over (None: the plugin is not in use), and for how long one
+    /// the API server does not confirm is held.
+    pub claims: Option<Claims>,
+    pub reconcile_within: Duration,
+    /// The pods the last snapshot wanted enrolled.
+    wanted: HashSet<PodKey>,
+    /// Claims given up by the last snapshot, and why (told to the plugin, then forgotten).
+    withdrawn: HashMap<String, String>,
+    /// Claims the API server has not confirmed yet, as of the last snapshot.
+    unconfirmed: usize,
     /// When the last read started, until its cost is taken; what reading and applying it
     /// cost, and when that ended (for pacing).
     read_started: Option<Instant>,
@@ -53,7 +64,7 @@ pub struct KubeInput {
 }
 
 impl KubeInput {
-    pub async fn connect(cfg: &Config) -> Result<KubeInput> {
+    pub async fn connect(cfg: &Config, claims: Option<Claims>) -> Result<KubeInput> {
         use crate::kubernetes;
         let node = cfg
             .kubernetes
@@ -99,6 +110,11 @@ impl KubeInput {
             events,
             last_wanted: 0,
             applied_generation: 0,
+            claims,
+            reconcile_within: cfg.kubernetes.cni.reconcile_within,
+            wanted: HashSet::new(),
+            withdrawn: HashMap::new(),
+            unconfirmed: 0,
             read_started: None,
             last_cost: Duration::ZERO,
             last_end: Instant::now(),
@@ -116,16 +132,30 @@ impl KubeInput {
         let root = self.cgroup_root.clone();
         let proc_root = self.proc_root.clone();
         let located = &mut self.located;
+        // A pod the CNI plugin handed over is where the runtime said, with the addresses its
+        // network plugin gave it: found before any process of it runs.
+        let claims = self.claims.as_ref().map(Claims::all).unwrap_or_default();
+        let claimed: HashMap<&str, &crate::cni::Claim> =
+            claims.iter().map(|c| (c.pod.uid.as_str(), c)).collect();
         let mut locate = |uid: &str| {
+            use crate::kubernetes::snapshot::Located;
+            if let Some(c) = claimed.get(uid) {
+                return Ok(Located {
+                    cgroup: crate::kubernetes::discover::find_cgroup(&root, uid)?,
+                    netns: c.pod.netns.clone(),
+                    ips: Some(c.pod.ips.clone()),
+                });
+            }
             if let Some((_, cg, ns)) = located.get(uid) {
-                return Ok((cg.clone(), ns.clone()));
+                return Ok((cg.clone(), ns.clone()).into());
             }
             let (cg, ns) = crate::kubernetes::discover::locate(&root, &proc_root, uid)?;
             let ips = addresses(uid).unwrap_or_default();
             located.insert(uid.to_string(), (ips, cg.clone(), ns.clone()));
-            Ok((cg, ns))
+            Ok((cg, ns).into())
         };
-        let d = self.cluster.desired(&self.scope, &mut locate);
+        let mut d = self.cluster.desired(&self.scope, &mut locate);
+        self.claimed_pods(&claims, &mut d, metrics);
         let mut now = HashMap::new();
         for p in d.not_enrolled {
             let key = format!("{}/{}", p.namespace, p.name);
@@ -183,6 +213,11 @@ impl KubeInput {
                 tokio::spawn(async move { ev.publish(&r).await });
             }
         }
+        self.wanted = d
+            .pods
+            .iter()
+            .map(|p| (p.spec.namespace.clone(), p.spec.name.clone()))
+            .collect();
         let world = World {
             pods: d.pods,
             workloads: vec![],
@@ -190,6 +225,121 @@ impl KubeInput {
             peers: d.peers,
         };
         (world, set)
+    }
+
+    /// Claims the API server has not confirmed: enrolled with a claimed identity while they are
+    /// young, withdrawn once `reconcile_within` passed or when the API server places the pod
+    /// elsewhere. Claims the API server confirms were located by `desired` already.
+    fn claimed_pods(
+        &mut self,
+        claims: &[crate::cni::Claim],
+        d: &mut crate::kubernetes::snapshot::Desired,
+        metrics: &Metrics,
+    ) {
+        use crate::kubernetes::snapshot::NotEnrolled;
+        self.unconfirmed = 0;
+        metrics
+            .cni_claims
+            .store(claims.len() as u64, Ordering::Relaxed);
+        for c in claims {
+            let p = &c.pod;
+            let why = match self.cluster.pods.get(&p.uid) {
+                Some(r) if *r.node != *self.scope.node => Some(format!(
+                    "the API server has pod {}/{} on node {:?}, not this one",
+                    r.namespace(),
+                    r.name(),
+                    r.node
+                )),
+                Some(r) if r.host_network => Some(format!(
+                    "the API server has pod {}/{} on the host's network",
+                    r.namespace(),
+                    r.name()
+                )),
+                Some(r) => {
+                    if (r.namespace(), r.name()) != (p.namespace.as_str(), p.name.as_str()) {
+                        tracing::warn!(uid = %p.uid, claimed = %format!("{}/{}", p.namespace, p.name), api = %format!("{}/{}", r.namespace(), r.name()), "the CNI plugin named the pod otherwise; the API server's name holds");
+                    }
+                    continue;
+                }
+                None if c.age() > self.reconcile_within => Some(format!(
+                    "the API server has no pod {}/{} with uid {} after {:?}",
+                    p.namespace, p.name, p.uid, self.reconcile_within
+                )),
+                None => None,
+            };
+            if let Some(why) = why {
+                tracing::warn!(pod = %format!("{}/{}", p.namespace, p.name), sandbox = %p.container_id, "CNI claim withdrawn: {why}");
+                metrics.cni_claims_withdrawn.fetch_add(1, Ordering::Relaxed);
+                self.withdrawn.insert(p.container_id.clone(), why);
+                continue;
+            }
+            // Not known to the API server yet (a watch behind, or an outage): enrolled, but no
+            // policy selects it until it is known, so connections to it are refused.
+            self.unconfirmed += 1;
+            match crate::kubernetes::discover::find_cgroup(&self.cgroup_root, &p.uid) {
+                Ok(cgroup) => d.pods.push(NodePod {
+                    spec: PodSpec {
+                        name: p.name.clone(),
+                        namespace: p.namespace.clone(),
+                        labels: Default::default(),
+                        service_account: String::new(),
+                        netns: p.netns.clone(),
+                        cgroup,
+                        ips: p.ips.clone(),
+                        inbound: true,
+                        exclude_inbound_ports: vec![],
+                    },
+                    probes: vec![],
+                    identity: Identity::Claimed,
+                }),
+                Err(reason) => d.not_enrolled.push(NotEnrolled {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    uid: p.uid.clone(),
+                    reason,
+                }),
+            }
+        }
+    }
+
+    /// What became of each claim after an apply.
+    fn claim_states(&mut self, applied: &Applied) -> HashMap<String, ClaimState> {
+        let Some(claims) = &self.claims else {
+            return HashMap::new();
+        };
+        let mut states: HashMap<String, ClaimState> = self
+            .withdrawn
+            .drain()
+            .map(|(id, why)| (id, ClaimState::Withdrawn(why)))
+            .collect();
+        for c in claims.all() {
+            let p = &c.pod;
+            if states.contains_key(&p.container_id) {
+                continue;
+            }
+            // The API server's name for the pod, when it knows it.
+            let key: PodKey = match self.cluster.pods.get(&p.uid) {
+                Some(r) => (r.namespace().to_string(), r.name().to_string()),
+                None => (p.namespace.clone(), p.name.clone()),
+            };
+            let state = if applied
+                .pods
+                .get(&key)
+                .is_some_and(|e| e.spec.spec.netns == p.netns)
+            {
+                ClaimState::Enrolled
+            } else if let Some(w) = applied.pending.get(&key) {
+                ClaimState::Pending(w.waiting.reason().to_string())
+            } else if let Some(n) = self.not_enrolled.get(&format!("{}/{}", key.0, key.1)) {
+                ClaimState::Pending(n.waiting.reason().to_string())
+            } else if !self.wanted.contains(&key) {
+                ClaimState::NotEnrolled
+            } else {
+                ClaimState::Pending("being enrolled".into())
+            };
+            states.insert(p.container_id.clone(), state);
+        }
+        states
     }
 
     /// The first world, from the first full lists.
@@ -229,6 +379,8 @@ impl Source for KubeInput {
     /// starts no sooner than nine times the last one's cost after it ended. After a quiet spell
     /// a change waits only for the burst to settle.
     fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        // A pod handed over by the CNI plugin waits in the runtime: read at once.
+        let claimed = self.claims.as_ref().map(|c| c.changed.clone());
         // Called again right after the last read was applied: that read's cost ends here.
         if let Some(started) = self.read_started.take() {
             self.last_end = Instant::now();
@@ -237,9 +389,19 @@ impl Source for KubeInput {
         let changed = self.cluster.changed.clone();
         let duty = self.last_cost * 9;
         Box::pin(async move {
-            changed.notified().await;
-            let wait = duty.saturating_sub(self.last_end.elapsed());
-            tokio::time::sleep(wait.clamp(SETTLE, SETTLE_MAX)).await;
+            let claim = async {
+                match &claimed {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = changed.notified() => {
+                    let wait = duty.saturating_sub(self.last_end.elapsed());
+                    tokio::time::sleep(wait.clamp(SETTLE, SETTLE_MAX)).await;
+                }
+                _ = claim => {}
+            }
         })
     }
 
@@ -262,11 +424,17 @@ impl Source for KubeInput {
     }
 
     fn retrying(&self, applied: &Applied) -> bool {
-        self.pending(applied)
+        // A young claim not confirmed yet is looked at again until it is, or withdrawn.
+        self.pending(applied) || self.unconfirmed > 0
     }
 
-    /// Pods whose enrollment keeps failing get an Event, once per reason.
+    /// Tells the CNI plugin's waiting ADDs what became of their pods; pods whose enrollment
+    /// keeps failing get an Event, once per reason.
     fn applied(&mut self, applied: &mut Applied) {
+        let states = self.claim_states(applied);
+        if let Some(c) = &self.claims {
+            c.publish(states);
+        }
         let Some(ev) = &self.events else { return };
         for ((ns, name), p) in applied.pending.iter_mut() {
             if p.waiting.report_due() {

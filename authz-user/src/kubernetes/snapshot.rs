@@ -15,7 +15,7 @@ use super::pods::PodRecord;
 use crate::{
     config::{PodSpec, ServicePort, ServiceSpec},
     policy::{load_str, PolicySet, Problem},
-    world::{DecidedAt, NodePod, Peer},
+    world::{DecidedAt, Identity, NodePod, Peer},
 };
 
 /// Namespace or pod label that puts pods in the mesh: their node's agent decides every connection
@@ -52,9 +52,28 @@ pub struct NotEnrolled {
 /// from the API server's store), hashed fast.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Where a pod of this node lives on the host: (cgroup, netns path).
-pub type Locate<'a> =
-    dyn FnMut(&str) -> Result<(PathBuf, PathBuf), super::discover::LocateError> + 'a;
+/// Where a pod of this node lives on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub cgroup: PathBuf,
+    pub netns: PathBuf,
+    /// The addresses the CNI plugin reported, when the pod was handed over by it (fresher than
+    /// the API server's, which kubelet learns from the same result later).
+    pub ips: Option<Vec<IpAddr>>,
+}
+
+impl From<(PathBuf, PathBuf)> for Located {
+    fn from((cgroup, netns): (PathBuf, PathBuf)) -> Located {
+        Located {
+            cgroup,
+            netns,
+            ips: None,
+        }
+    }
+}
+
+/// Finds a pod of this node on the host, by uid.
+pub type Locate<'a> = dyn FnMut(&str) -> Result<Located, super::discover::LocateError> + 'a;
 
 fn name_of(p: &PodRecord) -> String {
     format!("{}/{}", p.namespace(), p.name())
@@ -216,20 +235,21 @@ pub fn desired(
         }
         let w = &pod.workload;
         match locate(&pod.uid) {
-            Ok((cgroup, netns)) => out.pods.push(NodePod {
+            Ok(at) => out.pods.push(NodePod {
                 spec: PodSpec {
                     name: w.name.clone(),
                     namespace: w.namespace.clone(),
                     labels: w.labels.to_map(),
                     service_account: w.service_account.clone(),
-                    netns,
-                    cgroup,
-                    ips: ips.to_vec(),
+                    netns: at.netns,
+                    cgroup: at.cgroup,
+                    ips: at.ips.unwrap_or_else(|| ips.to_vec()),
                     // Mesh pods are captured inbound; other pods of the node are only clients.
                     inbound: mesh,
                     exclude_inbound_ports: pod.exclude_inbound_ports.to_vec(),
                 },
                 probes: pod.probes.to_vec(),
+                identity: Identity::Known,
             }),
             Err(reason) => out.not_enrolled.push(NotEnrolled {
                 namespace: w.namespace.clone(),
@@ -627,7 +647,8 @@ mod tests {
                 Ok((
                     PathBuf::from(format!("/cg/{uid}")),
                     PathBuf::from(format!("/ns/{uid}")),
-                ))
+                )
+                    .into())
             }
         };
         let d = desired(

@@ -106,8 +106,9 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
         let state = px.state();
         let Some(dest) = state.target(key) else {
             // The destination left this agent's care (released, or moved) since the connection
-            // was accepted: never decided with what it used to be.
-            px.metrics.request("deny", "destination gone");
+            // was accepted: never decided with what it used to be. Or it is a pod the CNI
+            // plugin handed over that the API server has not confirmed: no policy selects it yet.
+            px.metrics.request("deny", state.no_target_reason(key));
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no healthy upstream".into(),

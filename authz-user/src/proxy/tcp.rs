@@ -22,7 +22,7 @@ where
     if let Some(key) = &conn.destination {
         let state = px.state();
         let Some(dest) = state.target(key) else {
-            px.metrics.request("deny", "destination gone");
+            px.metrics.request("deny", state.no_target_reason(key));
             return;
         };
         let d = state.engine.decide_tcp(&conn.engine_conn(dest));
