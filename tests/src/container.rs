@@ -621,3 +621,175 @@ mod tests {
         );
     }
 }
+
+/// A node's CNI setup for `ctr run --cni`, kept off the machine's own: the test's network
+/// configuration and plugin directories are bind-mounted over `/etc/cni/net.d` and
+/// `/opt/cni/bin` in a mount namespace of ctr's own (on overlays of `/etc` and `/opt`, so nothing
+/// is created on the machine), and ctr runs in the test's hub network namespace, so the bridge
+/// plugin's host ends land on the hub's bridge beside the test's other pods.
+///
+/// ctr passes no `CNI_ARGS`; kubelet's CRI calls pass the pod's namespace, name and uid. The test
+/// plays kubelet: the installed `authz-cni` is a wrapper that sets them per sandbox (from
+/// `pod_args`) and runs the real plugin.
+pub struct CniNode {
+    pub dir: PathBuf,
+    pub conf_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    /// Where the plugin's wrapper is: the agent installs it as `authz-cni`.
+    pub plugin: PathBuf,
+    /// Bind-mounted at /out in every container.
+    pub out: PathBuf,
+    rootfs: PathBuf,
+    hub: String,
+}
+
+impl CniNode {
+    /// The primary network: Debian's bridge plugin on the hub's `br0`, host-local addresses
+    /// from 10.77.<subnet>.150 up (the first container gets .150).
+    pub fn new(hub: &str, subnet: u32, real_plugin: &Path) -> Result<CniNode> {
+        let dir = std::env::temp_dir().join(format!("authz-cni-{}-{subnet}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let node = CniNode {
+            conf_dir: dir.join("net.d"),
+            bin_dir: dir.join("bin"),
+            plugin: dir.join("authz-cni-as-kubelet"),
+            out: dir.join("out"),
+            rootfs: dir.join("rootfs"),
+            hub: hub.into(),
+            dir,
+        };
+        for d in [
+            &node.conf_dir,
+            &node.bin_dir,
+            &node.out,
+            &node.dir.join("args"),
+        ] {
+            std::fs::create_dir_all(d)?;
+        }
+        for d in ["usr", "proc", "sys", "dev", "tmp", "etc", "out", "run"] {
+            std::fs::create_dir_all(node.rootfs.join(d))?;
+        }
+        for l in ["bin", "lib", "lib64", "sbin"] {
+            std::os::unix::fs::symlink(format!("usr/{l}"), node.rootfs.join(l))?;
+        }
+        std::fs::write(node.primary(), node.primary_conf(subnet))?;
+        std::fs::write(
+            &node.plugin,
+            format!(
+                "#!/bin/sh\n# kubelet's CRI call passes the pod's identity; ctr does not.\nargs={}/args/\"$CNI_CONTAINERID\"\n[ -f \"$args\" ] && export CNI_ARGS=\"$(cat \"$args\")\"\nexec {}\n",
+                node.dir.display(),
+                real_plugin.display()
+            ),
+        )?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&node.plugin, std::fs::Permissions::from_mode(0o755))?;
+        Ok(node)
+    }
+
+    pub fn primary(&self) -> PathBuf {
+        self.conf_dir.join("10-pods.conflist")
+    }
+
+    /// The network plugin's own configuration (what it writes, and writes again).
+    pub fn primary_conf(&self, subnet: u32) -> String {
+        serde_json::json!({"cniVersion": "1.0.0", "name": "pods", "plugins": [
+            {"type": "bridge", "bridge": "br0", "isGateway": false,
+             "ipam": {"type": "host-local", "dataDir": self.dir.join("ipam"),
+                      "ranges": [[{"subnet": format!("10.77.{subnet}.0/24"),
+                                   "rangeStart": format!("10.77.{subnet}.150"),
+                                   "rangeEnd": format!("10.77.{subnet}.199")}]]}}]})
+        .to_string()
+    }
+
+    /// The plugin types chained in the primary network, in order.
+    pub fn chain(&self) -> Vec<String> {
+        let v: Value = std::fs::read(self.primary())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        v["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["type"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// The sandbox id the runtime names container `id` by (ctr: `<namespace>-<id>`).
+    pub fn sandbox(id: &str) -> String {
+        format!("{NAMESPACE}-{id}")
+    }
+
+    /// Kubelet's CNI_ARGS for pod `ns/name` (uid) in container `id`'s sandbox.
+    pub fn pod_args(&self, id: &str, ns: &str, name: &str, uid: &str) -> Result<()> {
+        std::fs::write(
+            self.dir.join("args").join(Self::sandbox(id)),
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={id};K8S_POD_UID={uid}"),
+        )?;
+        Ok(())
+    }
+
+    /// `ctr run --rm --cni` of `argv` as container `id` in cgroup `cgroup` (a directory below
+    /// the cgroup2 mount), with the host's /usr and the test server at /testsrv, as kubelet
+    /// starts a pod's container: the runtime creates the task, the CNI chain sets its network
+    /// up, then the task starts. The command returns when the container exits (then the chain's
+    /// DEL runs).
+    pub fn run(&self, ctd: &Containerd, id: &str, cgroup: &Path, argv: &[&str]) -> Command {
+        let rel = cgroup
+            .strip_prefix(crate::cgroup2_root())
+            .expect("a cgroup below the cgroup2 mount");
+        let mounts = format!(
+            "set -e\n\
+             mkdir -p {d}/ov/eu {d}/ov/ew {d}/ov/ou {d}/ov/ow\n\
+             mount -t overlay overlay -o lowerdir=/etc,upperdir={d}/ov/eu,workdir={d}/ov/ew /etc\n\
+             mount -t overlay overlay -o lowerdir=/opt,upperdir={d}/ov/ou,workdir={d}/ov/ow /opt\n\
+             mkdir -p /etc/cni/net.d /opt/cni/bin\n\
+             mount --bind {conf} /etc/cni/net.d\n\
+             mount --bind {bin} /opt/cni/bin\n\
+             exec \"$@\"\n",
+            d = self.dir.display(),
+            conf = self.conf_dir.display(),
+            bin = self.bin_dir.display(),
+        );
+        let mut c = Command::new("ip");
+        c.args([
+            "netns", "exec", &self.hub, "unshare", "-m", "sh", "-c", &mounts, "sh",
+        ])
+        .arg("ctr")
+        .arg("--address")
+        .arg(&ctd.socket)
+        .args(["--namespace", NAMESPACE, "run", "--rm", "--cni", "--cgroup"])
+        .arg(format!("/{}", rel.display()))
+        .args(["--env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+        .args(["--mount", "type=bind,src=/usr,dst=/usr,options=rbind:ro"])
+        .arg("--mount")
+        .arg(format!(
+            "type=bind,src={},dst=/testsrv,options=rbind:ro",
+            crate::testsrv()
+        ))
+        .arg("--mount")
+        .arg(format!(
+            "type=bind,src={},dst=/out,options=rbind:rw",
+            self.out.display()
+        ))
+        .arg("--rootfs")
+        .arg(&self.rootfs)
+        .arg(id)
+        .args(argv);
+        c
+    }
+
+    /// Stops container `id` (its `ctr run` then runs the chain's DEL and removes it).
+    pub fn kill(&self, ctd: &Containerd, id: &str) {
+        let _ = ctd
+            .ctr()
+            .args(["tasks", "kill", "-s", "SIGKILL", id])
+            .output();
+    }
+}
+
+impl Drop for CniNode {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

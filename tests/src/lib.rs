@@ -495,6 +495,20 @@ pub fn testsrv() -> String {
     panic!("authz-testsrv not built: run `cargo build --release -p authz-tests --bins`")
 }
 
+/// The CNI plugin binary, built beside the agent (`cargo build --release -p authz-cni`).
+pub fn cni_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AUTHZ_CNI_BIN") {
+        return PathBuf::from(p);
+    }
+    for profile in ["release", "debug"] {
+        let p = target_dir().join(profile).join("authz-cni");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("authz-cni not built: run `cargo build --release -p authz-cni` (cargo xtask build does)")
+}
+
 /// A free TCP port on the loopback of the test process's namespace.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

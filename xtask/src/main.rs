@@ -146,6 +146,8 @@ fn build(env: &BuildEnv) -> Result<()> {
         "-p",
         "authz-user",
         "-p",
+        "authz-cni",
+        "-p",
         "authz-tests",
         "--bins",
     ]);
@@ -195,7 +197,8 @@ fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
     let helm = setup::helm()?;
     // The image, for the test that runs it under containerd as the DaemonSet does.
     let image = image::build(env)?;
-    setup::apt_packages(&["containerd"])?;
+    // containerd runs the image, and starts pods through the CNI chain with Debian's plugins.
+    setup::apt_packages(&["containerd", "containernetworking-plugins"])?;
     let mut c = cargo(env);
     c.args(["test", "--release", "-p", "authz-tests"])
         .args(extra)

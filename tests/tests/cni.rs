@@ -1,0 +1,361 @@
+//! The chained CNI plugin under a real runtime: containerd (a daemon of the test's own) starts
+//! containers with CNI networking as kubelet's CRI calls would (`ctr run --cni`: the task is
+//! created, the CNI chain sets its network up, then the task starts), with Debian's bridge and
+//! host-local plugins as the cluster's network and `authz-cni` chained after them by the agent's
+//! installer. The agent runs in Kubernetes mode against the in-process API server.
+use std::{
+    path::Path,
+    process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use authz_tests::{
+    container::{CniNode, Containerd},
+    fakeapi::{self, FakeApi},
+    *,
+};
+use serde_json::json;
+
+const NODE: &str = "node-a";
+const SLEEP_UID: &str = "c41c0000-0000-4000-8000-00000000c001";
+const HTTPBIN_UID: &str = "c41c0000-0000-4000-8000-00000000c002";
+const WEB_UID: &str = "c41c0000-0000-4000-8000-00000000c003";
+const LATE_UID: &str = "c41c0000-0000-4000-8000-00000000c004";
+const RESTART_UID: &str = "c41c0000-0000-4000-8000-00000000c005";
+
+fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// kubelet's pod cgroup (cgroupfs driver, BestEffort), made before the sandbox as kubelet does.
+fn pod_cgroup(net: &Net, uid: &str) -> std::path::PathBuf {
+    let cg = net
+        .cgroup_base()
+        .join(format!("kubepods/besteffort/pod{uid}"));
+    std::fs::create_dir_all(&cg).unwrap();
+    cg
+}
+
+/// A pod the API server knows before its sandbox exists: scheduled here, no address yet.
+fn scheduled_pod(name: &str, uid: &str, labels: serde_json::Value, sa: &str) -> serde_json::Value {
+    let mut p = fakeapi::pod("foo", name, uid, NODE, "192.0.2.99", labels, sa);
+    p["status"] = json!({"phase": "Pending"});
+    p
+}
+
+/// Requests from a pod in a loop until stopped: every status seen (0: no answer).
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<u16>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hammer {
+    fn start(from: &Host, url: &str) -> Hammer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<Vec<u16>>> = Arc::default();
+        let (s, v, from, url) = (
+            stop.clone(),
+            Arc::clone(&seen),
+            from.clone(),
+            url.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let out = Net::run(
+                    &from,
+                    true,
+                    "curl",
+                    &[
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-m",
+                        "1",
+                        "-w",
+                        "%{http_code}",
+                        &url,
+                    ],
+                );
+                let code = out
+                    .ok()
+                    .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+                    .unwrap_or(0);
+                v.lock().unwrap().push(code);
+                if code == 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        Hammer {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn seen(&self) -> Vec<u16> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn stop(mut self) -> Vec<u16> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.seen()
+    }
+}
+
+fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    use std::io::Read;
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
+    if !require_root() {
+        return;
+    }
+    assert!(
+        Path::new("/usr/lib/cni/bridge").exists(),
+        "Debian's containernetworking-plugins are needed (cargo xtask test installs them)"
+    );
+    let api = FakeApi::start().unwrap();
+    let mut net = Net::new().unwrap();
+    let sleep = net.kube_pod("sleep", 2, SLEEP_UID).unwrap();
+    let httpbin = net.kube_pod("httpbin", 3, HTTPBIN_UID).unwrap();
+    net.serve(&httpbin, "http", 8000).unwrap();
+    let node = CniNode::new(net.hub(), net.subnet, &cni_bin()).unwrap();
+    let web_ip = format!("10.77.{}.150", net.subnet);
+    let vip = format!("10.77.{}.200", net.subnet);
+
+    api.apply(fakeapi::namespace("foo", true));
+    api.apply(fakeapi::pod(
+        "foo",
+        "sleep",
+        SLEEP_UID,
+        NODE,
+        &sleep.ip,
+        json!({"app": "sleep"}),
+        "sleep",
+    ));
+    api.apply(fakeapi::pod(
+        "foo",
+        "httpbin",
+        HTTPBIN_UID,
+        NODE,
+        &httpbin.ip,
+        json!({"app": "httpbin"}),
+        "httpbin",
+    ));
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "httpbin", "namespace": "foo"},
+        "spec": {"clusterIP": vip, "selector": {"app": "httpbin"}, "ports": [{"port": 80, "targetPort": 8000}]}}));
+    // httpbin answers /ip only to the web pods' identity; web refuses /private to everyone.
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "httpbin-from-web",
+        json!({"selector": {"matchLabels": {"app": "httpbin"}}, "action": "ALLOW",
+               "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/foo/sa/web"]}}],
+                          "to": [{"operation": {"paths": ["/ip"]}}]}]}),
+    ));
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "web-private",
+        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+               "rules": [{"to": [{"operation": {"paths": ["/private"]}}]}]}),
+    ));
+    for (name, uid) in [
+        ("web", WEB_UID),
+        ("late", LATE_UID),
+        ("restart", RESTART_UID),
+    ] {
+        api.apply(scheduled_pod(name, uid, json!({"app": "web"}), "web"));
+    }
+
+    let cfg = format!(
+        "agent: {{admin: \"{{ADMIN}}\", cgroupRoot: {cg}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: kubeconfig, cni: {{enabled: true, socket: {d}/agent/cni.sock, stateDir: {d}/agent/claims, binDir: {bin}, confDir: {conf}, pluginBinary: {plugin}, timeout: 8s}}}}\n",
+        cg = net.cgroup_base().display(),
+        d = node.dir.display(),
+        bin = node.bin_dir.display(),
+        conf = node.conf_dir.display(),
+        plugin = node.plugin.display(),
+    );
+    let kubeconfig = api.kubeconfig();
+    let files = [("kubeconfig", kubeconfig.as_str())];
+    let mut agent = Agent::start_with_files(&cfg, &files).unwrap();
+    agent.cleanup_on_drop = false;
+    let bpffs = agent.bpffs.clone();
+
+    // Installed: the binary in the node's CNI directory, chained last in the primary network,
+    // and back there when the network plugin rewrites its file.
+    until("the plugin chained", Duration::from_secs(10), || {
+        node.chain() == ["bridge", "authz-cni"]
+    });
+    assert!(node.bin_dir.join("authz-cni").exists());
+    std::fs::write(node.primary(), node.primary_conf(net.subnet)).unwrap();
+    assert_eq!(node.chain(), ["bridge"]);
+    until(
+        "the plugin chained again after a rewrite",
+        Duration::from_secs(5),
+        || node.chain() == ["bridge", "authz-cni"],
+    );
+
+    let ctd = Containerd::start().unwrap();
+    // Inbound: a client calls web's address over and over from before web exists. Every answer
+    // it ever gets for /private is the policy's: the container cannot serve before the pod is
+    // captured.
+    let hammer = Hammer::start(&sleep, &format!("http://{web_ip}:8080/private"));
+    // Outbound: web's very first connections go to the Service address (reachable only
+    // steered) and are decided with web's identity.
+    node.pod_args("web", "foo", "web", WEB_UID).unwrap();
+    let script = format!(
+        "for p in /ip /headers; do curl -s -o /dev/null -m 5 -w '%{{http_code}}\\n' http://{vip}$p; done > /out/web.first; exec /testsrv http 0.0.0.0:8080"
+    );
+    let mut web = node
+        .run(
+            &ctd,
+            "web",
+            &pod_cgroup(&net, WEB_UID).join("web"),
+            &["/bin/sh", "-c", &script],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until("web's first requests", Duration::from_secs(30), || {
+        if let Ok(Some(st)) = web.try_wait() {
+            panic!("web's ctr run exited with {st}: {}", stderr_of(&mut web));
+        }
+        lines(&node.out.join("web.first")).len() == 2
+    });
+    assert_eq!(
+        lines(&node.out.join("web.first")),
+        ["200", "403"],
+        "the first connections were steered and decided with web's identity"
+    );
+    until(
+        "web serving behind its policy",
+        Duration::from_secs(30),
+        || hammer.seen().contains(&403),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = hammer.stop();
+    assert!(
+        !seen.contains(&200),
+        "/private was served without the policy: {seen:?}"
+    );
+    let (code, _) = curl(&sleep, true, &[&format!("http://{web_ip}:8080/public")]).unwrap();
+    assert_eq!(code, 200, "other paths are served");
+    assert_eq!(agent.metric("authz_cni_claims"), 1.0);
+    let claims = node.dir.join("agent/claims");
+    assert!(claims
+        .join(format!("{}.json", CniNode::sandbox("web")))
+        .exists());
+
+    // The container goes: the chain's DEL releases the claim.
+    node.kill(&ctd, "web");
+    assert!(wait_exit(&mut web, Duration::from_secs(30)).is_some());
+    until("the claim released", Duration::from_secs(10), || {
+        std::fs::read_dir(&claims).unwrap().count() == 0
+    });
+
+    // The agent dies: with failMode closed the sandbox does not start, and nothing runs in it.
+    agent.child.kill().unwrap();
+    let _ = agent.child.wait();
+    assert_eq!(
+        node.chain(),
+        ["bridge", "authz-cni"],
+        "a crash leaves the plugin"
+    );
+    node.pod_args("late", "foo", "late", LATE_UID).unwrap();
+    let out = node
+        .run(
+            &ctd,
+            "late",
+            &pod_cgroup(&net, LATE_UID).join("late"),
+            &["/bin/sh", "-c", "touch /out/late.ran"],
+        )
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the sandbox started: {said}");
+    assert!(said.contains("cannot be reached"), "{said}");
+    assert!(!node.out.join("late.ran").exists());
+
+    // A pod whose ADD starts while the agent is down, and a new agent within the plugin's
+    // timeout: the ADD completes once it has the pod enrolled.
+    node.pod_args("restart", "foo", "restart", RESTART_UID)
+        .unwrap();
+    let script = format!(
+        "curl -s -o /dev/null -m 5 -w '%{{http_code}}\\n' http://{vip}/ip > /out/restart.first"
+    );
+    let mut restart = node
+        .run(
+            &ctd,
+            "restart",
+            &pod_cgroup(&net, RESTART_UID).join("restart"),
+            &["/bin/sh", "-c", &script],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !node.out.join("restart.first").exists(),
+        "ran before any agent had the pod"
+    );
+    let mut again = Agent::spawn(&cfg, &files, &bpffs).unwrap();
+    again.wait_ready().unwrap();
+    let st = wait_exit(&mut restart, Duration::from_secs(30)).expect("the container ran");
+    assert!(st.success(), "{}", stderr_of(&mut restart));
+    assert_eq!(lines(&node.out.join("restart.first")), ["200"]);
+
+    // Leaving for good (no successor on the socket): the plugin is taken out of the
+    // configuration and its binary removed, so the node's pods do not wait for it.
+    again.stop().unwrap();
+    assert_eq!(node.chain(), ["bridge"]);
+    assert!(!node.bin_dir.join("authz-cni").exists());
+    drop(again);
+    drop(agent);
+    let _ = std::process::Command::new(agent_bin())
+        .args(["cleanup", "--bpffs"])
+        .arg(&bpffs)
+        .output();
+    let _ = web.wait();
+}
