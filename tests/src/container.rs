@@ -538,90 +538,6 @@ pub fn root_read_only(pid: u32) -> Result<bool> {
         .context("no root in mountinfo")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod(container: Value) -> PodSpec {
-        serde_json::from_value(serde_json::json!({
-            "hostNetwork": true,
-            "volumes": [{"name": "scratch", "emptyDir": {}}],
-            "containers": [container],
-        }))
-        .unwrap()
-    }
-
-    fn args(p: &PodSpec) -> Result<Vec<String>> {
-        let k = Kubelet {
-            node_name: "n".into(),
-            config_maps: vec![],
-            scratch: std::env::temp_dir().join(format!("authz-ctr-unit-{}", std::process::id())),
-            service_account: None,
-            env: vec![],
-        };
-        let image = ImageConfig {
-            entrypoint: vec!["/agent".into()],
-            cmd: vec!["default".into()],
-            env: vec![],
-        };
-        ctr_run_args(p, "img", &image, "id", &k)
-    }
-
-    #[test]
-    fn settings_it_cannot_honour_are_refused() {
-        for (c, why) in [
-            (
-                serde_json::json!({"name": "a", "securityContext": {"runAsUser": 1000}}),
-                "runAsUser",
-            ),
-            (
-                serde_json::json!({"name": "a", "volumeMounts": [{"name": "scratch", "mountPath": "/x", "mountPropagation": "Bidirectional"}]}),
-                "Bidirectional",
-            ),
-            (
-                serde_json::json!({"name": "a", "command": ["/bin/sh"]}),
-                "command",
-            ),
-            (
-                serde_json::json!({"name": "a", "securityContext": {"seccompProfile": {"type": "Localhost", "localhostProfile": "p"}}}),
-                "seccompProfile",
-            ),
-            (
-                serde_json::json!({"name": "a", "env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}),
-                "fieldRef",
-            ),
-        ] {
-            let e = args(&pod(c)).unwrap_err().to_string();
-            assert!(e.contains(why), "{why}: {e}");
-        }
-    }
-
-    #[test]
-    fn capabilities_and_arguments_follow_kubernetes() {
-        let c = serde_json::json!({"name": "a", "args": ["run"],
-            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
-                "capabilities": {"drop": ["ALL"], "add": ["BPF"]}},
-            "volumeMounts": [{"name": "scratch", "mountPath": "/x", "readOnly": true,
-                "mountPropagation": "HostToContainer"}]});
-        let p = pod(c);
-        let a = args(&p).unwrap();
-        let drops = a.iter().filter(|s| s.starts_with("CAP_")).count();
-        assert_eq!(drops, RUNTIME_DEFAULT_CAPS.len() + 1, "{a:?}");
-        assert!(a.contains(&"--read-only".to_string()));
-        assert!(!a.contains(&"--allow-new-privs".to_string()));
-        assert!(
-            a.iter()
-                .any(|s| s.ends_with("dst=/x,options=rbind:rslave:ro")),
-            "{a:?}"
-        );
-        assert_eq!(a[a.len() - 4..], ["img", "id", "/agent", "run"]);
-        assert_eq!(
-            granted_caps(&p.containers[0]),
-            Some(vec!["BPF".to_string()])
-        );
-    }
-}
-
 /// A node's CNI setup for `ctr run --cni`, kept off the machine's own: the test's network
 /// configuration and plugin directories are bind-mounted over `/etc/cni/net.d` and
 /// `/opt/cni/bin` in a mount namespace of ctr's own (on overlays of `/etc` and `/opt`, so nothing
@@ -791,5 +707,89 @@ impl CniNode {
 impl Drop for CniNode {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(container: Value) -> PodSpec {
+        serde_json::from_value(serde_json::json!({
+            "hostNetwork": true,
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "containers": [container],
+        }))
+        .unwrap()
+    }
+
+    fn args(p: &PodSpec) -> Result<Vec<String>> {
+        let k = Kubelet {
+            node_name: "n".into(),
+            config_maps: vec![],
+            scratch: std::env::temp_dir().join(format!("authz-ctr-unit-{}", std::process::id())),
+            service_account: None,
+            env: vec![],
+        };
+        let image = ImageConfig {
+            entrypoint: vec!["/agent".into()],
+            cmd: vec!["default".into()],
+            env: vec![],
+        };
+        ctr_run_args(p, "img", &image, "id", &k)
+    }
+
+    #[test]
+    fn settings_it_cannot_honour_are_refused() {
+        for (c, why) in [
+            (
+                serde_json::json!({"name": "a", "securityContext": {"runAsUser": 1000}}),
+                "runAsUser",
+            ),
+            (
+                serde_json::json!({"name": "a", "volumeMounts": [{"name": "scratch", "mountPath": "/x", "mountPropagation": "Bidirectional"}]}),
+                "Bidirectional",
+            ),
+            (
+                serde_json::json!({"name": "a", "command": ["/bin/sh"]}),
+                "command",
+            ),
+            (
+                serde_json::json!({"name": "a", "securityContext": {"seccompProfile": {"type": "Localhost", "localhostProfile": "p"}}}),
+                "seccompProfile",
+            ),
+            (
+                serde_json::json!({"name": "a", "env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}),
+                "fieldRef",
+            ),
+        ] {
+            let e = args(&pod(c)).unwrap_err().to_string();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+    }
+
+    #[test]
+    fn capabilities_and_arguments_follow_kubernetes() {
+        let c = serde_json::json!({"name": "a", "args": ["run"],
+            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"], "add": ["BPF"]}},
+            "volumeMounts": [{"name": "scratch", "mountPath": "/x", "readOnly": true,
+                "mountPropagation": "HostToContainer"}]});
+        let p = pod(c);
+        let a = args(&p).unwrap();
+        let drops = a.iter().filter(|s| s.starts_with("CAP_")).count();
+        assert_eq!(drops, RUNTIME_DEFAULT_CAPS.len() + 1, "{a:?}");
+        assert!(a.contains(&"--read-only".to_string()));
+        assert!(!a.contains(&"--allow-new-privs".to_string()));
+        assert!(
+            a.iter()
+                .any(|s| s.ends_with("dst=/x,options=rbind:rslave:ro")),
+            "{a:?}"
+        );
+        assert_eq!(a[a.len() - 4..], ["img", "id", "/agent", "run"]);
+        assert_eq!(
+            granted_caps(&p.containers[0]),
+            Some(vec!["BPF".to_string()])
+        );
     }
 }
