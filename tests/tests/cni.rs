@@ -26,6 +26,8 @@ const HTTPBIN_UID: &str = "c41c0000-0000-4000-8000-00000000c002";
 const WEB_UID: &str = "c41c0000-0000-4000-8000-00000000c003";
 const LATE_UID: &str = "c41c0000-0000-4000-8000-00000000c004";
 const RESTART_UID: &str = "c41c0000-0000-4000-8000-00000000c005";
+const UNKNOWN_UID: &str = "c41c0000-0000-4000-8000-00000000c006";
+const GHOST_UID: &str = "c41c0000-0000-4000-8000-00000000c007";
 
 fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -208,7 +210,7 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     }
 
     let cfg = format!(
-        "agent: {{admin: \"{{ADMIN}}\", cgroupRoot: {cg}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: kubeconfig, cni: {{enabled: true, socket: {d}/agent/cni.sock, stateDir: {d}/agent/claims, binDir: {bin}, confDir: {conf}, pluginBinary: {plugin}, timeout: 8s}}}}\n",
+        "agent: {{admin: \"{{ADMIN}}\", cgroupRoot: {cg}}}\nkubernetes: {{enabled: true, nodeName: {NODE}, kubeconfig: kubeconfig, cni: {{enabled: true, socket: {d}/agent/cni.sock, stateDir: {d}/agent/claims, binDir: {bin}, confDir: {conf}, pluginBinary: {plugin}, timeout: 8s, reconcileWithin: 3s}}}}\n",
         cg = net.cgroup_base().display(),
         d = node.dir.display(),
         bin = node.bin_dir.display(),
@@ -345,6 +347,117 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     let st = wait_exit(&mut restart, Duration::from_secs(30)).expect("the container ran");
     assert!(st.success(), "{}", stderr_of(&mut restart));
     assert_eq!(lines(&node.out.join("restart.first")), ["200"]);
+
+    // A pod the API server does not know yet (its watch behind, or down): enrolled with a
+    // claimed identity, so no policy can select it and every connection to it is refused,
+    // until the API server confirms it; then its policies apply.
+    let serve_and_say_ip = |name: &str| {
+        format!("ip -4 -o addr show dev eth0 > /out/{name}.ip; exec /testsrv http 0.0.0.0:8080")
+    };
+    node.pod_args("unknown", "foo", "unknown", UNKNOWN_UID)
+        .unwrap();
+    let mut unknown = node
+        .run(
+            &ctd,
+            "unknown",
+            &pod_cgroup(&net, UNKNOWN_UID).join("unknown"),
+            &["/bin/sh", "-c", &serve_and_say_ip("unknown")],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ip_of = |name: &str| -> Option<String> {
+        let text = std::fs::read_to_string(node.out.join(format!("{name}.ip"))).ok()?;
+        let after = text.split(" inet ").nth(1)?;
+        Some(after.split('/').next()?.to_string())
+    };
+    until("unknown started", Duration::from_secs(30), || {
+        if let Ok(Some(st)) = unknown.try_wait() {
+            panic!(
+                "unknown's ctr run exited with {st}: {}",
+                stderr_of(&mut unknown)
+            );
+        }
+        ip_of("unknown").is_some()
+    });
+    let unknown_ip = ip_of("unknown").unwrap();
+    let code = |path: &str| {
+        curl(&sleep, true, &[&format!("http://{unknown_ip}:8080{path}")])
+            .map(|(c, _)| c)
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = 0;
+    while Instant::now() < deadline && refused < 5 {
+        match code("/public") {
+            503 => refused += 1,
+            0 => std::thread::sleep(Duration::from_millis(100)),
+            c => panic!("a pod of no known identity answered {c}"),
+        }
+    }
+    assert_eq!(refused, 5, "connections to the claimed pod are refused");
+    assert!(again
+        .metrics()
+        .contains_key("authz_requests_total{decision=\"deny\",reason=\"identity not confirmed\"}"));
+    api.apply(scheduled_pod(
+        "unknown",
+        UNKNOWN_UID,
+        json!({"app": "web"}),
+        "web",
+    ));
+    until(
+        "confirmed by the API server",
+        Duration::from_secs(10),
+        || code("/public") == 200,
+    );
+    assert_eq!(code("/private"), 403, "its policies apply once it is known");
+
+    // A claim the API server never confirms, though it has spoken since: withdrawn, reported.
+    node.pod_args("ghost", "foo", "ghost", GHOST_UID).unwrap();
+    let mut ghost = node
+        .run(
+            &ctd,
+            "ghost",
+            &pod_cgroup(&net, GHOST_UID).join("ghost"),
+            &["/bin/sh", "-c", &serve_and_say_ip("ghost")],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until("ghost started", Duration::from_secs(30), || {
+        ip_of("ghost").is_some()
+    });
+    assert_eq!(again.metric("authz_cni_claims_withdrawn_total"), 0.0);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        again.metric("authz_cni_claims_withdrawn_total"),
+        0.0,
+        "not withdrawn while the API server has said nothing since"
+    );
+    let mut elsewhere = fakeapi::pod(
+        "foo",
+        "elsewhere",
+        "c41c0000-0000-4000-8000-00000000c0ff",
+        "node-b",
+        "192.0.2.50",
+        json!({"app": "elsewhere"}),
+        "default",
+    );
+    elsewhere["metadata"]["labels"]["touch"] = json!("1");
+    api.apply(elsewhere);
+    until("the ghost claim withdrawn", Duration::from_secs(10), || {
+        again.metric("authz_cni_claims_withdrawn_total") == 1.0
+    });
+    assert!(!claims
+        .join(format!("{}.json", CniNode::sandbox("ghost")))
+        .exists());
+    assert!(again.log_text().contains("CNI claim withdrawn"));
+    for (id, child) in [("unknown", &mut unknown), ("ghost", &mut ghost)] {
+        node.kill(&ctd, id);
+        assert!(wait_exit(child, Duration::from_secs(30)).is_some());
+    }
 
     // Leaving for good (no successor on the socket): the plugin is taken out of the
     // configuration and its binary removed, so the node's pods do not wait for it.

@@ -38,6 +38,10 @@ pub struct Claim {
 }
 
 impl Claim {
+    pub fn made(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(self.claimed_at)
+    }
+
     pub fn age(&self) -> Duration {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -261,10 +261,20 @@ impl KubeInput {
                     }
                     continue;
                 }
-                None if c.age() > self.reconcile_within => Some(format!(
-                    "the API server has no pod {}/{} with uid {} after {:?}",
-                    p.namespace, p.name, p.uid, self.reconcile_within
-                )),
+                // Given up only once the API server has spoken since the claim and still has no
+                // such pod: an outage (or a watch gone quiet) keeps the pod enrolled and refused.
+                None if c.age() > self.reconcile_within
+                    && self
+                        .cluster
+                        .pods
+                        .heard()
+                        .is_some_and(|h| h > c.made() + Duration::from_secs(1)) =>
+                {
+                    Some(format!(
+                        "the API server has no pod {}/{} with uid {} after {:?}",
+                        p.namespace, p.name, p.uid, self.reconcile_within
+                    ))
+                }
                 None => None,
             };
             if let Some(why) = why {

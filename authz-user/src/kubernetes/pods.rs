@@ -409,6 +409,9 @@ struct Inner {
     /// A relist in progress.
     next: Option<HashMap<Arc<str>, Arc<PodRecord>>>,
     ready: bool,
+    /// When the watch last delivered anything (changed or not): the store's word is current
+    /// as of then.
+    heard: Option<std::time::SystemTime>,
 }
 
 impl PodStore {
@@ -440,10 +443,16 @@ impl PodStore {
         }
     }
 
+    /// When the API server last said anything about pods.
+    pub fn heard(&self) -> Option<std::time::SystemTime> {
+        self.inner.read().unwrap().heard
+    }
+
     /// Applies one watcher event; true when what the agent reads changed.
     pub fn apply(&self, ev: kube::runtime::watcher::Event<Pod>) -> bool {
         use kube::runtime::watcher::Event;
         let mut s = self.inner.write().unwrap();
+        s.heard = Some(std::time::SystemTime::now());
         match ev {
             Event::Init => {
                 s.next = Some(HashMap::new());
