@@ -584,6 +584,38 @@ policies: []
     }
 
     #[test]
+    fn cni_settings_are_checked() {
+        let ok = Config::parse(
+            "kubernetes:\n  enabled: true\n  cni: {enabled: true, binDir: /b, confDir: /c, failMode: open, timeout: 10s}\n",
+            "k.yaml",
+        )
+        .unwrap();
+        assert_eq!(ok.kubernetes.cni.fail_mode, FailMode::Open);
+        assert_eq!(ok.kubernetes.cni.reconcile_within, Duration::from_secs(60));
+        for (bad, says) in [
+            (
+                "kubernetes:\n  cni: {enabled: true}\n",
+                "needs kubernetes.enabled",
+            ),
+            (
+                "kubernetes:\n  enabled: true\n  cni: {enabled: true, binDir: /b}\n",
+                "together",
+            ),
+            (
+                "kubernetes:\n  enabled: true\n  cni: {enabled: true, timeout: 0s}\n",
+                "timeout",
+            ),
+            (
+                "kubernetes:\n  enabled: true\n  cni: {enabled: true, failMode: maybe}\n",
+                "k.yaml:3",
+            ),
+        ] {
+            let err = Config::parse(bad, "k.yaml").unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_ip_is_an_error_with_line() {
         let err = Config::parse(
             "workloads:\n  - name: a\n    namespace: b\n    ips: [10.0.0.300]\n",

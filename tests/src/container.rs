@@ -194,6 +194,9 @@ pub struct Kubelet {
     pub service_account: Option<PathBuf>,
     /// What kubelet adds to every container's environment (the API server's address).
     pub env: Vec<(String, String)>,
+    /// hostPath volumes the test stands in for with directories of its own (the node's CNI
+    /// configuration must not be the machine's).
+    pub host_paths: Vec<(String, PathBuf)>,
 }
 
 /// Where kubelet mounts the service account's token, CA and namespace.
@@ -376,7 +379,12 @@ pub fn ctr_run_args(
                 .map(|(_, dir)| dir.clone())
                 .with_context(|| format!("ConfigMap {} not provided", cm.name))?
         } else if let Some(hp) = &v.host_path {
-            let p = PathBuf::from(&hp.path);
+            let p = k
+                .host_paths
+                .iter()
+                .find(|(node, _)| *node == hp.path)
+                .map(|(_, here)| here.clone())
+                .unwrap_or_else(|| PathBuf::from(&hp.path));
             match hp.type_.as_deref() {
                 Some("DirectoryOrCreate") => std::fs::create_dir_all(&p)?,
                 Some("Directory") if p.is_dir() => {}
@@ -730,6 +738,7 @@ mod tests {
             scratch: std::env::temp_dir().join(format!("authz-ctr-unit-{}", std::process::id())),
             service_account: None,
             env: vec![],
+            host_paths: vec![],
         };
         let image = ImageConfig {
             entrypoint: vec!["/agent".into()],

@@ -168,7 +168,20 @@ fn faq_in_container(
         scratch: dir.join("volumes"),
         service_account: Some(service_account),
         env: api.service_env(),
+        host_paths: ["/var/run/authz", "/opt/cni/bin", "/etc/cni/net.d"]
+            .iter()
+            .map(|p| (p.to_string(), dir.join("node").join(&p[1..])))
+            .collect(),
     };
+
+    // The node's network plugin wrote its configuration as a single-plugin .conf.
+    let node_conf = dir.join("node/etc/cni/net.d");
+    std::fs::create_dir_all(&node_conf).unwrap();
+    std::fs::write(
+        node_conf.join("10-bridge.conf"),
+        r#"{"cniVersion": "1.0.0", "name": "pods", "type": "bridge", "bridge": "cni0"}"#,
+    )
+    .unwrap();
 
     let id = format!("authz-agent-{}", std::process::id());
     let args = container::ctr_run_args(&pod, image_ref, image_config, &id, &kubelet).unwrap();
@@ -231,6 +244,32 @@ fn faq_in_container(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // The image's plugin, installed on the node and chained after the node's network (its
+    // .conf made a .conflist); it runs on the node, outside the image.
+    let list = node_conf.join("10-bridge.conflist");
+    while !std::fs::read_to_string(&list).is_ok_and(|t| t.contains("authz-cni")) {
+        assert!(
+            Instant::now() < deadline,
+            "{variant}: plugin not chained: {}",
+            why(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let chained: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&list).unwrap()).unwrap();
+    assert_eq!(chained["plugins"][0]["type"], "bridge");
+    assert_eq!(chained["plugins"][1]["type"], "authz-cni");
+    assert_eq!(chained["plugins"][1]["failMode"], "closed");
+    let version = std::process::Command::new(dir.join("node/opt/cni/bin/authz-cni"))
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&version.stdout).contains("\"supportedVersions\""),
+        "{variant}: the installed plugin runs on the node: {version:?}"
+    );
 
     // The process runs as the manifest says, seen from the kernel.
     let pid = ctd.task_pid(&id).unwrap();

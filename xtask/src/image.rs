@@ -44,22 +44,31 @@ pub fn build(env: &BuildEnv) -> Result<PathBuf> {
         "authz-user",
         "--bin",
         "authz-agent",
+        "-p",
+        "authz-cni",
+        "--bin",
+        "authz-cni",
     ]);
     run(c)?;
-    let bin = root().join(format!("target/{TARGET}/release/authz-agent"));
-    // Static, or it would not start on scratch.
-    let ldd = Command::new("ldd").arg(&bin).output()?;
-    let said =
-        String::from_utf8_lossy(&ldd.stdout).to_string() + &String::from_utf8_lossy(&ldd.stderr);
-    if !(said.contains("not a dynamic executable") || said.contains("statically linked")) {
-        bail!("{} is not statically linked: {said}", bin.display());
-    }
-    let stripped = root().join("target/image/authz-agent");
-    std::fs::create_dir_all(stripped.parent().unwrap())?;
-    std::fs::copy(&bin, &stripped)?;
-    if !ok("strip", &[&stripped.to_string_lossy()]) {
-        bail!("strip failed");
-    }
+    // Static, or they would not start on scratch (nor the plugin on any node it is copied to).
+    let static_stripped = |name: &str| -> Result<PathBuf> {
+        let bin = root().join(format!("target/{TARGET}/release/{name}"));
+        let ldd = Command::new("ldd").arg(&bin).output()?;
+        let said = String::from_utf8_lossy(&ldd.stdout).to_string()
+            + &String::from_utf8_lossy(&ldd.stderr);
+        if !(said.contains("not a dynamic executable") || said.contains("statically linked")) {
+            bail!("{} is not statically linked: {said}", bin.display());
+        }
+        let stripped = root().join("target/image").join(name);
+        std::fs::create_dir_all(stripped.parent().unwrap())?;
+        std::fs::copy(&bin, &stripped)?;
+        if !ok("strip", &[&stripped.to_string_lossy()]) {
+            bail!("strip failed");
+        }
+        Ok(stripped)
+    };
+    let stripped = static_stripped("authz-agent")?;
+    let plugin = static_stripped("authz-cni")?;
 
     let buildah = |args: &[&str]| -> Result<String> {
         let out = Command::new("buildah")
@@ -83,6 +92,13 @@ pub fn build(env: &BuildEnv) -> Result<PathBuf> {
             &ctr,
             &stripped.to_string_lossy(),
             "/usr/local/bin/authz-agent",
+        ])?;
+        // The CNI plugin the agent installs on its node (beside it: where it looks).
+        buildah(&[
+            "copy",
+            &ctr,
+            &plugin.to_string_lossy(),
+            "/usr/local/bin/authz-cni",
         ])?;
         buildah(&["copy", &ctr, CA_BUNDLE, CA_BUNDLE])?;
         buildah(&[
