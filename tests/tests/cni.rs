@@ -125,6 +125,29 @@ fn lines(p: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Pod `name` (uid) of namespace foo, started by the runtime with `script` as its one
+/// container, its sandbox's network set up by the CNI chain; kubelet's CNI_ARGS name it.
+fn start_pod(
+    node: &CniNode,
+    ctd: &Containerd,
+    net: &Net,
+    name: &str,
+    uid: &str,
+    script: &str,
+) -> Child {
+    node.pod_args(name, "foo", name, uid).unwrap();
+    node.run(
+        ctd,
+        name,
+        &pod_cgroup(net, uid).join(name),
+        &["/bin/sh", "-c", script],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
 fn stderr_of(child: &mut Child) -> String {
     let mut err = String::new();
     use std::io::Read;
@@ -219,8 +242,9 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     );
     let kubeconfig = api.kubeconfig();
     let files = [("kubeconfig", kubeconfig.as_str())];
+    // Its pins are adopted by the agent started after it is killed; whichever is dropped
+    // cleans them up, whatever fails.
     let mut agent = Agent::start_with_files(&cfg, &files).unwrap();
-    agent.cleanup_on_drop = false;
     let bpffs = agent.bpffs.clone();
 
     // Installed: the binary in the node's CNI directory, chained last in the primary network,
@@ -244,21 +268,10 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     let hammer = Hammer::start(&sleep, &format!("http://{web_ip}:8080/private"));
     // Outbound: web's very first connections go to the Service address (reachable only
     // steered) and are decided with web's identity.
-    node.pod_args("web", "foo", "web", WEB_UID).unwrap();
     let script = format!(
         "for p in /ip /headers; do curl -s -o /dev/null -m 5 -w '%{{http_code}}\\n' http://{vip}$p; done > /out/web.first; exec /testsrv http 0.0.0.0:8080"
     );
-    let mut web = node
-        .run(
-            &ctd,
-            "web",
-            &pod_cgroup(&net, WEB_UID).join("web"),
-            &["/bin/sh", "-c", &script],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut web = start_pod(&node, &ctd, &net, "web", WEB_UID, &script);
     until("web's first requests", Duration::from_secs(30), || {
         if let Ok(Some(st)) = web.try_wait() {
             panic!("web's ctr run exited with {st}: {}", stderr_of(&mut web));
@@ -321,22 +334,10 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
 
     // A pod whose ADD starts while the agent is down, and a new agent within the plugin's
     // timeout: the ADD completes once it has the pod enrolled.
-    node.pod_args("restart", "foo", "restart", RESTART_UID)
-        .unwrap();
     let script = format!(
         "curl -s -o /dev/null -m 5 -w '%{{http_code}}\\n' http://{vip}/ip > /out/restart.first"
     );
-    let mut restart = node
-        .run(
-            &ctd,
-            "restart",
-            &pod_cgroup(&net, RESTART_UID).join("restart"),
-            &["/bin/sh", "-c", &script],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut restart = start_pod(&node, &ctd, &net, "restart", RESTART_UID, &script);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         !node.out.join("restart.first").exists(),
@@ -354,19 +355,14 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     let serve_and_say_ip = |name: &str| {
         format!("ip -4 -o addr show dev eth0 > /out/{name}.ip; exec /testsrv http 0.0.0.0:8080")
     };
-    node.pod_args("unknown", "foo", "unknown", UNKNOWN_UID)
-        .unwrap();
-    let mut unknown = node
-        .run(
-            &ctd,
-            "unknown",
-            &pod_cgroup(&net, UNKNOWN_UID).join("unknown"),
-            &["/bin/sh", "-c", &serve_and_say_ip("unknown")],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut unknown = start_pod(
+        &node,
+        &ctd,
+        &net,
+        "unknown",
+        UNKNOWN_UID,
+        &serve_and_say_ip("unknown"),
+    );
     let ip_of = |name: &str| -> Option<String> {
         let text = std::fs::read_to_string(node.out.join(format!("{name}.ip"))).ok()?;
         let after = text.split(" inet ").nth(1)?;
@@ -414,18 +410,14 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     assert_eq!(code("/private"), 403, "its policies apply once it is known");
 
     // A claim the API server never confirms, though it has spoken since: withdrawn, reported.
-    node.pod_args("ghost", "foo", "ghost", GHOST_UID).unwrap();
-    let mut ghost = node
-        .run(
-            &ctd,
-            "ghost",
-            &pod_cgroup(&net, GHOST_UID).join("ghost"),
-            &["/bin/sh", "-c", &serve_and_say_ip("ghost")],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut ghost = start_pod(
+        &node,
+        &ctd,
+        &net,
+        "ghost",
+        GHOST_UID,
+        &serve_and_say_ip("ghost"),
+    );
     until("ghost started", Duration::from_secs(30), || {
         ip_of("ghost").is_some()
     });
@@ -466,9 +458,5 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     assert!(!node.bin_dir.join("authz-cni").exists());
     drop(again);
     drop(agent);
-    let _ = std::process::Command::new(agent_bin())
-        .args(["cleanup", "--bpffs"])
-        .arg(&bpffs)
-        .output();
     let _ = web.wait();
 }

@@ -263,6 +263,16 @@ mod tests {
         (Dirs(root), i)
     }
 
+    /// The chain's plugin types, in order.
+    fn types(v: &Value) -> Vec<&str> {
+        v["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect()
+    }
+
     fn read(p: &Path) -> Value {
         serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
     }
@@ -282,13 +292,7 @@ mod tests {
         std::fs::write(i.conf_dir.join("99-other.conflist"), "{}").unwrap();
         assert_eq!(i.ensure().unwrap(), Ensured::Inserted(list.clone()));
         let v = read(&list);
-        let types: Vec<&str> = v["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["type"].as_str().unwrap())
-            .collect();
-        assert_eq!(types, ["bridge", "portmap", "authz-cni"]);
+        assert_eq!(types(&v), ["bridge", "portmap", "authz-cni"]);
         assert_eq!(v["plugins"][2]["failMode"], "closed");
         assert_eq!(
             i.ensure().unwrap(),
@@ -312,13 +316,7 @@ mod tests {
         std::fs::write(&list, v.to_string()).unwrap();
         i.ensure().unwrap();
         let v = read(&list);
-        let types: Vec<&str> = v["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["type"].as_str().unwrap())
-            .collect();
-        assert_eq!(types, ["bridge", "tuning", "authz-cni"]);
+        assert_eq!(types(&v), ["bridge", "tuning", "authz-cni"]);
         assert_eq!(i.remove().unwrap(), vec![list.clone()]);
         let v = read(&list);
         assert_eq!(v["plugins"].as_array().unwrap().len(), 2, "only ours went");
