@@ -95,6 +95,7 @@ fn decide(c: &mut Criterion) {
         let conn = Conn {
             policies: &pol,
             source: None,
+            destination: None,
             source_ip: None,
             dest_ip: None,
             dest_port: 8000,
@@ -105,6 +106,7 @@ fn decide(c: &mut Criterion) {
             host: "httpbin.foo",
             headers: &headers,
             http2: false,
+            body: None,
         };
         assert!(rt.block_on(engine.decide_http(&conn, &req)).allowed);
         g.bench_function(format!("cached_token_{n}_policies"), |b| {

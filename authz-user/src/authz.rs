@@ -1,6 +1,6 @@
 //! AuthorizationPolicy evaluation: pure functions over a request model, no I/O.
-//! Order (Istio): CUSTOM (unsupported here: a match denies), DENY, then ALLOW (no ALLOW policy
-//! -> allow; some but none matched -> deny). AUDIT never changes the decision.
+//! Order (Istio): CUSTOM (`custom_match`: the engine asks the provider), DENY, then ALLOW (no
+//! ALLOW policy -> allow; some but none matched -> deny). AUDIT never changes the decision.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use http::HeaderMap;
@@ -153,6 +153,8 @@ pub struct Compiled {
     pub dry_run: bool,
     pub selector: Option<BTreeMap<String, String>>,
     pub has_target_refs: bool,
+    /// CUSTOM: the extension provider it names.
+    pub provider: Option<String>,
     /// `None`: the policy has no rules (matches nothing).
     rules: Option<Vec<CRule>>,
 }
@@ -369,6 +371,7 @@ impl Compiled {
                 .is_some_and(|v| v == "true"),
             selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
             has_target_refs: p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty(),
+            provider: p.spec.provider.as_ref().map(|x| x.name.clone()),
             rules,
         })
     }
@@ -383,6 +386,7 @@ impl Compiled {
             dry_run: false,
             selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
             has_target_refs: p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty(),
+            provider: None,
             rules: Some(vec![CRule {
                 from: None,
                 to: None,
@@ -914,8 +918,9 @@ pub enum Why {
     AllowMatched,
     DenyMatched,
     NoAllowMatched,
-    /// CUSTOM is not supported: a match denies.
-    CustomMatched,
+    /// A CUSTOM policy matched a TCP connection: external authorization of TCP is not done
+    /// here, so the connection is refused.
+    CustomOnTcp,
 }
 
 impl Why {
@@ -925,8 +930,8 @@ impl Why {
             Why::AllowMatched => "allowed by ALLOW policy",
             Why::DenyMatched => "denied by DENY policy",
             Why::NoAllowMatched => "no ALLOW policy matched",
-            Why::CustomMatched => {
-                "CUSTOM policy matched, and external authorization is not supported: denied"
+            Why::CustomOnTcp => {
+                "CUSTOM policy matched a TCP connection, which is not checked externally: denied"
             }
         }
     }
@@ -938,7 +943,16 @@ impl std::fmt::Display for Why {
     }
 }
 
-/// Istio's order over the policies that count: CUSTOM, DENY, then ALLOW.
+/// The first CUSTOM policy (dry-run ones aside) whose rules match: the request goes to its
+/// provider before anything else is decided.
+pub fn custom_match<'p>(policies: &'p [Arc<Compiled>], a: &Attrs) -> Option<(&'p Compiled, usize)> {
+    policies
+        .iter()
+        .filter(|p| p.action == Action::Custom && !p.dry_run)
+        .find_map(|p| p.matched_rule(a).map(|rule| (&**p, rule)))
+}
+
+/// Istio's order over the policies that count, once CUSTOM has passed: DENY, then ALLOW.
 fn decide(policies: &[Arc<Compiled>], a: &Attrs, with_dry_run: bool) -> (Why, Option<RuleMatch>) {
     let counts = |p: &&Arc<Compiled>| with_dry_run || !p.dry_run;
     let first = |action: Action| {
@@ -953,9 +967,6 @@ fn decide(policies: &[Arc<Compiled>], a: &Attrs, with_dry_run: bool) -> (Why, Op
                 })
             })
     };
-    if let Some(m) = first(Action::Custom) {
-        return (Why::CustomMatched, Some(m));
-    }
     if let Some(m) = first(Action::Deny) {
         return (Why::DenyMatched, Some(m));
     }

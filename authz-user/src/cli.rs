@@ -84,6 +84,8 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
         let reg = registry.clone();
         let store = engine::jwks_store(&cfg, move || reg.clone())?;
         let (eng, set) = engine::build(&cfg, Some(&store), Arc::new(TokenCache::new(0)));
+        // `check` never calls a CUSTOM provider: it says which one would be asked.
+        let eng = eng.without_providers();
         if !set.is_valid() {
             let msgs: Vec<String> = set.errors().map(|p| p.to_string()).collect();
             bail!("invalid policies:\n{}", msgs.join("\n"));
@@ -92,6 +94,7 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
         let conn = engine::Conn {
             policies: &policies,
             source: source.as_deref(),
+            destination: Some(&dest),
             source_ip,
             dest_ip,
             dest_port: port,
@@ -102,6 +105,7 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
             host: &host,
             headers: &headers,
             http2: false,
+            body: None,
         };
         let d = eng.decide_http(&conn, &req).await;
         let mut hdrs = serde_json::Map::new();
@@ -116,12 +120,19 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
         let out = serde_json::json!({
             "allowed": d.allowed,
             "status": d.status,
-            "reason": if d.allowed { "allowed".to_string() } else { d.body.clone() },
+            "reason": if d.allowed { "allowed".into() } else { String::from_utf8_lossy(&d.body).into_owned() },
             "policy": d.policy,
             "principal": d.principal,
             "headers": hdrs,
             "detail": d.reason.as_str(),
             // AUDIT policies that matched, and what enforcing the dry-run ones would give.
+            // A CUSTOM policy matched: its provider would be asked first (check does not ask
+            // it; the rest is decided as if it allowed).
+            "custom": d.custom.as_ref().map(|c| serde_json::json!({
+                "policy": c.policy.policy,
+                "provider": c.provider,
+                "asked": c.asked,
+            })),
             "audit": d.audits.iter().map(|m| m.policy.clone()).collect::<Vec<_>>(),
             "dryRun": d.dry_run.as_ref().map(|r| serde_json::json!({
                 "allowed": r.allowed,
@@ -137,16 +148,28 @@ pub fn validate(config: Option<&PathBuf>, paths: &[PathBuf]) -> (Vec<String>, bo
     let mut lines = Vec::new();
     let mut ok = true;
     let mut all = paths.to_vec();
+    let mut cfg = None;
     if let Some(c) = config {
         match Config::load(c) {
-            Ok(cfg) => all.extend(cfg.policies),
+            Ok(c) => {
+                all.extend(c.policies.iter().cloned());
+                cfg = Some(c);
+            }
             Err(e) => {
                 lines.push(e.to_string());
                 ok = false;
             }
         }
     }
-    let set = crate::policy::load_paths(&all);
+    let mut set = crate::policy::load_paths(&all);
+    if let Some(c) = &cfg {
+        crate::policy::load::add_config_providers(&mut set, c);
+    }
+    // Without a config there are no providers to know: CUSTOM policies are checked against
+    // the config's (or the cluster's) providers only.
+    if cfg.is_some() {
+        set.check_custom();
+    }
     for p in &set.problems {
         lines.push(p.to_string());
     }

@@ -27,6 +27,13 @@ pub struct Config {
     /// Kubernetes mode: pods, services and policies come from the API server instead.
     #[serde(default)]
     pub kubernetes: KubernetesSettings,
+    /// File mode's MeshConfig `extensionProviders` (the providers CUSTOM policies name), with
+    /// Istio's schema; Kubernetes mode reads them from the `istio` ConfigMap instead.
+    #[serde(default)]
+    pub extension_providers: Vec<crate::extauthz::ProviderSpec>,
+    /// The file this config was read from (for `file:line` in problems).
+    #[serde(skip)]
+    pub origin: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -370,6 +377,7 @@ impl Config {
             source,
         })?;
         let mut cfg = Config::parse(&text, &path.display().to_string())?;
+        cfg.origin = Some(path.to_path_buf());
         let base = path.parent().unwrap_or(Path::new("."));
         for p in &mut cfg.policies {
             if p.is_relative() {

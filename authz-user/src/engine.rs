@@ -4,11 +4,13 @@
 use std::{net::IpAddr, sync::Arc};
 
 use base64::Engine as _;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::{
     authz::{self, Attrs, HttpAttrs, Identity, Peer},
     config::PathNormalization,
+    extauthz::{self, HeaderOp},
     jwt::{
         self,
         cache::TokenCache,
@@ -17,7 +19,7 @@ use crate::{
         Claims, JwtError,
     },
     normalize::{self, PathError},
-    policy::{Keys, PolicyIndex, Provider, WorkloadPolicies},
+    policy::{Custom, Keys, PolicyIndex, Provider, WorkloadPolicies},
     registry::Workload,
 };
 
@@ -29,6 +31,8 @@ pub struct Engine {
     store: Option<Arc<JwksStore>>,
     normalization: PathNormalization,
     trust_domain: String,
+    /// Whether CUSTOM providers are asked (`check` only says which one would be).
+    ask_providers: bool,
 }
 
 /// The request as the engine sees it.
@@ -41,6 +45,8 @@ pub struct Request<'a> {
     pub headers: &'a HeaderMap,
     /// HTTP/2 lets lowercase methods reach the policy; HTTP/1 answers 400.
     pub http2: bool,
+    /// The body, buffered when the CUSTOM provider asked for it (`custom_body`).
+    pub body: Option<&'a Bytes>,
 }
 
 /// Who is talking to whom. The destination is the policies that select it, computed when the
@@ -48,6 +54,8 @@ pub struct Request<'a> {
 pub struct Conn<'a> {
     pub policies: &'a WorkloadPolicies,
     pub source: Option<&'a Workload>,
+    /// The destination workload (its principal goes to CUSTOM providers).
+    pub destination: Option<&'a Workload>,
     pub source_ip: Option<IpAddr>,
     pub dest_ip: Option<IpAddr>,
     pub dest_port: u16,
@@ -58,7 +66,7 @@ pub struct Decision {
     pub allowed: bool,
     pub status: u16,
     /// Reply body when denied; "allowed" otherwise.
-    pub body: String,
+    pub body: Bytes,
     /// Why, for logs, metrics and `check`.
     pub reason: Reason,
     pub policy: Option<String>,
@@ -76,6 +84,24 @@ pub struct Decision {
     pub audits: Vec<authz::RuleMatch>,
     /// What the dry-run policies would have decided (when one applies).
     pub dry_run: Option<authz::DryRun>,
+    /// The CUSTOM policy that matched, and its provider.
+    pub custom: Option<CustomCheck>,
+    /// The provider's changes to the upstream request, applied before `remove_headers` and
+    /// `set_headers` (its filter runs before the JWT filter).
+    pub upstream_ops: Vec<HeaderOp>,
+    /// The provider's headers for the client: on the response when allowed, on the reply
+    /// when it denied.
+    pub response_ops: Vec<HeaderOp>,
+}
+
+/// A CUSTOM policy matched: which, and what its provider did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomCheck {
+    pub policy: authz::RuleMatch,
+    /// The provider's name (empty when the policy names none).
+    pub provider: String,
+    /// Whether the provider was asked (`check` does not ask), and why not when it could not be.
+    pub asked: bool,
 }
 
 /// Why a request or connection was decided as it was.
@@ -85,8 +111,34 @@ pub enum Reason {
     BadRequest(&'static str),
     /// A presented token failed, with Envoy's jwt_verify_lib reason.
     Jwt(JwtError),
-    /// Authorization decided (allowed, denied by DENY, no ALLOW matched, CUSTOM).
+    /// Authorization decided (allowed, denied by DENY, no ALLOW matched).
     Authz(authz::Why),
+    /// A CUSTOM policy matched and its provider decided (or could not).
+    Custom(CustomWhy),
+}
+
+/// What became of a CUSTOM check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CustomWhy {
+    /// The provider denied.
+    Denied,
+    /// The provider could not be asked or did not answer: `statusOnError`.
+    Unavailable,
+    /// The provider could not be asked or did not answer, and `failOpen` let the request on.
+    FailedOpen,
+    /// The policy's provider is unknown, invalid, or one of several: denied.
+    Unusable,
+}
+
+impl CustomWhy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CustomWhy::Denied => "denied by CUSTOM provider",
+            CustomWhy::Unavailable => "CUSTOM provider unavailable (statusOnError)",
+            CustomWhy::FailedOpen => "CUSTOM provider unavailable, failOpen",
+            CustomWhy::Unusable => "CUSTOM provider unknown or invalid: denied",
+        }
+    }
 }
 
 impl Default for Reason {
@@ -101,6 +153,7 @@ impl Reason {
             Reason::BadRequest(why) => why,
             Reason::Jwt(e) => e.message(),
             Reason::Authz(w) => w.as_str(),
+            Reason::Custom(w) => w.as_str(),
         }
     }
 }
@@ -112,11 +165,16 @@ impl std::fmt::Display for Reason {
 }
 
 impl Decision {
+    /// The reply body as text (a provider's non-UTF-8 body reads as empty).
+    pub fn body_text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap_or("")
+    }
+
     fn deny(status: u16, body: &str, reason: Reason, policy: Option<String>) -> Decision {
         Decision {
             allowed: false,
             status,
-            body: body.into(),
+            body: Bytes::copy_from_slice(body.as_bytes()),
             reason,
             policy,
             ..Default::default()
@@ -138,7 +196,15 @@ impl Engine {
             store,
             normalization,
             trust_domain: trust_domain.into(),
+            ask_providers: true,
         }
+    }
+
+    /// An engine that never asks CUSTOM providers (`check`): a CUSTOM match is reported, and
+    /// the rest decided as if the provider allowed.
+    pub fn without_providers(mut self) -> Engine {
+        self.ask_providers = false;
+        self
     }
 
     pub fn index(&self) -> &PolicyIndex {
@@ -149,6 +215,15 @@ impl Engine {
     /// computes them once per destination when it is built.
     pub fn policies_for(&self, w: &Workload) -> WorkloadPolicies {
         self.index.for_workload(w)
+    }
+
+    fn spiffe(&self, w: Option<&Workload>) -> Option<String> {
+        w.map(|w| {
+            format!(
+                "spiffe://{}/ns/{}/sa/{}",
+                self.trust_domain, w.namespace, w.service_account
+            )
+        })
     }
 
     fn peer(&self, w: Option<&Workload>) -> Option<Peer> {
@@ -173,12 +248,30 @@ impl Engine {
             dest_port: c.dest_port,
             sni: None,
         };
+        if let Some((p, rule)) = authz::custom_match(&pol.authz, &a) {
+            let why = authz::Why::CustomOnTcp;
+            let mut d = Decision::deny(
+                403,
+                "connection closed due to policy rejection",
+                Reason::Authz(why),
+                Some(p.id.clone()),
+            );
+            d.custom = Some(CustomCheck {
+                policy: authz::RuleMatch {
+                    policy: p.id.clone(),
+                    rule,
+                },
+                provider: p.provider.clone().unwrap_or_default(),
+                asked: false,
+            });
+            return d;
+        }
         let v = authz::evaluate(&pol.authz, &a);
         let mut d = if v.allowed {
             Decision {
                 allowed: true,
                 status: 200,
-                body: "allowed".into(),
+                body: Bytes::from_static(b"allowed"),
                 reason: Reason::Authz(v.reason),
                 policy: v.policy,
                 ..Default::default()
@@ -196,6 +289,52 @@ impl Engine {
         d
     }
 
+    /// Whether the request must be buffered before it is decided: a CUSTOM policy matches it
+    /// and its provider wants the body (`includeRequestBodyInCheck`). Cheap when no provider
+    /// of the destination does.
+    pub fn custom_body(&self, c: &Conn<'_>, r: &Request<'_>) -> Option<extauthz::BodyCheck> {
+        let Some(Custom::Provider(p)) = &c.policies.custom else {
+            return None;
+        };
+        let body = p.body?;
+        let (path, query) = normalize::normalize(r.target, self.normalization).ok()?;
+        let target = format!("{path}{query}");
+        let peer = self.peer(c.source);
+        let a = self.attrs(c, r, &path, &target, r.headers, None, peer.as_ref());
+        authz::custom_match(&c.policies.authz, &a).map(|_| body)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attrs<'a>(
+        &self,
+        c: &Conn<'_>,
+        r: &'a Request<'_>,
+        path: &'a str,
+        target: &'a str,
+        headers: &'a HeaderMap,
+        identity: Option<&'a Identity>,
+        peer: Option<&'a Peer>,
+    ) -> Attrs<'a> {
+        Attrs {
+            http: Some(HttpAttrs {
+                method: r.method,
+                path,
+                path_and_query: target,
+                host: r.host,
+                headers,
+                identity,
+            }),
+            peer,
+            source_ip: c.source_ip,
+            remote_ip: c.source_ip,
+            dest_ip: c.dest_ip,
+            dest_port: c.dest_port,
+            sni: None,
+        }
+    }
+
+    /// Istio's HTTP filter order: CUSTOM (the provider asked), then RequestAuthentication,
+    /// then DENY and ALLOW.
     pub async fn decide_http(&self, c: &Conn<'_>, r: &Request<'_>) -> Decision {
         if !r.http2 && r.method.bytes().any(|b| b.is_ascii_lowercase()) {
             return bad_request("lowercase method");
@@ -214,17 +353,51 @@ impl Engine {
             remove_headers: pol.sanitize.clone(),
             ..Default::default()
         };
+        let peer = self.peer(c.source);
+
+        // CUSTOM: its rules see no token (they may not use one).
+        let mut changed_headers: Option<HeaderMap> = None;
+        if pol.custom.is_some() {
+            let target = format!("{path}{query}");
+            let a = self.attrs(c, r, &path, &target, r.headers, None, peer.as_ref());
+            if let Some((p, rule)) = authz::custom_match(&pol.authz, &a) {
+                let check = CustomCheck {
+                    policy: authz::RuleMatch {
+                        policy: p.id.clone(),
+                        rule,
+                    },
+                    provider: p.provider.clone().unwrap_or_default(),
+                    asked: false,
+                };
+                match self.custom(c, r, &target, check).await {
+                    Err(deny) => return *deny,
+                    Ok((check, allowed)) => {
+                        d.custom = Some(check);
+                        d.response_ops = allowed.downstream;
+                        if !allowed.upstream.is_empty() {
+                            // The filters after it see the request as the provider left it.
+                            let mut h = r.headers.clone();
+                            for op in &allowed.upstream {
+                                op.apply(&mut h);
+                            }
+                            changed_headers = Some(h);
+                        }
+                        d.upstream_ops = allowed.upstream;
+                    }
+                }
+            }
+        }
+        let headers = changed_headers.as_ref().unwrap_or(r.headers);
 
         // RequestAuthentication.
         let cors_preflight = r.method == "OPTIONS"
-            && r.headers.contains_key(http::header::ORIGIN)
-            && r.headers
-                .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+            && headers.contains_key(http::header::ORIGIN)
+            && headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
         let mut identity: Option<(Identity, bool)> = None;
         if !cors_preflight && !pol.providers.is_empty() {
             let now = jwt::now_secs();
             for loc in &pol.locations {
-                for token in extract::extract(loc, r.headers, &query) {
+                for token in extract::extract(loc, headers, &query) {
                     let mut best: Option<JwtError> = None;
                     let mut ok: Option<(Claims, Arc<Provider>)> = None;
                     for p in pol.providers.iter().filter(|p| p.locations.contains(loc)) {
@@ -246,6 +419,8 @@ impl Engine {
                             Decision::deny(e.status(), e.message(), Reason::Jwt(e), None);
                         deny.reply_headers
                             .push((http::header::WWW_AUTHENTICATE, www_authenticate(r, &path)));
+                        deny.custom = d.custom;
+                        deny.response_ops = d.response_ops;
                         return deny;
                     };
                     apply_outputs(&mut d, loc, &claims, &p, &mut query);
@@ -268,41 +443,111 @@ impl Engine {
         d.principal = identity.as_ref().map(Identity::principal);
 
         // AuthorizationPolicy.
-        let peer = self.peer(c.source);
         let target = format!("{path}{query}");
-        let a = Attrs {
-            http: Some(HttpAttrs {
-                method: r.method,
-                path: &path,
-                path_and_query: &target,
-                host: r.host,
-                headers: r.headers,
-                identity: identity.as_ref(),
-            }),
-            peer: peer.as_ref(),
-            source_ip: c.source_ip,
-            remote_ip: c.source_ip,
-            dest_ip: c.dest_ip,
-            dest_port: c.dest_port,
-            sni: None,
-        };
+        let a = self.attrs(
+            c,
+            r,
+            &path,
+            &target,
+            headers,
+            identity.as_ref(),
+            peer.as_ref(),
+        );
         let v = authz::evaluate(&pol.authz, &a);
         if !v.allowed {
             let mut deny = Decision::deny(403, RBAC_DENIED, Reason::Authz(v.reason), v.policy);
             deny.principal = d.principal;
             deny.audits = v.audits;
             deny.dry_run = v.dry_run;
+            deny.custom = d.custom;
+            deny.response_ops = d.response_ops;
             return deny;
         }
         d.allowed = true;
         d.status = 200;
-        d.body = "allowed".into();
+        d.body = Bytes::from_static(b"allowed");
         d.reason = Reason::Authz(v.reason);
         d.policy = v.policy;
         d.audits = v.audits;
         d.dry_run = v.dry_run;
         d.forward_target = Some(target);
         d
+    }
+
+    /// Asks the workload's CUSTOM provider about a request one of its policies matched: the
+    /// changes it allows with, or the reply that ends the request.
+    async fn custom(
+        &self,
+        c: &Conn<'_>,
+        r: &Request<'_>,
+        target: &str,
+        mut check: CustomCheck,
+    ) -> Result<(CustomCheck, extauthz::Allowed), Box<Decision>> {
+        let denied = |status: u16, body: Bytes, why: CustomWhy, check: CustomCheck| {
+            let mut d = Decision::deny(
+                status,
+                "",
+                Reason::Custom(why),
+                Some(check.policy.policy.clone()),
+            );
+            d.body = body;
+            d.custom = Some(check);
+            d
+        };
+        let p = match &c.policies.custom {
+            Some(Custom::Provider(p)) if p.name == check.provider => p.clone(),
+            Some(Custom::Unusable(why)) => {
+                tracing::debug!(policy = %check.policy.policy, "CUSTOM policy cannot be checked: {why}");
+                let body = Bytes::from_static(RBAC_DENIED.as_bytes());
+                return Err(Box::new(denied(403, body, CustomWhy::Unusable, check)));
+            }
+            // Cannot be: the workload's provider is the one its CUSTOM policies name.
+            _ => {
+                let body = Bytes::from_static(RBAC_DENIED.as_bytes());
+                return Err(Box::new(denied(403, body, CustomWhy::Unusable, check)));
+            }
+        };
+        if !self.ask_providers {
+            return Ok((check, extauthz::Allowed::default()));
+        }
+        check.asked = true;
+        let source = c.source_ip.map(|ip| std::net::SocketAddr::new(ip, 0));
+        let destination = c
+            .dest_ip
+            .map(|ip| std::net::SocketAddr::new(ip, c.dest_port));
+        let input = extauthz::CheckInput {
+            method: r.method,
+            path: target,
+            host: r.host,
+            headers: r.headers,
+            http2: r.http2,
+            source,
+            destination,
+            source_principal: self.spiffe(c.source),
+            destination_principal: self.spiffe(c.destination),
+            body: r.body,
+        };
+        let answer = p.check(&input).await;
+        let failed = match &answer {
+            extauthz::Answer::Error(e) => {
+                tracing::warn!(provider = %p.name, policy = %check.policy.policy, "CUSTOM check failed: {e}");
+                true
+            }
+            _ => false,
+        };
+        match p.outcome(answer) {
+            extauthz::Outcome::Allow(a) => Ok((check, a)),
+            extauthz::Outcome::Deny(den) => {
+                let why = if failed {
+                    CustomWhy::Unavailable
+                } else {
+                    CustomWhy::Denied
+                };
+                let mut d = denied(den.status, den.body, why, check);
+                d.response_ops = den.headers;
+                Err(Box::new(d))
+            }
+        }
     }
 
     /// One token against one provider: issuer, time, audience, then the signature (cached).
@@ -483,7 +728,7 @@ pub fn build(
     store: Option<&Arc<JwksStore>>,
     cache: Arc<TokenCache>,
 ) -> (Engine, crate::policy::PolicySet) {
-    let set = crate::policy::load_paths(&cfg.policies);
+    let set = crate::policy::load_config(cfg);
     (build_from(&cfg.agent, &set, store, cache), set)
 }
 
@@ -554,6 +799,7 @@ mod tests {
         let c = Conn {
             policies: &pol,
             source: None,
+            destination: None,
             source_ip: None,
             dest_ip: None,
             dest_port: 8000,
@@ -564,6 +810,7 @@ mod tests {
             host: "httpbin.foo:8000",
             headers: &h,
             http2: false,
+            body: None,
         };
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -601,7 +848,7 @@ mod tests {
             &[("authorization", "Bearer not-a-jwt")],
         );
         assert_eq!(
-            (d.status, d.body.as_str()),
+            (d.status, d.body_text()),
             (
                 401,
                 "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
@@ -621,7 +868,7 @@ mod tests {
             )],
         );
         assert_eq!(
-            (d.status, d.body.as_str()),
+            (d.status, d.body_text()),
             (403, "Audiences in Jwt are not allowed")
         );
         let d = decide(
@@ -646,7 +893,7 @@ mod tests {
             &[("authorization", &bearer(&k.token(json!({"iss": "other"}))))],
         );
         assert_eq!(
-            (d.status, d.body.as_str()),
+            (d.status, d.body_text()),
             (401, "Jwt issuer is not configured")
         );
     }
@@ -663,7 +910,7 @@ mod tests {
             &format!("/?access_token={expired}"),
             &[("authorization", &bearer(&good))],
         );
-        assert_eq!((d.status, d.body.as_str()), (401, "Jwt is expired"));
+        assert_eq!((d.status, d.body_text()), (401, "Jwt is expired"));
         let d = decide(&e, "GET", &format!("/x?a=1&access_token={good}"), &[]);
         assert!(d.allowed);
         assert_eq!(
@@ -717,7 +964,7 @@ mod tests {
         );
         // A token where no rule looks is ignored: no identity, so the ALLOW needs one -> 403.
         let d = decide(&e, "GET", "/", &[("authorization", &bearer(&t))]);
-        assert_eq!((d.status, d.body.as_str()), (403, RBAC_DENIED));
+        assert_eq!((d.status, d.body_text()), (403, RBAC_DENIED));
         let d = decide(
             &e,
             "GET",

@@ -16,6 +16,7 @@ pub mod drain;
 pub mod engine;
 #[cfg(feature = "kernel")]
 pub mod enroll;
+pub mod extauthz;
 pub mod head;
 pub mod jwt;
 #[cfg(feature = "kernel")]

@@ -59,7 +59,7 @@ pub struct FileSource {
 impl FileSource {
     /// The source and its first world; invalid policies refuse the start.
     pub fn open(path: PathBuf, cfg: &Config) -> Result<(FileSource, World, PolicySet)> {
-        let set = crate::policy::load_paths(&cfg.policies);
+        let set = crate::policy::load_config(cfg);
         log_problems(&set);
         if !set.is_valid() {
             return Err(crate::config::ConfigError::Invalid {
@@ -103,7 +103,7 @@ impl Source for FileSource {
             tracing::warn!("changes under `agent:` need a restart; applying pods, workloads, services and policies only");
         }
         cfg.agent = self.agent.clone();
-        let set = crate::policy::load_paths(&cfg.policies);
+        let set = crate::policy::load_config(&cfg);
         log_problems(&set);
         if !set.is_valid() {
             anyhow::bail!("invalid policies (see above)");

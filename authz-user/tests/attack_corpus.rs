@@ -51,6 +51,7 @@ fn decide(
     let c = Conn {
         policies: &pol,
         source: None,
+        destination: None,
         source_ip: None,
         dest_ip: None,
         dest_port: 80,
@@ -61,6 +62,7 @@ fn decide(
         host,
         headers: &h,
         http2: false,
+        body: None,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -108,6 +108,7 @@ async fn decide(e: &Engine, token: &str) -> Decision {
     let c = Conn {
         policies: &pol,
         source: None,
+        destination: None,
         source_ip: None,
         dest_ip: None,
         dest_port: 80,
@@ -120,6 +121,7 @@ async fn decide(e: &Engine, token: &str) -> Decision {
             host: "w",
             headers: &h,
             http2: false,
+            body: None,
         },
     )
     .await
@@ -151,7 +153,7 @@ async fn fetch_rotate_rate_limit_and_outage() {
     // An unknown kid right after: no new fetch (rate limit), 401 with Envoy's message.
     let d = decide(&e, &tok(&k3)).await;
     assert_eq!(
-        (d.status, d.body.as_str()),
+        (d.status, d.body_text()),
         (401, "Jwks doesn't have key to match kid or alg from Jwt")
     );
     assert_eq!(srv.hits.load(Ordering::SeqCst), after_rotation);
@@ -174,7 +176,7 @@ async fn never_fetched_and_timeout_fail_closed() {
     let e = engine(&format!("http://{dead}/jwks"), "1s", &st);
     let d = decide(&e, &tok(&k)).await;
     assert_eq!(
-        (d.status, d.body.as_str()),
+        (d.status, d.body_text()),
         (401, "Jwks remote fetch is failed")
     );
 
@@ -284,7 +286,7 @@ async fn huge_redirecting_and_failing_servers_are_refused() {
         let e = engine(&uri, "2s", &st);
         let d = decide(&e, &tok(&k)).await;
         assert_eq!(
-            (d.status, d.body.as_str()),
+            (d.status, d.body_text()),
             (401, "Jwks remote fetch is failed"),
             "{name}"
         );

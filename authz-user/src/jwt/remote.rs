@@ -75,6 +75,11 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
+    /// How service hosts resolve (shared with the CUSTOM providers).
+    pub fn resolver(&self) -> ServiceResolver {
+        self.resolve.clone()
+    }
+
     pub fn new(
         ca_file: Option<&Path>,
         resolve: ServiceResolver,

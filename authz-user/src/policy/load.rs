@@ -63,6 +63,8 @@ impl fmt::Display for Problem {
 pub struct PolicySet {
     pub request_authentications: Vec<RequestAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// MeshConfig `extensionProviders` of the ext_authz kinds (CUSTOM), each where it came from.
+    pub extension_providers: Vec<(crate::extauthz::ProviderSpec, Origin)>,
     pub problems: Vec<Problem>,
 }
 
@@ -72,6 +74,123 @@ impl PolicySet {
     }
     pub fn is_valid(&self) -> bool {
         self.errors().next().is_none()
+    }
+}
+
+/// The policies of an agent config: its policy files, and its `extensionProviders`.
+pub fn load_config(cfg: &crate::config::Config) -> PolicySet {
+    let mut set = load_paths(&cfg.policies);
+    add_config_providers(&mut set, cfg);
+    set.check_custom();
+    set
+}
+
+/// The config's `extensionProviders`, each with its `file:line`.
+pub fn add_config_providers(set: &mut PolicySet, cfg: &crate::config::Config) {
+    let file = cfg
+        .origin
+        .as_ref()
+        .map_or("config".to_string(), |p| p.display().to_string());
+    let text = cfg
+        .origin
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let origins = cfg
+        .extension_providers
+        .iter()
+        .map(|p| Origin {
+            file: file.as_str().into(),
+            line: provider_line(&text, &p.name),
+        })
+        .collect();
+    set.add_providers(cfg.extension_providers.clone(), origins);
+}
+
+/// The line of `name: <name>` under `extensionProviders:` (1 when not found).
+fn provider_line(text: &str, name: &str) -> usize {
+    let mut under = false;
+    for (i, l) in text.lines().enumerate() {
+        if l.starts_with("extensionProviders:") {
+            under = true;
+            continue;
+        }
+        if under {
+            let t = l.trim_start().trim_start_matches("- ").trim();
+            if let Some(v) = t.strip_prefix("name:") {
+                if v.trim().trim_matches(|c| c == '"' || c == '\'') == name {
+                    return i + 1;
+                }
+            }
+        }
+    }
+    1
+}
+
+impl PolicySet {
+    /// Adds MeshConfig `extensionProviders` (entries of the ext_authz kinds; others are not
+    /// this agent's and are left out), each checked as istiod checks it.
+    pub fn add_providers(
+        &mut self,
+        specs: Vec<crate::extauthz::ProviderSpec>,
+        origins: Vec<Origin>,
+    ) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, (spec, origin)) in specs.into_iter().zip(origins).enumerate() {
+            if !spec.is_ext_authz() {
+                continue;
+            }
+            let mut problem = |message: String| {
+                self.problems.push(Problem {
+                    file: origin.file.clone(),
+                    line: origin.line,
+                    message,
+                    warning: false,
+                })
+            };
+            if !seen.insert(spec.name.clone()) {
+                problem(format!(
+                    "extensionProviders[{i}]: provider name must be unique, found duplicate: {}",
+                    spec.name
+                ));
+            }
+            if let Err(errors) =
+                crate::extauthz::Provider::compile(&spec, std::sync::Arc::new(|_: &str| None))
+            {
+                for e in errors {
+                    problem(format!("extensionProviders[{i}] {:?}: {e}", spec.name));
+                }
+            }
+            self.extension_providers.push((spec, origin));
+        }
+    }
+
+    /// CUSTOM policies naming a provider that is not defined: reported; they stay in force
+    /// and deny what they match (Istio's behaviour), so a missing provider never opens a path.
+    pub fn check_custom(&mut self) {
+        use crate::policy::types::Action;
+        for p in &self.authorization_policies {
+            if p.spec.action != Action::Custom {
+                continue;
+            }
+            let name = p
+                .spec
+                .provider
+                .as_ref()
+                .map(|x| x.name.as_str())
+                .unwrap_or("");
+            if !self.extension_providers.iter().any(|(s, _)| s.name == name) {
+                self.problems.push(Problem {
+                    file: p.origin.file.clone(),
+                    line: p.origin.line,
+                    message: format!(
+                        "{}: CUSTOM provider {name:?} is not among the extensionProviders: the requests this policy matches are denied",
+                        p.id()
+                    ),
+                    warning: true,
+                });
+            }
+        }
     }
 }
 

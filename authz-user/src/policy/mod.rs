@@ -18,7 +18,7 @@ pub mod load;
 pub mod types;
 pub mod validate;
 
-pub use load::{load_paths, load_str, PolicySet, Problem};
+pub use load::{load_config, load_paths, load_str, PolicySet, Problem};
 
 /// Where a rule's keys come from.
 pub enum Keys {
@@ -41,9 +41,19 @@ pub struct Provider {
     pub space_delimited: Arc<Vec<String>>,
 }
 
+/// The CUSTOM provider of a workload: the one its CUSTOM policies name, or why none can be
+/// asked (then the requests they match are denied, as istiod's "deny due to bad CUSTOM action").
+#[derive(Debug, Clone)]
+pub enum Custom {
+    Provider(Arc<crate::extauthz::Provider>),
+    Unusable(Arc<str>),
+}
+
 /// What applies to one workload, ready for the data path.
 #[derive(Default)]
 pub struct WorkloadPolicies {
+    /// Set when a CUSTOM policy applies.
+    pub custom: Option<Custom>,
     /// Sorted by issuer, as Istio does.
     pub providers: Vec<Arc<Provider>>,
     pub authz: Vec<Arc<Compiled>>,
@@ -63,6 +73,8 @@ struct RaEntry {
 /// All loaded policies, by namespace.
 pub struct PolicyIndex {
     root_namespace: String,
+    /// Extension providers by name: compiled, or why not.
+    providers: std::collections::HashMap<String, Result<Arc<crate::extauthz::Provider>, String>>,
     ras: Vec<RaEntry>,
     aps: Vec<Arc<Compiled>>,
     pub request_authentications: usize,
@@ -173,8 +185,31 @@ impl PolicyIndex {
                 }))
             })
             .collect();
+        let resolve: crate::extauthz::Resolver = match store {
+            Some(s) => {
+                let r = s.fetcher.resolver();
+                Arc::new(move |host: &str| r(host, ""))
+            }
+            None => Arc::new(|_: &str| None),
+        };
+        let mut providers = std::collections::HashMap::new();
+        for (spec, _) in &set.extension_providers {
+            let compiled = crate::extauthz::Provider::compile(spec, resolve.clone())
+                .map(Arc::new)
+                .map_err(|e| format!("provider {:?} is invalid: {}", spec.name, e.join("; ")));
+            // A name given twice is refused (validation says so); neither entry is used.
+            let compiled = match providers.contains_key(&spec.name) {
+                true => Err(format!(
+                    "provider name {:?} is defined more than once",
+                    spec.name
+                )),
+                false => compiled,
+            };
+            providers.insert(spec.name.clone(), compiled);
+        }
         PolicyIndex {
             root_namespace: root_namespace.to_string(),
+            providers,
             request_authentications: set.request_authentications.len(),
             authorization_policies: set.authorization_policies.len(),
             ras,
@@ -220,6 +255,36 @@ impl PolicyIndex {
             })
             .cloned()
             .collect();
+        out.custom = self.custom_for(&out.authz);
         out
+    }
+
+    /// Istio's rule: one provider per workload.
+    fn custom_for(&self, authz: &[Arc<Compiled>]) -> Option<Custom> {
+        let mut names: Vec<&str> = authz
+            .iter()
+            .filter(|p| p.action == crate::policy::types::Action::Custom)
+            .map(|p| p.provider.as_deref().unwrap_or(""))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        match names.as_slice() {
+            [] => None,
+            [one] => Some(match self.providers.get(*one) {
+                Some(Ok(p)) => Custom::Provider(p.clone()),
+                Some(Err(e)) => Custom::Unusable(e.as_str().into()),
+                None => Custom::Unusable(
+                    format!("provider {one:?} is not among the extensionProviders").into(),
+                ),
+            }),
+            many => Some(Custom::Unusable(
+                format!("only one CUSTOM provider may apply to a workload, found {many:?}").into(),
+            )),
+        }
+    }
+
+    /// The extension providers by name (compiled, or why not).
+    pub fn provider(&self, name: &str) -> Option<&Result<Arc<crate::extauthz::Provider>, String>> {
+        self.providers.get(name)
     }
 }

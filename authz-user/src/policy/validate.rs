@@ -202,8 +202,11 @@ pub fn authorization_policy(r: &AuthorizationPolicy, doc: &str) -> Vec<Problem> 
         };
         rep.err("action", format!("{id}: a {action} policy without rules is meaningless; add an empty rule `{{}}` to match every request"));
     }
-    if spec.action == Action::Custom {
-        rep.warn("CUSTOM", format!("{id}: action CUSTOM (external authorization) is not supported yet: requests it matches are denied"));
+    if spec.action == Action::Custom && spec.provider.as_ref().is_none_or(|p| p.name.is_empty()) {
+        rep.err(
+            "provider",
+            format!("{id}: a CUSTOM policy must name its provider"),
+        );
     }
     if r.metadata
         .annotations

@@ -4,7 +4,10 @@ use std::{convert::Infallible, sync::atomic::Ordering::Relaxed, sync::Arc};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{
+    combinators::{BoxBody, UnsyncBoxBody},
+    BodyExt, Either, Full,
+};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -18,6 +21,8 @@ use tokio::{
 use super::{ConnCtx, Proxy};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
+/// What goes upstream: the client's body as it streams in, or one buffered for a CUSTOM check.
+type UpBody = Either<Incoming, UnsyncBoxBody<Bytes, hyper::Error>>;
 
 pub async fn serve<S>(px: Arc<Proxy>, conn: Arc<ConnCtx>, io: S)
 where
@@ -88,7 +93,23 @@ where
     }
 }
 
-async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(px: &Proxy, upstream: &Upstream, req: Request<Incoming>) -> Response<Body> {
+    let mut response_ops = Vec::new();
+    let mut resp = forward(px, upstream, req, &mut response_ops).await;
+    // A CUSTOM provider's headers for the client go on whatever answer the request gets.
+    for op in &response_ops {
+        op.apply(resp.headers_mut());
+    }
+    resp
+}
+
+async fn forward(
+    px: &Proxy,
+    upstream: &Upstream,
+    req: Request<Incoming>,
+    response_ops: &mut Vec<crate::extauthz::HeaderOp>,
+) -> Response<Body> {
+    let mut req = req.map(Either::Left);
     let conn = &upstream.conn;
     // One authority and no hop-by-hop headers from here on: the decision and the upstream see
     // the same request.
@@ -97,7 +118,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
         Err(e) => {
             px.metrics.request("deny", "bad request");
             tracing::debug!(dst = %conn.dst, "request refused: {e}");
-            return local_reply(StatusCode::BAD_REQUEST, "Bad Request".into());
+            return local_reply(StatusCode::BAD_REQUEST, "Bad Request");
         }
     };
     if conn.is_probe(req.method(), req.uri().path()) {
@@ -109,10 +130,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             // was accepted: never decided with what it used to be. Or it is a pod the CNI
             // plugin handed over that the API server has not confirmed: no policy selects it yet.
             px.metrics.request("deny", state.no_target_reason(key));
-            return local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream".into(),
-            );
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         let target = req
             .uri()
@@ -120,19 +138,43 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             .map(|p| p.as_str())
             .unwrap_or("/")
             .to_string();
-        let d = state
-            .engine
-            .decide_http(
-                &conn.engine_conn(dest),
-                &crate::engine::Request {
-                    method: req.method().as_str(),
-                    target: &target,
-                    host: &head.authority,
-                    headers: req.headers(),
-                    http2: req.version() == Version::HTTP_2,
-                },
-            )
-            .await;
+        let engine_conn = conn.engine_conn(dest);
+        let http2 = req.version() == Version::HTTP_2;
+        let wants_body = state.engine.custom_body(
+            &engine_conn,
+            &crate::engine::Request {
+                method: req.method().as_str(),
+                target: &target,
+                host: &head.authority,
+                headers: req.headers(),
+                http2,
+                body: None,
+            },
+        );
+        // A CUSTOM provider that wants the body gets it before anything is forwarded.
+        let mut check_body = None;
+        if let Some(b) = wants_body {
+            let (parts, body) = req.into_parts();
+            let Either::Left(incoming) = body else {
+                unreachable!("the body is the client's until here")
+            };
+            match buffer(incoming, b).await {
+                Ok((for_check, upstream)) => {
+                    check_body = Some(for_check);
+                    req = Request::from_parts(parts, Either::Right(upstream));
+                }
+                Err(reply) => return reply,
+            }
+        }
+        let erq = crate::engine::Request {
+            method: req.method().as_str(),
+            target: &target,
+            host: &head.authority,
+            headers: req.headers(),
+            http2,
+            body: check_body.as_ref(),
+        };
+        let d = state.engine.decide_http(&engine_conn, &erq).await;
         super::records::count(
             &px.metrics,
             &d,
@@ -156,16 +198,22 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
                 reason = %d.reason,
                 "request denied"
             );
-            let mut r = local_reply(
-                StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN),
-                d.body,
-            );
+            let status = StatusCode::from_u16(d.status)
+                .ok()
+                .filter(|s| !s.is_informational())
+                .unwrap_or(StatusCode::FORBIDDEN);
+            let mut r = local_reply(status, d.body);
             for (k, v) in d.reply_headers {
                 r.headers_mut().insert(k, v);
             }
+            *response_ops = d.response_ops;
             return r;
         }
+        *response_ops = d.response_ops;
         let h = req.headers_mut();
+        for op in &d.upstream_ops {
+            op.apply(h);
+        }
         for k in &d.remove_headers {
             h.remove(k);
         }
@@ -200,7 +248,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             tracing::debug!(dst = %upstream.conn.dst, "upstream request failed: {e}");
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers".into(),
+                "upstream connect error or disconnect/reset before headers",
             );
         }
     };
@@ -209,7 +257,7 @@ async fn handle(px: &Proxy, upstream: &Upstream, mut req: Request<Incoming>) -> 
             // A 101 to a request that asked for no upgrade (h2c was removed): never relayed.
             return local_reply(
                 StatusCode::BAD_GATEWAY,
-                "upstream switched protocols unasked".into(),
+                "upstream switched protocols unasked",
             );
         };
         let up = hyper::upgrade::on(&mut resp);
@@ -242,26 +290,80 @@ fn append_forwarded_for(h: &mut http::HeaderMap, ip: std::net::IpAddr) {
     }
 }
 
-pub fn local_reply(status: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|n: Infallible| match n {})
-            .boxed(),
-    );
+/// An answer of the agent's own; `content-type: text/plain` when it has a body (Envoy's).
+pub fn local_reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let body = body.into();
+    let has_body = !body.is_empty();
+    let mut r = Response::new(Full::new(body).map_err(|n: Infallible| match n {}).boxed());
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain"),
-    );
+    if has_body {
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+    }
     r
+}
+
+/// Reads the body for a CUSTOM check: all of it up to `max_bytes`; past that, 413 unless a
+/// partial body may be checked, in which case the check gets the first `max_bytes`. The
+/// upstream gets the whole body: what was read, then the rest as it streams in.
+async fn buffer(
+    mut body: Incoming,
+    b: crate::extauthz::BodyCheck,
+) -> Result<(Bytes, UnsyncBoxBody<Bytes, hyper::Error>), Response<Body>> {
+    use futures_util::StreamExt;
+    use hyper::body::Frame;
+    let mut buf = bytes::BytesMut::new();
+    let mut trailers = None;
+    let mut ended = false;
+    while buf.len() <= b.max_bytes {
+        match body.frame().await {
+            None => {
+                ended = true;
+                break;
+            }
+            Some(Err(e)) => {
+                tracing::debug!("request body unreadable: {e}");
+                return Err(local_reply(StatusCode::BAD_REQUEST, "Bad Request"));
+            }
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => buf.extend_from_slice(&d),
+                Err(f) => {
+                    trailers = f.into_trailers().ok();
+                    ended = true;
+                    break;
+                }
+            },
+        }
+    }
+    let read = buf.freeze();
+    if read.len() > b.max_bytes && !b.allow_partial {
+        return Err(local_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload Too Large",
+        ));
+    }
+    let for_check = read.slice(..read.len().min(b.max_bytes));
+    let mut frames = vec![Ok::<_, hyper::Error>(Frame::data(read))];
+    if let Some(t) = trailers {
+        frames.push(Ok(Frame::trailers(t)));
+    }
+    let head = futures_util::stream::iter(frames);
+    let upstream = match ended {
+        true => http_body_util::StreamBody::new(head).boxed_unsync(),
+        false => http_body_util::StreamBody::new(head.chain(http_body_util::BodyStream::new(body)))
+            .boxed_unsync(),
+    };
+    Ok((for_check, upstream))
 }
 
 /// The upstream side of one downstream connection, connected on first use.
 struct Upstream {
     conn: Arc<ConnCtx>,
     metrics: Arc<crate::metrics::Metrics>,
-    h1: Mutex<Option<http1::SendRequest<Incoming>>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    h1: Mutex<Option<http1::SendRequest<UpBody>>>,
+    h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
 impl Upstream {
@@ -274,7 +376,7 @@ impl Upstream {
         r
     }
 
-    async fn send(&self, req: Request<Incoming>) -> anyhow::Result<Response<Incoming>> {
+    async fn send(&self, req: Request<UpBody>) -> anyhow::Result<Response<Incoming>> {
         if req.version() == Version::HTTP_2 {
             let mut slot = self.h2.lock().await;
             let sender = match slot.as_ref() {

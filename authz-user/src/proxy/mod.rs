@@ -502,6 +502,7 @@ impl ConnCtx {
         crate::engine::Conn {
             policies: &dest.policies,
             source: self.source.as_deref(),
+            destination: Some(&dest.workload),
             source_ip: self.src_ip,
             dest_ip: Some(self.dst.ip()),
             dest_port: self.dst.port(),
