@@ -465,48 +465,69 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
-/// The agent binary: `AUTHZ_AGENT_BIN`, else target/release, else target/debug.
-pub fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("AUTHZ_AGENT_BIN") {
+/// A binary of the workspace: `$ENV` if set, else target/release, else target/debug.
+fn built(name: &str, env: &str, how: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     for profile in ["release", "debug"] {
-        let p = target_dir().join(profile).join("authz-agent");
+        let p = target_dir().join(profile).join(name);
         if p.exists() {
             return p;
         }
     }
-    panic!(
-        "authz-agent not built: run `cargo build --release -p authz-user` (cargo xtask test does)"
+    panic!("{name} not built: run `{how}` (cargo xtask build does)")
+}
+
+/// The agent binary.
+pub fn agent_bin() -> PathBuf {
+    built(
+        "authz-agent",
+        "AUTHZ_AGENT_BIN",
+        "cargo build --release -p authz-user",
     )
 }
 
-/// The test server binary, built beside the agent (`cargo build --release -p authz-tests`).
+/// The test server binary, built beside the agent.
 pub fn testsrv() -> String {
-    if let Some(p) = std::env::var_os("AUTHZ_TESTSRV_BIN") {
-        return p.to_string_lossy().into_owned();
-    }
-    for profile in ["release", "debug"] {
-        let p = target_dir().join(profile).join("authz-testsrv");
-        if p.exists() {
-            return p.to_string_lossy().into_owned();
-        }
-    }
-    panic!("authz-testsrv not built: run `cargo build --release -p authz-tests --bins`")
+    built(
+        "authz-testsrv",
+        "AUTHZ_TESTSRV_BIN",
+        "cargo build --release -p authz-tests --bins",
+    )
+    .to_string_lossy()
+    .into_owned()
 }
 
-/// The CNI plugin binary, built beside the agent (`cargo build --release -p authz-cni`).
+/// The test ext_authz provider (HTTP and gRPC), built beside the agent.
+pub fn extauthz_bin() -> PathBuf {
+    built(
+        "authz-extauthz",
+        "AUTHZ_EXTAUTHZ_BIN",
+        "cargo build --release -p authz-tests --bins",
+    )
+}
+
+/// The CNI plugin binary, built beside the agent.
 pub fn cni_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("AUTHZ_CNI_BIN") {
-        return PathBuf::from(p);
+    built(
+        "authz-cni",
+        "AUTHZ_CNI_BIN",
+        "cargo build --release -p authz-cni",
+    )
+}
+
+/// Envoy 1.40 (the peer the differential tests compare with): `$AUTHZ_ENVOY`, else the one
+/// `cargo xtask test` installs under target/. None when neither is there.
+pub fn envoy_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AUTHZ_ENVOY") {
+        return Some(PathBuf::from(p));
     }
-    for profile in ["release", "debug"] {
-        let p = target_dir().join(profile).join("authz-cni");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("authz-cni not built: run `cargo build --release -p authz-cni` (cargo xtask build does)")
+    std::fs::read_dir(target_dir().join("bench-tools/venv/lib"))
+        .ok()?
+        .flatten()
+        .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.exists())
 }
 
 /// A free TCP port on the loopback of the test process's namespace.

