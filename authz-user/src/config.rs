@@ -58,6 +58,25 @@ pub struct KubernetesSettings {
     /// The chained CNI plugin (`authz-cni`): pods enrolled while the runtime sets up their
     /// network, before any of their containers runs.
     pub cni: CniSettings,
+    /// Istio's mesh ConfigMap: its `mesh` key's `extensionProviders` are the providers CUSTOM
+    /// policies name (istiod's: `istio` in `istio-system`; `istio-<revision>` for a revision).
+    pub mesh_config: MeshConfigRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct MeshConfigRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Default for MeshConfigRef {
+    fn default() -> Self {
+        MeshConfigRef {
+            namespace: "istio-system".into(),
+            name: "istio".into(),
+        }
+    }
 }
 
 /// The agent's side of the CNI plugin: the socket the plugin reaches it on, where claims are
@@ -144,6 +163,7 @@ impl Default for KubernetesSettings {
             enroll_all_pods: true,
             agent_pods: AgentPods::default(),
             cni: CniSettings::default(),
+            mesh_config: MeshConfigRef::default(),
         }
     }
 }

@@ -1,11 +1,11 @@
 //! An in-process Kubernetes API server for tests, over real HTTP on loopback: list and watch
 //! (resourceVersion, ADDED / MODIFIED / DELETED, BOOKMARK, 410 Gone after compaction) for pods,
-//! services, namespaces and Istio's RequestAuthentication and AuthorizationPolicy (served at
+//! services, namespaces, ConfigMaps and Istio's RequestAuthentication and AuthorizationPolicy (served at
 //! v1 and v1beta1, as one set of objects), the security.istio.io group document, and Events
 //! (recorded for the test to read). Tests change objects and can restart it or expire watches.
 //!
 //! Every request is authorized as a real API server's RBAC would for the agent's ServiceAccount,
-//! against the ClusterRole and binding in `deploy/kubernetes/rbac.yaml`: what they do not grant
+//! against the ClusterRole, the Role and their bindings in `deploy/kubernetes/rbac.yaml`: what they do not grant
 //! gets 403 Forbidden (a `Status`), and what they grant but no request used is reported
 //! (`unused_grants`). Errors carry `Status` bodies (404, 409, 410, 422), and a watch without the
 //! resourceVersion a client must send after its list is refused.
@@ -52,6 +52,7 @@ const KINDS: &[Kind] = &[
     kind("Pod", "pods", true, true),
     kind("Service", "services", true, true),
     kind("Namespace", "namespaces", false, true),
+    kind("ConfigMap", "configmaps", true, true),
     kind(
         "RequestAuthentication",
         "requestauthentications",
@@ -372,9 +373,13 @@ impl Drop for FakeApi {
 }
 
 /// The agent's permissions as `deploy/kubernetes/rbac.yaml` grants them.
+/// (apiGroups, resources, verbs, the namespace of a Role's rule).
+type Rule = (Vec<String>, Vec<String>, Vec<String>, Option<String>);
+
 struct Rbac {
-    /// (apiGroups, resources, verbs) of each rule.
-    rules: Vec<(Vec<String>, Vec<String>, Vec<String>)>,
+    /// (apiGroups, resources, verbs, namespace) of each rule: a ClusterRole's hold everywhere,
+    /// a Role's in its namespace only.
+    rules: Vec<Rule>,
     used: Mutex<BTreeSet<(String, String, String)>>,
     forbidden: Mutex<Vec<String>>,
 }
@@ -382,7 +387,8 @@ struct Rbac {
 const SERVICE_ACCOUNT: (&str, &str) = ("authz-system", "authz-agent");
 
 impl Rbac {
-    /// The rules of the ClusterRole that a ClusterRoleBinding grants the agent's ServiceAccount.
+    /// The rules of the ClusterRoles that ClusterRoleBindings grant the agent's ServiceAccount,
+    /// and of the Roles that RoleBindings grant it (in their namespace).
     fn from_manifest(path: &Path) -> Result<Rbac> {
         use serde::Deserialize;
         let text = std::fs::read_to_string(path)?;
@@ -408,7 +414,15 @@ impl Rbac {
                 .filter_map(|x| x.as_str().map(String::from))
                 .collect()
         };
-        let rules = docs
+        let rule = |r: &Value, ns: Option<String>| {
+            (
+                strings(&r["apiGroups"]),
+                strings(&r["resources"]),
+                strings(&r["verbs"]),
+                ns,
+            )
+        };
+        let mut rules: Vec<_> = docs
             .iter()
             .filter(|d| d["kind"] == "ClusterRole")
             .filter(|d| {
@@ -417,14 +431,38 @@ impl Rbac {
                     .is_some_and(|n| bound.contains(&n))
             })
             .flat_map(|d| d["rules"].as_array().cloned().unwrap_or_default())
-            .map(|r| {
-                (
-                    strings(&r["apiGroups"]),
-                    strings(&r["resources"]),
-                    strings(&r["verbs"]),
-                )
+            .map(|r| rule(&r, None))
+            .collect();
+        let role_bound: Vec<(&str, &str)> = docs
+            .iter()
+            .filter(|d| d["kind"] == "RoleBinding" && d["roleRef"]["kind"] == "Role")
+            .filter(|d| {
+                d["subjects"].as_array().into_iter().flatten().any(|s| {
+                    s["kind"] == "ServiceAccount"
+                        && s["namespace"] == SERVICE_ACCOUNT.0
+                        && s["name"] == SERVICE_ACCOUNT.1
+                })
+            })
+            .filter_map(|d| {
+                Some((
+                    d["metadata"]["namespace"].as_str()?,
+                    d["roleRef"]["name"].as_str()?,
+                ))
             })
             .collect();
+        for d in docs.iter().filter(|d| d["kind"] == "Role") {
+            let (Some(ns), Some(name)) = (
+                d["metadata"]["namespace"].as_str(),
+                d["metadata"]["name"].as_str(),
+            ) else {
+                continue;
+            };
+            if role_bound.contains(&(ns, name)) {
+                for r in d["rules"].as_array().into_iter().flatten() {
+                    rules.push(rule(r, Some(ns.to_string())));
+                }
+            }
+        }
         Ok(Rbac {
             rules,
             used: Mutex::new(BTreeSet::new()),
@@ -432,12 +470,14 @@ impl Rbac {
         })
     }
 
-    fn allows(&self, group: &str, resource: &str, verb: &str) -> bool {
+    fn allows(&self, group: &str, resource: &str, verb: &str, namespace: Option<&str>) -> bool {
         let any = |list: &[String], x: &str| list.iter().any(|v| v == x || v == "*");
-        let ok = self
-            .rules
-            .iter()
-            .any(|(g, r, v)| any(g, group) && any(r, resource) && any(v, verb));
+        let ok = self.rules.iter().any(|(g, r, v, ns)| {
+            any(g, group)
+                && any(r, resource)
+                && any(v, verb)
+                && ns.as_deref().is_none_or(|ns| Some(ns) == namespace)
+        });
         if ok {
             self.used
                 .lock()
@@ -455,7 +495,7 @@ impl Rbac {
     fn unused(&self) -> Vec<String> {
         let used = self.used.lock().unwrap();
         let mut out = Vec::new();
-        for (groups, resources, verbs) in &self.rules {
+        for (groups, resources, verbs, _) in &self.rules {
             for g in groups {
                 for r in resources {
                     for v in verbs {
@@ -677,7 +717,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
             Method::DELETE => "delete",
             _ => "unknown",
         };
-        if !shared.rbac.allows("events.k8s.io", "events", verb) {
+        if !shared
+            .rbac
+            .allows("events.k8s.io", "events", verb, Some(&ns))
+        {
             return forbidden("events.k8s.io", "events", verb, Some(&ns));
         }
         let body = req
@@ -769,7 +812,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Reply {
             (Method::DELETE, _) => "deletecollection",
             _ => "unknown",
         };
-        if !shared.rbac.allows(&group, &resource, verb) {
+        if !shared
+            .rbac
+            .allows(&group, &resource, verb, namespace.as_deref())
+        {
             return forbidden(&group, &resource, verb, namespace.as_deref());
         }
     }

@@ -530,6 +530,37 @@ pub fn envoy_bin() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// A child process killed (and reaped) on drop, whatever the test does.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The test ext_authz provider on 127.0.0.1 (HTTP, gRPC ports), once both accept.
+pub fn start_extauthz(http: u16, grpc: u16) -> KillOnDrop {
+    let child = Command::new(extauthz_bin())
+        .args([format!("127.0.0.1:{http}"), format!("127.0.0.1:{grpc}")])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("authz-extauthz starts");
+    let p = KillOnDrop(child);
+    for port in [http, grpc] {
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "authz-extauthz not listening on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    p
+}
+
 /// A free TCP port on the loopback of the test process's namespace.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -7,8 +7,7 @@
 //! including what the provider itself was sent (it echoes that upstream on allow).
 use std::{
     collections::BTreeMap,
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -171,26 +170,6 @@ static_resources:
     )
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(program: &Path, args: &[&str]) -> Killed {
-    Killed(
-        Command::new(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", program.display())),
-    )
-}
-
 fn wait_port(port: u16) {
     for _ in 0..600 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -333,11 +312,7 @@ fn side_by_side(kind: Kind, fail_open: bool, cases: &[&Case]) {
         Kind::Http => hp,
         Kind::Grpc => gp,
     };
-    let mut provider = spawn(
-        &extauthz_bin(),
-        &[&format!("127.0.0.1:{hp}"), &format!("127.0.0.1:{gp}")],
-    );
-    wait_port(provider_port);
+    let mut provider = start_extauthz(hp, gp);
 
     // Through the agent: client pod -> kernel -> agent -> httpbin pod.
     let mut net = Net::new().unwrap();
@@ -355,9 +330,12 @@ fn side_by_side(kind: Kind, fail_open: bool, cases: &[&Case]) {
 
     // Through Envoy: curl -> Envoy -> a backend of its own, on this namespace's loopback.
     let backend = free_port();
-    let _backend = spawn(
-        Path::new(&testsrv()),
-        &["http", &format!("127.0.0.1:{backend}")],
+    let _backend = KillOnDrop(
+        Command::new(testsrv())
+            .args(["http", &format!("127.0.0.1:{backend}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     let (listen, admin) = (free_port(), free_port());
     let conf = std::env::temp_dir().join(format!(
@@ -380,7 +358,7 @@ fn side_by_side(kind: Kind, fail_open: bool, cases: &[&Case]) {
         "--base-id",
         &listen.to_string(),
     ]);
-    let _envoy = Killed(envoy_proc.stdout(Stdio::null()).spawn().unwrap());
+    let _envoy = KillOnDrop(envoy_proc.stdout(Stdio::null()).spawn().unwrap());
     wait_port(backend);
     wait_port(listen);
 

@@ -13,7 +13,7 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{ConfigMap, Namespace, PodSpec, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     serde::de::DeserializeOwned,
 };
@@ -26,6 +26,8 @@ struct Objects {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
     namespaces: Vec<Namespace>,
 }
 
@@ -90,6 +92,8 @@ fn parse(text: &str, origin: &str, out: &mut Objects) {
             Some("ServiceAccount") => out.service_accounts.push(typed(&v, origin)),
             Some("ClusterRole") => out.cluster_roles.push(typed(&v, origin)),
             Some("ClusterRoleBinding") => out.bindings.push(typed(&v, origin)),
+            Some("Role") => out.roles.push(typed(&v, origin)),
+            Some("RoleBinding") => out.role_bindings.push(typed(&v, origin)),
             Some("Namespace") => out.namespaces.push(typed(&v, origin)),
             other => panic!("{origin}: unexpected kind {other:?}"),
         }
@@ -182,12 +186,32 @@ fn check_complete(o: &Objects, origin: &str) {
         Some(vec!["create".to_string(), "patch".into()])
     );
     assert!(verbs.is_empty(), "{origin}: more than needed: {verbs:?}");
+    // Istio's mesh ConfigMap, read in its namespace only.
+    assert_eq!((o.roles.len(), o.role_bindings.len()), (1, 1), "{origin}");
+    let (role, rb) = (&o.roles[0], &o.role_bindings[0]);
+    let rules = role.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 1, "{origin}");
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["configmaps".to_string()][..])
+    );
+    assert_eq!(rules[0].verbs, read, "{origin}");
+    assert_eq!(rb.role_ref.name, role.metadata.name.clone().unwrap());
+    assert_eq!(rb.metadata.namespace, role.metadata.namespace);
+    let subject = &rb.subjects.as_ref().unwrap()[0];
+    assert_eq!(Some(&subject.name), sa.metadata.name.as_ref());
+    assert_eq!(subject.namespace.as_deref(), Some(ns));
 
     // The config the agent will read is valid, in Kubernetes mode, and agrees with the pod.
     let cm = &o.config_maps[0];
     let text = &cm.data.as_ref().unwrap()["agent.yaml"];
     let cfg = authz::config::Config::parse(text, origin).unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.kubernetes.enabled);
+    assert_eq!(
+        role.metadata.namespace.as_deref(),
+        Some(cfg.kubernetes.mesh_config.namespace.as_str()),
+        "{origin}: the Role is where the agent reads the mesh ConfigMap"
+    );
     let c = &pod.containers[0];
     assert_eq!(
         c.args.as_ref().unwrap(),
@@ -325,6 +349,7 @@ fn helm_chart_renders_the_same_objects() {
         |o: &Objects| -> PodSpec { o.daemonsets[0].spec.clone().unwrap().template.spec.unwrap() };
     assert_eq!(pod(&chart), pod(&plain), "DaemonSet pod spec");
     assert_eq!(chart.cluster_roles[0].rules, plain.cluster_roles[0].rules);
+    assert_eq!(chart.roles[0].rules, plain.roles[0].rules);
     assert_eq!(chart.config_maps[0].data, plain.config_maps[0].data);
 }
 

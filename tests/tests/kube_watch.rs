@@ -40,7 +40,11 @@ fn fixture(api: FakeApi) -> Fixture {
         let client = authz::kubernetes::client(Some(&kc)).await.unwrap();
         let cluster = tokio::time::timeout(
             Duration::from_secs(10),
-            Cluster::start(client.clone(), None),
+            Cluster::start(
+                client.clone(),
+                None,
+                ("istio-system".into(), "istio".into()),
+            ),
         )
         .await
         .expect("stores ready within 10 s")

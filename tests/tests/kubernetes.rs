@@ -740,3 +740,116 @@ fn probes_pass_a_deny_all_policy_only_when_the_kubelet_makes_them() {
     );
     rbac_held(&api);
 }
+
+/// CUSTOM in Kubernetes mode: providers come from Istio's mesh ConfigMap (istio-system/istio,
+/// key `mesh`), watched. A CUSTOM policy naming a provider not defined there denies what it
+/// matches; once the ConfigMap defines it, the provider decides; a change to it takes effect.
+#[test]
+fn custom_providers_come_from_the_mesh_config_map() {
+    if !require_root() {
+        return;
+    }
+    let api = FakeApi::start().unwrap();
+    let mut net = Net::new().unwrap();
+    let sleep = net.kube_pod("sleep", 2, SLEEP_UID).unwrap();
+    let httpbin = net.kube_pod("httpbin", 3, HTTPBIN_UID).unwrap();
+    net.serve(&httpbin, "http", 8000).unwrap();
+    // The provider runs beside the agent (the agent calls it from the node).
+    let (hp, gp) = (free_port(), free_port());
+    let _provider = start_extauthz(hp, gp);
+    api.apply(fakeapi::namespace("foo", true));
+    for (name, uid, host) in [
+        ("httpbin", HTTPBIN_UID, &httpbin),
+        ("sleep", SLEEP_UID, &sleep),
+    ] {
+        api.apply(fakeapi::pod(
+            "foo",
+            name,
+            uid,
+            NODE,
+            &host.ip,
+            json!({"app": name}),
+            name,
+        ));
+    }
+    api.apply(fakeapi::istio(
+        "AuthorizationPolicy",
+        "foo",
+        "ext-authz",
+        json!({"selector": {"matchLabels": {"app": "httpbin"}}, "action": "CUSTOM",
+               "provider": {"name": "sample-ext-authz-http"},
+               "rules": [{"to": [{"operation": {"paths": ["/headers"]}}]}]}),
+    ));
+    let cfg = kube_config(&net, "{ADMIN}", "");
+    let kubeconfig = api.kubeconfig();
+    let agent = Agent::start_with_files(&cfg, &[("kubeconfig", kubeconfig.as_str())]).unwrap();
+    eventually("pods enrolled", &agent, || {
+        agent.metric("authz_pods_enrolled") == 2.0
+    });
+    let get = |path: &str, value: &str| {
+        curl(
+            &sleep,
+            true,
+            &[
+                "-H",
+                &format!("x-ext-authz: {value}"),
+                &format!("http://{}:8000{path}", httpbin.ip),
+            ],
+        )
+        .unwrap()
+    };
+    // No mesh ConfigMap yet: the provider is unknown, so what the policy matches is denied.
+    assert_eq!(
+        get("/headers", "allow"),
+        (403, "RBAC: access denied".into())
+    );
+    assert_eq!(
+        get("/ip", "deny").0,
+        200,
+        "what the policy does not match is not checked"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("is not among the extensionProviders"),
+        "{}",
+        agent.log_text()
+    );
+
+    let mesh = |port: u16, extra: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": "istio-system"},
+        "data": {"mesh": format!(
+            "defaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\nextensionProviders:\n- name: otel\n  opentelemetry: {{service: otel.observability.svc.cluster.local, port: 4317}}\n- name: sample-ext-authz-http\n  envoyExtAuthzHttp:\n    service: 127.0.0.1\n    port: \"{port}\"\n    includeRequestHeadersInCheck: [\"x-ext-authz\"]\n{extra}"
+        )}})
+    };
+    // The same name in another namespace is not Istio's mesh config.
+    let mut elsewhere = mesh(hp, "");
+    elsewhere["metadata"]["namespace"] = json!("foo");
+    api.apply(elsewhere);
+    api.apply(mesh(hp, ""));
+    eventually("the provider decides", &agent, || {
+        get("/headers", "allow").0 == 200
+    });
+    let (code, body) = get("/headers", "deny");
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            403,
+            "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+        )
+    );
+    // The ConfigMap changes: the provider is now unreachable, and its statusOnError applies.
+    let closed = free_port();
+    api.apply(mesh(closed, "    statusOnError: \"503\"\n"));
+    eventually("statusOnError", &agent, || {
+        get("/headers", "allow").0 == 503
+    });
+    assert_eq!(get("/ip", "allow").0, 200);
+    rbac_held(&api);
+    assert!(
+        !api.unused_grants().iter().any(|g| g.contains("configmaps")),
+        "{:?}",
+        api.unused_grants()
+    );
+}

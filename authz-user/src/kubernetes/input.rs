@@ -46,6 +46,10 @@ pub struct KubeInput {
     pub last_wanted: usize,
     /// `policies.generation` when last applied.
     pub applied_generation: u64,
+    /// The mesh ConfigMap's resourceVersion last read (None: there is none).
+    mesh_version: Option<String>,
+    /// What was last logged about the providers and the CUSTOM policies naming them.
+    mesh_problems: Vec<String>,
     /// Pods the CNI plugin handed over (None: the plugin is not in use), and for how long one
     /// the API server does not confirm is held.
     pub claims: Option<Claims>,
@@ -80,7 +84,13 @@ impl KubeInput {
         };
         let client = kubernetes::client(cfg.kubernetes.kubeconfig.as_deref()).await?;
         tracing::info!(node = %node, "connecting to the API server");
-        let cluster = kubernetes::Cluster::start(client.clone(), None).await?;
+        let mesh = &cfg.kubernetes.mesh_config;
+        let cluster = kubernetes::Cluster::start(
+            client.clone(),
+            None,
+            (mesh.namespace.clone(), mesh.name.clone()),
+        )
+        .await?;
         tracing::info!(
             pods = cluster.pods.state().len(),
             api = %cluster.istio_api_version,
@@ -110,6 +120,8 @@ impl KubeInput {
             events,
             last_wanted: 0,
             applied_generation: 0,
+            mesh_version: None,
+            mesh_problems: Vec::new(),
             claims,
             reconcile_within: cfg.kubernetes.cni.reconcile_within,
             wanted: HashSet::new(),
@@ -186,11 +198,12 @@ impl KubeInput {
             .pods_not_enrolled
             .store(self.not_enrolled.len() as u64, Ordering::Relaxed);
 
-        let (set, reports) = self.policies.update(
+        let (mut set, reports) = self.policies.update(
             &self.cluster.istio_api_version,
             &self.cluster.request_authentications.state(),
             &self.cluster.authorization_policies.state(),
         );
+        self.mesh_providers(&mut set);
         for r in reports {
             let bad = r.problems.iter().any(|p| !p.warning);
             for p in &r.problems {
@@ -225,6 +238,52 @@ impl KubeInput {
             peers: d.peers,
         };
         (world, set)
+    }
+
+    /// The mesh ConfigMap's `extensionProviders` into `set`; a changed ConfigMap counts as a
+    /// policy change. Problems are logged once per version of it.
+    fn mesh_providers(&mut self, set: &mut crate::policy::PolicySet) {
+        let (ns, name) = &self.cluster.mesh_config_at;
+        let cm = self
+            .cluster
+            .mesh_config
+            .state()
+            .into_iter()
+            .find(|c| c.metadata.name.as_deref() == Some(name.as_str()));
+        let version = cm
+            .as_ref()
+            .map(|c| c.metadata.resource_version.clone().unwrap_or_default());
+        let text = cm
+            .as_ref()
+            .and_then(|c| c.data.as_ref()?.get("mesh").cloned())
+            .unwrap_or_default();
+        let origin = format!("ConfigMap {ns}/{name} (mesh)");
+        let before = set.problems.len();
+        crate::policy::load::add_mesh_providers(set, &text, &origin);
+        set.check_custom();
+        if version != self.mesh_version {
+            self.mesh_version = version;
+            self.policies.generation += 1;
+            tracing::info!(
+                providers = set.extension_providers.len(),
+                "extension providers read from {origin}"
+            );
+        }
+        // Problems with the providers, or CUSTOM policies naming none: logged when they change.
+        let problems: Vec<String> = set.problems[before..]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        if problems != self.mesh_problems {
+            for (p, text) in set.problems[before..].iter().zip(&problems) {
+                if p.warning {
+                    tracing::warn!("{text}");
+                } else {
+                    tracing::error!("{text}");
+                }
+            }
+            self.mesh_problems = problems;
+        }
     }
 
     /// Claims the API server has not confirmed: enrolled with a claimed identity while they are

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use kube::{
     api::{Api, ApiResource, DynamicObject},
     runtime::{
@@ -34,6 +34,11 @@ pub struct Cluster {
     pub services: Store<Service>,
     pub request_authentications: Store<DynamicObject>,
     pub authorization_policies: Store<DynamicObject>,
+    /// Istio's mesh ConfigMap (its `mesh` key holds MeshConfig, whose `extensionProviders` the
+    /// CUSTOM policies name).
+    pub mesh_config: Store<ConfigMap>,
+    /// Where that ConfigMap is: (namespace, name).
+    pub mesh_config_at: (String, String),
     /// `security.istio.io/v1` or `v1beta1`, whichever the API server prefers.
     pub istio_api_version: String,
     pub changed: Arc<Notify>,
@@ -131,7 +136,27 @@ fn spawn_watch<K>(
         + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    let stream = watcher(api, watcher::Config::default())
+    spawn_watch_with(what, api, watcher::Config::default(), writer, trim, changed)
+}
+
+fn spawn_watch_with<K>(
+    what: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    trim: fn(&mut K),
+    changed: Arc<Notify>,
+) where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let stream = watcher(api, config)
         .default_backoff()
         .modify(trim)
         .reflect(writer);
@@ -174,7 +199,11 @@ fn spawn_pod_watch(api: Api<pods::Pod>, store: pods::PodStore, changed: Arc<Noti
 
 impl Cluster {
     /// Starts the watchers and waits until every store has its first full list.
-    pub async fn start(client: Client, istio_api_version: Option<String>) -> Result<Cluster> {
+    pub async fn start(
+        client: Client,
+        istio_api_version: Option<String>,
+        mesh_config_at: (String, String),
+    ) -> Result<Cluster> {
         let version = match istio_api_version {
             Some(v) => v,
             None => {
@@ -240,7 +269,21 @@ impl Cluster {
             trim_policy,
             changed.clone(),
         );
+        let (mesh_config, w) = reflector::store();
+        spawn_watch_with(
+            "configmaps",
+            Api::<ConfigMap>::namespaced(client.clone(), &mesh_config_at.0),
+            watcher::Config::default().fields(&format!("metadata.name={}", mesh_config_at.1)),
+            w,
+            |c: &mut ConfigMap| {
+                trim_meta(&mut c.metadata);
+                c.binary_data = None;
+            },
+            changed.clone(),
+        );
         let cluster = Cluster {
+            mesh_config,
+            mesh_config_at,
             pods,
             namespaces,
             services,
@@ -260,12 +303,13 @@ impl Cluster {
             let _ = self.services.wait_until_ready().await;
             let _ = self.request_authentications.wait_until_ready().await;
             let _ = self.authorization_policies.wait_until_ready().await;
+            let _ = self.mesh_config.wait_until_ready().await;
         };
         let mut all = std::pin::pin!(all);
         loop {
             match tokio::time::timeout(Duration::from_secs(5), &mut all).await {
                 Ok(()) => return,
-                Err(_) => tracing::warn!("still waiting for the first list of pods, namespaces, services and Istio policies from the API server"),
+                Err(_) => tracing::warn!("still waiting for the first list of pods, namespaces, services, Istio policies and the mesh ConfigMap from the API server"),
             }
         }
     }

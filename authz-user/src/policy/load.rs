@@ -107,6 +107,38 @@ pub fn add_config_providers(set: &mut PolicySet, cfg: &crate::config::Config) {
     set.add_providers(cfg.extension_providers.clone(), origins);
 }
 
+/// MeshConfig YAML (the `mesh` key of Istio's ConfigMap): its ext_authz `extensionProviders`.
+/// Unparseable MeshConfig is a problem at `origin`; its other fields are not this agent's.
+pub fn add_mesh_providers(set: &mut PolicySet, mesh: &str, origin: &str) {
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    struct Mesh {
+        #[serde(default)]
+        extension_providers: Vec<crate::extauthz::ProviderSpec>,
+    }
+    let parsed: Result<Option<Mesh>, _> = serde_yaml::from_str(mesh);
+    let specs = match parsed {
+        Ok(m) => m.unwrap_or_default().extension_providers,
+        Err(e) => {
+            set.problems.push(Problem {
+                file: origin.into(),
+                line: e.location().map_or(1, |l| l.line()),
+                message: format!("MeshConfig is not valid YAML: {e}"),
+                warning: false,
+            });
+            return;
+        }
+    };
+    let origins = specs
+        .iter()
+        .map(|p| Origin {
+            file: origin.into(),
+            line: provider_line(mesh, &p.name),
+        })
+        .collect();
+    set.add_providers(specs, origins);
+}
+
 /// The line of `name: <name>` under `extensionProviders:` (1 when not found).
 fn provider_line(text: &str, name: &str) -> usize {
     let mut under = false;
