@@ -351,3 +351,139 @@ async fn unreachable_and_slow_providers_are_errors() {
         );
     }
 }
+
+mod engine {
+    use std::sync::Arc;
+
+    use http::HeaderMap;
+
+    use crate::{
+        config::PathNormalization,
+        engine::{Conn, CustomWhy, Engine, Reason, Request},
+        jwt::cache::TokenCache,
+        policy::{load::add_mesh_providers, load_str, PolicyIndex, PolicySet},
+        registry::Workload,
+    };
+
+    const POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: foo}\nspec:\n  action: CUSTOM\n  provider: {name: PROVIDER}\n  rules: [{to: [{operation: {paths: [/headers]}}]}]\n";
+
+    fn set(mesh: &str, provider: &str) -> PolicySet {
+        let mut set = PolicySet::default();
+        load_str(&POLICY.replace("PROVIDER", provider), "p.yaml", &mut set);
+        add_mesh_providers(&mut set, mesh, "ConfigMap istio-system/istio (mesh)");
+        set.check_custom();
+        set
+    }
+
+    fn decide(set: &PolicySet, path: &str, ask: bool) -> crate::engine::Decision {
+        let engine = Engine::new(
+            PolicyIndex::build(set, "istio-system", None),
+            Arc::new(TokenCache::new(0)),
+            None,
+            PathNormalization::Base,
+            "cluster.local",
+        );
+        let engine = if ask {
+            engine
+        } else {
+            engine.without_providers()
+        };
+        let w = Workload {
+            name: "httpbin".into(),
+            namespace: "foo".into(),
+            labels: Default::default(),
+            service_account: "httpbin".into(),
+        };
+        let pol = engine.policies_for(&w);
+        let h = HeaderMap::new();
+        let c = Conn {
+            policies: &pol,
+            source: None,
+            destination: Some(&w),
+            source_ip: None,
+            dest_ip: None,
+            dest_port: 8000,
+        };
+        let r = Request {
+            method: "GET",
+            target: path,
+            host: "httpbin",
+            headers: &h,
+            http2: false,
+            body: None,
+        };
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(engine.decide_http(&c, &r))
+    }
+
+    #[test]
+    fn an_undefined_provider_is_reported_and_denies() {
+        let s = set("", "nowhere");
+        let w: Vec<String> = s.problems.iter().map(|p| p.to_string()).collect();
+        assert!(
+            w.iter().any(|p| p.starts_with("p.yaml:1: warning: foo/ext: CUSTOM provider \"nowhere\" is not among the extensionProviders")),
+            "{w:?}"
+        );
+        let d = decide(&s, "/headers", true);
+        assert_eq!(
+            (d.allowed, d.status, d.reason),
+            (false, 403, Reason::Custom(CustomWhy::Unusable))
+        );
+        assert!(decide(&s, "/ip", true).allowed, "not matched: not checked");
+    }
+
+    #[test]
+    fn a_defined_provider_is_asked_and_check_only_names_it() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mesh = format!("defaultConfig: {{}}\nextensionProviders:\n- name: zipkin\n  zipkin: {{service: z, port: 9411}}\n- name: ext\n  envoyExtAuthzGrpc:\n    service: 127.0.0.1\n    port: {port}\n    statusOnError: \"503\"\n");
+        let s = set(&mesh, "ext");
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(
+            s.extension_providers.len(),
+            1,
+            "the zipkin entry is not an authorizer"
+        );
+        assert_eq!(
+            s.extension_providers[0].1.line, 5,
+            "where the provider is written"
+        );
+        // Nothing listens: asked, it fails, statusOnError.
+        let d = decide(&s, "/headers", true);
+        assert_eq!(
+            (d.allowed, d.status, d.reason),
+            (false, 503, Reason::Custom(CustomWhy::Unavailable))
+        );
+        assert!(d.custom.as_ref().unwrap().asked);
+        // `check` does not ask: it names the provider and decides the rest.
+        let d = decide(&s, "/headers", false);
+        assert!(d.allowed);
+        let c = d.custom.unwrap();
+        assert_eq!(
+            (c.provider.as_str(), c.policy.policy.as_str(), c.asked),
+            ("ext", "foo/ext", false)
+        );
+    }
+
+    #[test]
+    fn bad_providers_are_problems_at_their_line() {
+        let s = set("extensionProviders:\n- name: ext\n  envoyExtAuthzHttp: {service: a, port: 0}\n- name: ext\n  envoyExtAuthzGrpc: {service: a, port: 1}\n", "ext");
+        let e: Vec<String> = s.errors().map(|p| p.to_string()).collect();
+        assert!(e.iter().any(|p| p.contains(":2: extensionProviders[0] \"ext\": port must be in the range")), "{e:?}");
+        assert!(
+            e.iter().any(|p| p.contains("provider name must be unique")),
+            "{e:?}"
+        );
+        // Neither entry of a duplicated name is used: what the policy matches is denied.
+        assert_eq!(
+            decide(&s, "/headers", true).reason,
+            Reason::Custom(CustomWhy::Unusable)
+        );
+    }
+}
