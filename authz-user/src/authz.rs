@@ -244,6 +244,7 @@ struct COp {
     paths: Field<StrMatch>,
 }
 
+/// The attribute a `when` key names (what the key string parses to, before its values).
 #[derive(Debug, Clone)]
 enum Key {
     Header(http::HeaderName),
@@ -271,18 +272,34 @@ enum Key {
     Experimental,
 }
 
+/// A compiled `when` condition: the attribute and its values in one variant, each with the
+/// value type that attribute takes, so a key cannot be paired with values it cannot match.
 #[derive(Debug, Clone)]
-enum CondValues {
-    Str(Field<StrMatch>),
-    Principal(Field<ReqPrincipal>),
-    Ip(Field<IpNet>),
-    Port(Field<u16>),
-}
-
-#[derive(Debug, Clone)]
-struct CCond {
-    key: Key,
-    values: CondValues,
+enum CCond {
+    Header(http::HeaderName, Field<StrMatch>),
+    Authority(Field<StrMatch>),
+    Method(Field<StrMatch>),
+    /// With the query, as Envoy's `:path`.
+    Path(Field<StrMatch>),
+    Scheme(Field<StrMatch>),
+    /// A header name no request can carry: never matches, whichever of values or notValues is
+    /// set (an ALLOW rule gains nothing, a DENY rule denies nothing more).
+    Never,
+    SourceIp(Field<IpNet>),
+    RemoteIp(Field<IpNet>),
+    SourceNamespace(Field<StrMatch>),
+    SourcePrincipal(Field<StrMatch>),
+    SourceServiceAccount(Field<StrMatch>),
+    SourceTrustDomain(Field<StrMatch>),
+    AuthPrincipal(Field<ReqPrincipal>),
+    AuthAudiences(Field<StrMatch>),
+    AuthPresenter(Field<StrMatch>),
+    AuthClaim(Vec<String>, Field<StrMatch>),
+    DestinationIp(Field<IpNet>),
+    DestinationPort(Field<u16>),
+    Sni(Field<StrMatch>),
+    /// Envoy filter metadata: never present here.
+    Experimental(Field<StrMatch>),
 }
 
 /// `requestPrincipals` value: issuer and subject matched separately (split at the last `/`).
@@ -662,29 +679,47 @@ fn compile_cond(c: &Condition, errors: &mut Vec<CompileError>) -> Result<CCond, 
             "{k}: at least one of values or notValues must be set"
         ));
     }
-    let values = match key {
-        Key::SourceIp | Key::RemoteIp | Key::DestinationIp => {
-            CondValues::Ip(Field::try_new(k, &c.values, &c.not_values, ip, errors))
-        }
-        Key::DestinationPort => {
-            CondValues::Port(Field::try_new(k, &c.values, &c.not_values, port, errors))
-        }
-        Key::AuthPrincipal => CondValues::Principal(Field::try_new(
+    let strs = |errors: &mut Vec<CompileError>| {
+        Field::try_new(
+            k,
+            &c.values,
+            &c.not_values,
+            |v| Ok(StrMatch::new(v)),
+            errors,
+        )
+    };
+    let ips =
+        |errors: &mut Vec<CompileError>| Field::try_new(k, &c.values, &c.not_values, ip, errors);
+    Ok(match key {
+        Key::Header(name) => CCond::Header(name, strs(errors)),
+        Key::Authority => CCond::Authority(strs(errors)),
+        Key::Method => CCond::Method(strs(errors)),
+        Key::Path => CCond::Path(strs(errors)),
+        Key::Scheme => CCond::Scheme(strs(errors)),
+        Key::Never => CCond::Never,
+        Key::SourceIp => CCond::SourceIp(ips(errors)),
+        Key::RemoteIp => CCond::RemoteIp(ips(errors)),
+        Key::SourceNamespace => CCond::SourceNamespace(strs(errors)),
+        Key::SourcePrincipal => CCond::SourcePrincipal(strs(errors)),
+        Key::SourceServiceAccount => CCond::SourceServiceAccount(strs(errors)),
+        Key::SourceTrustDomain => CCond::SourceTrustDomain(strs(errors)),
+        Key::AuthPrincipal => CCond::AuthPrincipal(Field::try_new(
             k,
             &c.values,
             &c.not_values,
             |v| Ok(ReqPrincipal::new(v)),
             errors,
         )),
-        _ => CondValues::Str(Field::try_new(
-            k,
-            &c.values,
-            &c.not_values,
-            |v| Ok(StrMatch::new(v)),
-            errors,
-        )),
-    };
-    Ok(CCond { key, values })
+        Key::AuthAudiences => CCond::AuthAudiences(strs(errors)),
+        Key::AuthPresenter => CCond::AuthPresenter(strs(errors)),
+        Key::AuthClaim(path) => CCond::AuthClaim(path, strs(errors)),
+        Key::DestinationIp => CCond::DestinationIp(ips(errors)),
+        Key::DestinationPort => {
+            CCond::DestinationPort(Field::try_new(k, &c.values, &c.not_values, port, errors))
+        }
+        Key::Sni => CCond::Sni(strs(errors)),
+        Key::Experimental => CCond::Experimental(strs(errors)),
+    })
 }
 
 impl CSource {
@@ -779,29 +814,28 @@ impl COp {
 impl CCond {
     fn http_only(&self) -> bool {
         matches!(
-            self.key,
-            Key::Header(_)
-                | Key::Authority
-                | Key::Method
-                | Key::Path
-                | Key::Scheme
-                | Key::Never
-                | Key::AuthPrincipal
-                | Key::AuthAudiences
-                | Key::AuthPresenter
-                | Key::AuthClaim(_)
+            self,
+            CCond::Header(..)
+                | CCond::Authority(_)
+                | CCond::Method(_)
+                | CCond::Path(_)
+                | CCond::Scheme(_)
+                | CCond::Never
+                | CCond::AuthPrincipal(_)
+                | CCond::AuthAudiences(_)
+                | CCond::AuthPresenter(_)
+                | CCond::AuthClaim(..)
         )
     }
 
     fn matches(&self, a: &Attrs) -> bool {
-        if self.http_only() && a.http.is_none() {
-            return true;
-        }
-        let id = a.http.and_then(|h| h.identity);
-        let peer = a.peer;
-        match (&self.key, &self.values) {
-            (Key::Header(name), CondValues::Str(f)) => {
-                let h = a.http.expect("checked above");
+        let Some(h) = a.http else {
+            // TCP: HTTP-only conditions hold (matches_l4 says so for them).
+            return self.matches_l4(a);
+        };
+        let id = h.identity;
+        match self {
+            CCond::Header(name, f) => {
                 // Each value of a repeated header on its own (CVE-2026-26308).
                 f.eval(|m| {
                     h.headers.get_all(name).iter().any(|v| match m {
@@ -810,63 +844,60 @@ impl CCond {
                     })
                 })
             }
-            (Key::Authority, CondValues::Str(f)) => {
-                let h = a.http.expect("checked above");
-                f.eval(|m| m.matches(h.host))
-            }
-            (Key::Method, CondValues::Str(f)) => {
-                let h = a.http.expect("checked above");
-                f.eval(|m| m.matches(h.method))
-            }
-            (Key::Path, CondValues::Str(f)) => {
-                let h = a.http.expect("checked above");
-                f.eval(|m| m.matches(h.path_and_query))
-            }
+            CCond::Authority(f) => f.eval(|m| m.matches(h.host)),
+            CCond::Method(f) => f.eval(|m| m.matches(h.method)),
+            CCond::Path(f) => f.eval(|m| m.matches(h.path_and_query)),
             // Plaintext only: every request the agent sees is http.
-            (Key::Scheme, CondValues::Str(f)) => f.eval(|m| m.matches("http")),
-            // Never matches, whichever of values or notValues is set: ALLOW gains nothing and
-            // DENY denies nothing more.
-            (Key::Never, _) => false,
-            (Key::SourceIp, CondValues::Ip(f)) => {
-                f.eval(|n| a.source_ip.is_some_and(|ip| n.contains(&ip)))
-            }
-            (Key::RemoteIp, CondValues::Ip(f)) => {
-                f.eval(|n| a.remote_ip.is_some_and(|ip| n.contains(&ip)))
-            }
-            (Key::DestinationIp, CondValues::Ip(f)) => {
-                f.eval(|n| a.dest_ip.is_some_and(|ip| n.contains(&ip)))
-            }
-            (Key::DestinationPort, CondValues::Port(f)) => f.eval(|p| *p == a.dest_port),
-            (Key::SourceNamespace, CondValues::Str(f)) => {
-                f.eval(|m| peer.is_some_and(|p| glob(m, &p.namespace)))
-            }
-            (Key::SourcePrincipal, CondValues::Str(f)) => {
-                f.eval(|m| peer.is_some_and(|p| m.matches(&p.principal())))
-            }
-            (Key::SourceServiceAccount, CondValues::Str(f)) => f.eval(|m| {
-                peer.is_some_and(|p| m.matches(&format!("{}/{}", p.namespace, p.service_account)))
-            }),
-            (Key::SourceTrustDomain, CondValues::Str(f)) => {
-                f.eval(|m| peer.is_some_and(|p| m.matches(&p.trust_domain)))
-            }
-            (Key::AuthPrincipal, CondValues::Principal(f)) => {
-                f.eval(|m| id.is_some_and(|i| m.matches(i)))
-            }
-            (Key::AuthAudiences, CondValues::Str(f)) => {
+            CCond::Scheme(f) => f.eval(|m| m.matches("http")),
+            CCond::Never => false,
+            CCond::AuthPrincipal(f) => f.eval(|m| id.is_some_and(|i| m.matches(i))),
+            CCond::AuthAudiences(f) => {
                 f.eval(|m| id.is_some_and(|i| claim_matches(i.payload.get("aud"), m, false)))
             }
-            (Key::AuthPresenter, CondValues::Str(f)) => {
+            CCond::AuthPresenter(f) => {
                 f.eval(|m| id.is_some_and(|i| claim_matches(i.payload.get("azp"), m, false)))
             }
-            (Key::AuthClaim(path), CondValues::Str(f)) => f.eval(|m| {
+            CCond::AuthClaim(path, f) => f.eval(|m| {
                 id.is_some_and(|i| {
                     let split = path.len() == 1 && i.space_delimited.iter().any(|c| *c == path[0]);
                     claim_matches(i.claim(path), m, split)
                 })
             }),
-            (Key::Sni, CondValues::Str(f)) => f.eval(|m| a.sni.is_some_and(|s| m.matches(s))),
-            (Key::Experimental, CondValues::Str(f)) => f.eval(|_| false),
-            _ => false,
+            _ => self.matches_l4(a),
+        }
+    }
+
+    /// The conditions a TCP connection has too.
+    fn matches_l4(&self, a: &Attrs) -> bool {
+        let peer = a.peer;
+        match self {
+            CCond::SourceIp(f) => f.eval(|n| a.source_ip.is_some_and(|ip| n.contains(&ip))),
+            CCond::RemoteIp(f) => f.eval(|n| a.remote_ip.is_some_and(|ip| n.contains(&ip))),
+            CCond::DestinationIp(f) => f.eval(|n| a.dest_ip.is_some_and(|ip| n.contains(&ip))),
+            CCond::DestinationPort(f) => f.eval(|p| *p == a.dest_port),
+            CCond::SourceNamespace(f) => f.eval(|m| peer.is_some_and(|p| glob(m, &p.namespace))),
+            CCond::SourcePrincipal(f) => {
+                f.eval(|m| peer.is_some_and(|p| m.matches(&p.principal())))
+            }
+            CCond::SourceServiceAccount(f) => f.eval(|m| {
+                peer.is_some_and(|p| m.matches(&format!("{}/{}", p.namespace, p.service_account)))
+            }),
+            CCond::SourceTrustDomain(f) => {
+                f.eval(|m| peer.is_some_and(|p| m.matches(&p.trust_domain)))
+            }
+            CCond::Sni(f) => f.eval(|m| a.sni.is_some_and(|s| m.matches(s))),
+            CCond::Experimental(f) => f.eval(|_| false),
+            // HTTP-only conditions: ignored on TCP (DENY/AUDIT; ALLOW rules were dropped).
+            CCond::Header(..)
+            | CCond::Authority(_)
+            | CCond::Method(_)
+            | CCond::Path(_)
+            | CCond::Scheme(_)
+            | CCond::Never
+            | CCond::AuthPrincipal(_)
+            | CCond::AuthAudiences(_)
+            | CCond::AuthPresenter(_)
+            | CCond::AuthClaim(..) => true,
         }
     }
 }
