@@ -57,9 +57,9 @@ fuzz_target!(|data: &[u8]| {
     let engine = Engine::new(PolicyIndex::build(&set, "istio-system", None), Arc::new(TokenCache::new(16)), None, PathNormalization::Base, "cluster.local");
     let w = Workload { name: "w".into(), namespace: "foo".into(), labels: BTreeMap::new().into(), service_account: "w".into() };
     let pol = engine.policies_for(&w);
-    let c = Conn { policies: &pol, source: None, source_ip: None, dest_ip: None, dest_port: 80 };
+    let c = Conn { policies: &pol, source: None, destination: None, source_ip: None, dest_ip: None, dest_port: 80 };
     let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    let r = Request { method: req.method().as_str(), target: &target, host: &h.authority, headers: req.headers(), http2: false };
+    let r = Request { method: req.method().as_str(), target: &target, host: &h.authority, headers: req.headers(), http2: false, body: None };
     let d = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(engine.decide_http(&c, &r));
     assert!(d.allowed || d.status >= 400);
 });

@@ -14,6 +14,7 @@ use crate::{
     registry::Workload,
 };
 
+pub mod compile;
 pub mod load;
 pub mod types;
 pub mod validate;
