@@ -115,7 +115,9 @@ pub fn answer(s: &HttpSettings, status: StatusCode, headers: &HeaderMap, body: B
     if status.is_server_error() {
         return Answer::Error(format!("provider answered {status}"));
     }
-    let relayed = |n: &http::HeaderName| n.as_str() != HEADERS_TO_REMOVE && !hop_by_hop(n.as_str());
+    let relayed = |n: &http::HeaderName| {
+        n.as_str() != HEADERS_TO_REMOVE && !super::connection_level(n.as_str())
+    };
     let headers_out = || headers.iter().filter(|(n, _)| relayed(n));
     if status == StatusCode::OK {
         let mut upstream: Vec<HeaderOp> = headers_out()
@@ -162,19 +164,4 @@ pub fn answer(s: &HttpSettings, status: StatusCode, headers: &HeaderMap, body: B
         body,
         headers,
     })
-}
-
-/// Connection-level headers of the provider's response: never relayed.
-fn hop_by_hop(n: &str) -> bool {
-    matches!(
-        n,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "upgrade"
-            | "trailer"
-            | "content-length"
-    )
 }

@@ -544,20 +544,26 @@ impl HeaderOp {
     }
 }
 
-/// Headers a provider may not change: they frame the message or name its route, and a
-/// difference between what the agent and the application read is a smuggling risk.
-fn framing(name: &HeaderName) -> bool {
+/// Connection-level headers: they frame the message between two hops, never relayed from a
+/// provider's answer.
+fn connection_level(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "connection"
             | "keep-alive"
             | "proxy-connection"
             | "transfer-encoding"
             | "te"
             | "upgrade"
+            | "trailer"
             | "content-length"
-            | "host"
     )
+}
+
+/// Headers a provider may not change: they frame the message or name its route, and a
+/// difference between what the agent and the application read is a smuggling risk.
+fn framing(name: &HeaderName) -> bool {
+    connection_level(name.as_str()) || name == http::header::HOST
 }
 
 /// An allow, with the changes to the upstream request and to the client's response.
