@@ -394,13 +394,12 @@ impl Provider {
         Ok(SocketAddr::new(ip, self.port))
     }
 
-    /// The host the provider is called by (`:authority` of gRPC calls).
-    fn authority(&self) -> String {
-        let host = self
-            .service
+    /// The host the provider is called by (`:authority` of gRPC calls: the service's host,
+    /// as istiod sets it).
+    fn authority(&self) -> &str {
+        self.service
             .split_once('/')
-            .map_or(self.service.as_str(), |(_, h)| h);
-        format!("{host}:{}", self.port)
+            .map_or(self.service.as_str(), |(_, h)| h)
     }
 
     /// Asks the provider, within `timeout`; never fails: what it could not do is an `Error`.
@@ -417,7 +416,7 @@ impl Provider {
                 Kind::Http(s) => self.http.check(addr, s, input).await,
                 Kind::Grpc => {
                     self.grpc
-                        .check(addr, &self.authority(), self.body, input)
+                        .check(addr, self.authority(), self.body, input)
                         .await
                 }
             }

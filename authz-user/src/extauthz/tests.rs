@@ -32,7 +32,7 @@ fn compiles_istio_sample_providers() {
     .unwrap();
     assert_eq!(grpc.timeout, Duration::from_millis(500));
     assert_eq!(grpc.status_on_error, 503);
-    assert_eq!(grpc.authority(), "ext-authz.foo.svc.cluster.local:9000");
+    assert_eq!(grpc.authority(), "ext-authz.foo.svc.cluster.local");
     assert_eq!(grpc.address().unwrap(), "10.0.0.9:9000".parse().unwrap());
 }
 
