@@ -76,12 +76,8 @@ pub fn request(
         http::header::HOST,
         HeaderValue::from_str(input.host).map_err(|_| "host is not a header value".to_string())?,
     );
-    let mut seen: Vec<&http::HeaderName> = Vec::new();
+    // `keys()` yields each name once, however many values it has.
     for name in input.headers.keys() {
-        if seen.contains(&name) {
-            continue;
-        }
-        seen.push(name);
         let wanted =
             name == http::header::AUTHORIZATION || s.request_headers.matches(name.as_str());
         if !wanted || name == http::header::CONTENT_LENGTH || name == http::header::HOST {

@@ -123,25 +123,6 @@ fn trim_policy(o: &mut DynamicObject) {
 fn spawn_watch<K>(
     what: &'static str,
     api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    trim: fn(&mut K),
-    changed: Arc<Notify>,
-) where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    spawn_watch_with(what, api, watcher::Config::default(), writer, trim, changed)
-}
-
-fn spawn_watch_with<K>(
-    what: &'static str,
-    api: Api<K>,
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     trim: fn(&mut K),
@@ -232,6 +213,7 @@ impl Cluster {
         spawn_watch(
             "namespaces",
             Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
             w,
             |n: &mut Namespace| {
                 trim_meta(&mut n.metadata);
@@ -245,6 +227,7 @@ impl Cluster {
         spawn_watch(
             "services",
             Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
             w,
             trim_service,
             changed.clone(),
@@ -255,6 +238,7 @@ impl Cluster {
         spawn_watch(
             "requestauthentications",
             Api::all_with(client.clone(), &ra),
+            watcher::Config::default(),
             w,
             trim_policy,
             changed.clone(),
@@ -265,12 +249,13 @@ impl Cluster {
         spawn_watch(
             "authorizationpolicies",
             Api::all_with(client.clone(), &ap),
+            watcher::Config::default(),
             w,
             trim_policy,
             changed.clone(),
         );
         let (mesh_config, w) = reflector::store();
-        spawn_watch_with(
+        spawn_watch(
             "configmaps",
             Api::<ConfigMap>::namespaced(client.clone(), &mesh_config_at.0),
             watcher::Config::default().fields(&format!("metadata.name={}", mesh_config_at.1)),
