@@ -77,10 +77,19 @@ pub enum Op {
     Release(PodKey),
     /// A pending pod no longer wanted as it was: its pending kernel entry goes.
     Forget(PodKey),
+    /// An enrolled pod in the same place whose identity, addresses or probes changed (a claim
+    /// confirmed, a restart of its sandbox keeping the cgroup): its new listeners, capture and
+    /// source check replace the old ones in place, so it is never uncaptured in between.
+    Renew(PodKey),
     /// A wanted pod that is not enrolled.
     Enroll(PodKey),
     Unenforce(IpAddr),
     Enforce(IpAddr),
+}
+
+/// Whether a pod stays where it was on the host: the same network namespace and cgroup.
+pub fn same_place(a: &NodePod, b: &NodePod) -> bool {
+    a.spec.netns == b.spec.netns && a.spec.cgroup == b.spec.cgroup
 }
 
 /// Whether an enrolled pod can stay as it is: the same place on the host and the same identity.
@@ -101,7 +110,7 @@ pub fn same_enrollment(a: &NodePod, b: &NodePod) -> bool {
 }
 
 /// The operations that take `enrolled`/`pending`/`enforced` to `wanted` pods and `wanted_ips`:
-/// releases first, then enrollments, then addresses. Pure.
+/// releases first, then renewals and enrollments, then addresses. Pure.
 pub fn plan<'a>(
     enrolled: impl IntoIterator<Item = (&'a PodKey, &'a NodePod)>,
     pending: impl IntoIterator<Item = (&'a PodKey, &'a NodePod)>,
@@ -117,13 +126,18 @@ pub fn plan<'a>(
     let mut ops = Vec::new();
     let mut kept = HashSet::new();
     let mut releases: Vec<Op> = Vec::new();
+    let mut renewed: Vec<PodKey> = Vec::new();
     for (k, s) in enrolled {
         if stays(k, s) {
             kept.insert(k.clone());
+        } else if want.get(k).is_some_and(|w| same_place(w, s)) {
+            kept.insert(k.clone());
+            renewed.push(k.clone());
         } else {
             releases.push(Op::Release(k.clone()));
         }
     }
+    renewed.sort();
     for (k, s) in pending {
         if !stays(k, s) {
             releases.push(Op::Forget(k.clone()));
@@ -131,6 +145,7 @@ pub fn plan<'a>(
     }
     releases.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
     ops.extend(releases);
+    ops.extend(renewed.into_iter().map(Op::Renew));
     for p in wanted {
         let k = (p.spec.namespace.clone(), p.spec.name.clone());
         if !kept.contains(&k) {
@@ -170,7 +185,7 @@ pub fn apply(px: &Arc<Proxy>, applied: &mut Applied, state: &State) {
 
 /// Carries out `ops`; each is recorded in `applied` only once it succeeded.
 pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &State) {
-    let (world, registry) = (&state.world, &state.registry);
+    let registry = &state.registry;
     let kernel = &px.kernel;
     applied.failed_ips.clear();
     for op in ops {
@@ -178,19 +193,20 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
             Op::Release(k) => {
                 if let Some(e) = applied.pods.remove(&k) {
                     let _ = kernel.release(e.cgroup_id);
-                    for side in &e.sources {
-                        if let Err(e) = kernel.unbind_source(side) {
-                            tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "source check not removed: {e:#}");
-                        }
-                    }
-                    if let Some(cookie) = e.protected {
-                        if let Err(e) = kernel.unprotect(cookie) {
-                            tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "inbound capture not removed: {e:#}");
-                        }
-                    }
-                    e.server.abort();
+                    retire(kernel, &k, &e, &[], None);
                     tracing::info!(pod = %format!("{}/{}", k.0, k.1), netns = %e.spec.spec.netns.display(), ips = ?e.spec.spec.ips, "pod released");
                 }
+            }
+            Op::Renew(k) => {
+                let Some(old) = applied.pods.remove(&k) else {
+                    continue;
+                };
+                let Some((pod, spec)) = find(state, &k) else {
+                    let _ = kernel.release(old.cgroup_id);
+                    retire(kernel, &k, &old, &[], None);
+                    continue;
+                };
+                renew_one(px, applied, k, pod, spec, old);
             }
             Op::Forget(k) => {
                 if let Some(id) = applied.pending.remove(&k).and_then(|p| p.cgroup_id) {
@@ -198,16 +214,7 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
                 }
             }
             Op::Enroll(k) => {
-                let (Some(pod), Some(spec)) = (
-                    registry
-                        .pods
-                        .iter()
-                        .find(|p| p.workload.namespace == k.0 && p.workload.name == k.1),
-                    world
-                        .pods
-                        .iter()
-                        .find(|p| p.spec.namespace == k.0 && p.spec.name == k.1),
-                ) else {
+                let Some((pod, spec)) = find(state, &k) else {
                     continue;
                 };
                 enroll_one(px, applied, k, pod, spec);
@@ -249,29 +256,98 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
         .store(applied.pods.len() as u64, Ordering::Relaxed);
 }
 
-fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod>, spec: &NodePod) {
+/// The registry's pod and the world's spec for `k`, when it is wanted.
+fn find<'s>(state: &'s State, k: &PodKey) -> Option<(&'s Arc<Pod>, &'s NodePod)> {
+    let pod = state
+        .registry
+        .pods
+        .iter()
+        .find(|p| p.workload.namespace == k.0 && p.workload.name == k.1)?;
+    let spec = state
+        .world
+        .pods
+        .iter()
+        .find(|p| p.spec.namespace == k.0 && p.spec.name == k.1)?;
+    Some((pod, spec))
+}
+
+/// Takes down what `old` put in place except what its successor `kept` (interfaces bound
+/// again, the same capture): source checks, the inbound capture, then its listeners.
+fn retire(
+    kernel: &crate::kernel::Kernel,
+    k: &PodKey,
+    old: &Enrolled,
+    kept_sides: &[crate::netns::HostSide],
+    kept_capture: Option<u64>,
+) {
+    for side in &old.sources {
+        if kept_sides.iter().any(|s| s.ifindex == side.ifindex) {
+            continue;
+        }
+        if let Err(e) = kernel.unbind_source(side) {
+            tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "source check not removed: {e:#}");
+        }
+    }
+    if let Some(cookie) = old.protected.filter(|c| Some(*c) != kept_capture) {
+        if let Err(e) = kernel.unprotect(cookie) {
+            tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "inbound capture not removed: {e:#}");
+        }
+    }
+    old.server.abort();
+}
+
+/// Enrolls `pod` again over `old` (the same netns and cgroup): the new listeners take the
+/// capture and the cgroup entry from the old ones, which then close. If that fails the pod is
+/// pending (its kernel entry refusing, its capture without listeners): closed, never open.
+fn renew_one(
+    px: &Arc<Proxy>,
+    applied: &mut Applied,
+    key: PodKey,
+    pod: &Arc<Pod>,
+    spec: &NodePod,
+    old: Enrolled,
+) {
+    let kernel = &px.kernel;
     let name = format!("{}/{}", key.0, key.1);
-    let known = applied.pending.get(&key).and_then(|p| p.cgroup_id);
-    match enroll(px, pod, known) {
-        Ok(Done {
-            cgroup_id,
-            server,
-            port,
-            protected,
-            sources,
-        }) => {
-            applied.pending.remove(&key);
-            applied.pods.insert(
+    match enroll(px, pod, Start::Replacing(old.cgroup_id)) {
+        Ok(done) => {
+            retire(kernel, &key, &old, &done.sources, done.protected);
+            tracing::info!(pod = %name, cgroup_id = done.cgroup_id, port = done.port, inbound = done.protected.is_some(), "pod enrolled again in place");
+            applied.pods.insert(key, done.into_enrolled(spec));
+        }
+        Err((_, e)) => {
+            // The capture stays (its listeners gone, connections are refused) until it is
+            // enrolled again or released.
+            if let Err(e) = kernel.enroll(old.cgroup_id, pod.id, 0) {
+                tracing::error!(pod = %name, "pending entry not set, releasing: {e:#}");
+                let _ = kernel.release(old.cgroup_id);
+            }
+            retire(kernel, &key, &old, &[], old.protected);
+            let (waiting, _) = Waiting::renew(None, format!("{e:#}"));
+            tracing::error!(pod = %name, "pod not enrolled again, retrying: {}", waiting.reason());
+            applied.pending.insert(
                 key,
-                Enrolled {
+                PendingPod {
                     spec: spec.clone(),
-                    cgroup_id,
-                    protected,
-                    sources,
-                    server,
+                    cgroup_id: Some(old.cgroup_id),
+                    waiting,
                 },
             );
-            tracing::info!(pod = %name, cgroup_id, port, inbound = protected.is_some(), "pod enrolled");
+        }
+    }
+}
+
+fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod>, spec: &NodePod) {
+    let name = format!("{}/{}", key.0, key.1);
+    let start = match applied.pending.get(&key).and_then(|p| p.cgroup_id) {
+        Some(id) => Start::Known(id),
+        None => Start::New,
+    };
+    match enroll(px, pod, start) {
+        Ok(done) => {
+            applied.pending.remove(&key);
+            tracing::info!(pod = %name, cgroup_id = done.cgroup_id, port = done.port, inbound = done.protected.is_some(), "pod enrolled");
+            applied.pods.insert(key, done.into_enrolled(spec));
         }
         Err((cgroup_id, e)) => {
             let prev = applied.pending.remove(&key).map(|p| p.waiting);
@@ -301,24 +377,54 @@ struct Done {
     sources: Vec<crate::netns::HostSide>,
 }
 
+impl Done {
+    fn into_enrolled(self, spec: &NodePod) -> Enrolled {
+        Enrolled {
+            spec: spec.clone(),
+            cgroup_id: self.cgroup_id,
+            protected: self.protected,
+            sources: self.sources,
+            server: self.server,
+        }
+    }
+}
+
+/// Where an enrollment starts from.
+enum Start {
+    /// Nothing of the pod in the kernel that this agent knows of.
+    New,
+    /// Its pending entry is in place.
+    Known(u64),
+    /// This agent's own enrollment of it is in force and stays until the new one replaces it.
+    Replacing(u64),
+}
+
 /// Enrolls one pod: pending entry, listeners, inbound capture, then the entry with their port.
 /// On error, returns the cgroup id when the pending entry is in place.
 fn enroll(
     px: &Arc<Proxy>,
     pod: &Arc<Pod>,
-    known_id: Option<u64>,
+    start: Start,
 ) -> Result<Done, (Option<u64>, anyhow::Error)> {
     let kernel = &px.kernel;
-    let id = match known_id {
-        Some(id) => id,
-        None => crate::kernel::cgroup_id(&pod.cgroup).map_err(|e| (None, e))?,
-    };
     // A previous agent's port (hot restart): listen beside it. Otherwise the pod is pending
     // until its listener is open.
-    let reuse = kernel.enrolled_port(id);
-    if reuse.is_none() {
-        kernel.enroll(id, pod.id, 0).map_err(|e| (None, e))?;
-    }
+    let pending_or_adopted = |id: u64| match kernel.enrolled_port(id) {
+        Some(port) => Ok(Some(port)),
+        None => kernel
+            .enroll(id, pod.id, 0)
+            .map(|()| None)
+            .map_err(|e| (None, e)),
+    };
+    let (id, reuse) = match start {
+        Start::New => {
+            let id = crate::kernel::cgroup_id(&pod.cgroup).map_err(|e| (None, e))?;
+            (id, pending_or_adopted(id)?)
+        }
+        Start::Known(id) => (id, pending_or_adopted(id)?),
+        // Never beside our own listener: that one answers for the pod as it was.
+        Start::Replacing(id) => (id, None),
+    };
     let pl = PodListeners::open(pod.clone(), reuse).map_err(|e| (Some(id), e))?;
     let port = pl.port;
     let protected = protect(kernel, &pl).map_err(|e| (Some(id), e))?;
@@ -463,6 +569,37 @@ mod tests {
                 Op::Enforce("10.1.0.3".parse().unwrap()),
             ]
         );
+    }
+
+    #[test]
+    fn a_pod_changed_in_place_is_renewed_not_released() {
+        let a = pod("a", "/n/a", "10.0.0.1");
+        let mut confirmed = a.clone();
+        confirmed.identity = crate::world::Identity::Claimed;
+        let enrolled = [(key("a"), confirmed)];
+        let mut readdressed = a.clone();
+        readdressed.spec.ips = vec!["10.0.0.7".parse().unwrap()];
+        for wanted in [a.clone(), readdressed] {
+            let ops = plan(
+                enrolled.iter().map(|(k, s)| (k, s)),
+                [],
+                &HashSet::new(),
+                std::slice::from_ref(&wanted),
+                &HashSet::new(),
+            );
+            assert_eq!(ops, vec![Op::Renew(key("a"))]);
+        }
+        // Another cgroup is another place: released, then enrolled.
+        let mut moved = a.clone();
+        moved.spec.cgroup = "/cg/a2".into();
+        let ops = plan(
+            enrolled.iter().map(|(k, s)| (k, s)),
+            [],
+            &HashSet::new(),
+            &[moved],
+            &HashSet::new(),
+        );
+        assert_eq!(ops, vec![Op::Release(key("a")), Op::Enroll(key("a"))]);
     }
 
     #[test]

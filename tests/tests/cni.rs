@@ -336,7 +336,7 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     // timeout (15 s: an agent starting on a loaded machine takes a few): the ADD completes
     // once it has the pod enrolled.
     let script = format!(
-        "curl -s -o /dev/null -m 5 -w '%{{http_code}}\\n' http://{vip}/ip > /out/restart.first"
+        "curl -sS -o /dev/null -m 10 -w '%{{http_code}}\\n' http://{vip}/ip > /out/restart.first 2> /out/restart.err"
     );
     let mut restart = start_pod(&node, &ctd, &net, "restart", RESTART_UID, &script);
     std::thread::sleep(Duration::from_millis(500));
@@ -347,7 +347,12 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     let mut again = Agent::spawn(&cfg, &files, &bpffs).unwrap();
     again.wait_ready().unwrap();
     let st = wait_exit(&mut restart, Duration::from_secs(30)).expect("the container ran");
-    assert!(st.success(), "{}", stderr_of(&mut restart));
+    assert!(
+        st.success(),
+        "{st}: {} {:?}",
+        stderr_of(&mut restart),
+        std::fs::read_to_string(node.out.join("restart.err"))
+    );
     assert_eq!(lines(&node.out.join("restart.first")), ["200"]);
 
     // A pod the API server does not know yet (its watch behind, or down): enrolled with a
@@ -397,6 +402,8 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
     assert!(again
         .metrics()
         .contains_key("authz_requests_total{decision=\"deny\",reason=\"identity not confirmed\"}"));
+    // Confirmed, it is enrolled again in place: /private is refused all along, never served.
+    let hammer = Hammer::start(&sleep, &format!("http://{unknown_ip}:8080/private"));
     api.apply(scheduled_pod(
         "unknown",
         UNKNOWN_UID,
@@ -409,6 +416,14 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
         || code("/public") == 200,
     );
     assert_eq!(code("/private"), 403, "its policies apply once it is known");
+    until("the hammer sees the policy", Duration::from_secs(10), || {
+        hammer.seen().contains(&403)
+    });
+    let seen = hammer.stop();
+    assert!(
+        !seen.contains(&200),
+        "/private while the claim was confirmed: {seen:?}"
+    );
 
     // A claim the API server never confirms, though it has spoken since: withdrawn, reported.
     let mut ghost = start_pod(
