@@ -1,6 +1,6 @@
 //! Engine benchmarks: signature verification per algorithm, a cached token check, one decision
-//! among 10 / 1,000 / 10,000 policies (10 of which select the workload), and loading 10,000
-//! policies. `cargo bench -p authz-user --features testkeys --bench engine`.
+//! among 10 / 1,000 / 10,000 policies (10 of which select the workload), one decision with 1 /
+//! 10 / 100 / 1,000 issuers (`jwtRules`) on the workload, and loading 10,000 policies. `cargo bench -p authz-user --features testkeys --bench engine`.
 use std::{collections::BTreeMap, hint::black_box, sync::Arc, time::Duration};
 
 use authz::{
@@ -116,6 +116,81 @@ fn decide(c: &mut Criterion) {
     g.finish();
 }
 
+/// One RequestAuthentication with `n` jwtRules of distinct issuers (`iss-0000`...), all with
+/// `key`'s key set, and an ALLOW for any request principal.
+fn issuers(n: usize, key: &TestKey) -> String {
+    let jwks = TestKey::jwks(&[key]);
+    let mut y = String::from(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: foo}\nspec:\n  selector: {matchLabels: {app: httpbin}}\n  jwtRules:\n",
+    );
+    for i in 0..n {
+        y.push_str(&format!("  - issuer: iss-{i:04}\n    jwks: '{jwks}'\n"));
+    }
+    y.push_str("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: any, namespace: foo}\nspec:\n  selector: {matchLabels: {app: httpbin}}\n  rules:\n  - from: [{source: {requestPrincipals: [\"*\"]}}]\n");
+    y
+}
+
+/// A decision for a token from the last issuer in order, with 1 to 1,000 issuers on the
+/// workload: the cost should not grow with their number (Envoy's does, Istio issue 49691).
+fn many_issuers(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let k = TestKey::new("RS256", "k");
+    let w = Workload {
+        name: "httpbin".into(),
+        namespace: "foo".into(),
+        labels: BTreeMap::from([("app".into(), "httpbin".into())]).into(),
+        service_account: "httpbin".into(),
+    };
+    let mut g = c.benchmark_group("issuers");
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300))
+        .sample_size(20);
+    for n in [1usize, 10, 100, 1_000] {
+        let token = k.token(
+            json!({"iss": format!("iss-{:04}", n - 1), "sub": "s", "exp": jwt::now_secs() + 3600}),
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        let mut set = PolicySet::default();
+        load_str(&issuers(n, &k), "bench.yaml", &mut set);
+        assert!(set.is_valid(), "{:?}", set.problems.first());
+        let engine = Engine::new(
+            PolicyIndex::build(&set, "istio-system", None),
+            Arc::new(TokenCache::new(10_000)),
+            None,
+            PathNormalization::Base,
+            "cluster.local",
+        );
+        let pol = engine.policies_for(&w);
+        let conn = Conn {
+            policies: &pol,
+            source: None,
+            destination: None,
+            source_ip: None,
+            dest_ip: None,
+            dest_port: 8000,
+        };
+        let req = Request {
+            method: "GET",
+            target: "/",
+            host: "httpbin.foo",
+            headers: &headers,
+            http2: false,
+            body: None,
+        };
+        assert!(rt.block_on(engine.decide_http(&conn, &req)).allowed);
+        g.bench_function(format!("cached_token_{n}_issuers"), |b| {
+            b.iter(|| rt.block_on(engine.decide_http(&conn, black_box(&req))))
+        });
+    }
+    g.finish();
+}
+
 fn cached_check(c: &mut Criterion) {
     let k = TestKey::new("RS256", "k");
     let t = k.token(json!({"iss": "iss", "sub": "s", "exp": jwt::now_secs() + 3600}));
@@ -149,5 +224,5 @@ fn load(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, verify, cached_check, decide, load);
+criterion_group!(benches, verify, cached_check, decide, many_issuers, load);
 criterion_main!(benches);

@@ -398,9 +398,25 @@ impl Engine {
             let now = jwt::now_secs();
             for loc in &pol.locations {
                 for token in extract::extract(loc, headers, &query) {
-                    let mut best: Option<JwtError> = None;
-                    let mut ok: Option<(Claims, Arc<Provider>)> = None;
-                    for p in pol.providers.iter().filter(|p| p.locations.contains(loc)) {
+                    // Only the providers of the token's issuer can verify it; every other one
+                    // would say "issuer not configured", the weakest answer.
+                    let (mut best, mut ok) = (None::<JwtError>, None::<(Claims, Arc<Provider>)>);
+                    let iss = match self.cache.issuer(&token) {
+                        Some(iss) => Ok(iss),
+                        None => jwt::parse(&token).map(|(c, _, _)| c.iss),
+                    };
+                    let candidates = match &iss {
+                        Ok(iss) => Some(pol.providers_for(iss)),
+                        Err(e) => {
+                            best = Some(*e);
+                            None
+                        }
+                    };
+                    for p in candidates
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p.locations.contains(loc))
+                    {
                         match self.verify(&token, p, now).await {
                             Ok(claims) => {
                                 ok = Some((claims, p.clone()));
@@ -1010,6 +1026,55 @@ mod tests {
             "CORS preflight skips JWT (then authz needs an identity)"
         );
         assert_eq!(d.reason, Reason::Authz(authz::Why::NoAllowMatched));
+    }
+
+    #[test]
+    fn a_token_is_verified_by_the_providers_of_its_issuer_only() {
+        let (k, other) = (TestKey::new("RS256", "k"), TestKey::new("ES256", "o"));
+        // Two rules for issuer b (the first with the wrong key), around others.
+        let rules = [
+            rule("a", &k, ""),
+            rule("b", &other, ""),
+            rule("b", &k, ""),
+            rule("c", &k, "    audiences: [x]\n"),
+        ]
+        .concat();
+        let (e, cache) = engine(&ra(&rules), 100);
+        for round in ["verified", "cached"] {
+            let d = decide(
+                &e,
+                "GET",
+                "/",
+                &[(
+                    "authorization",
+                    &bearer(&k.token(json!({"iss": "b", "sub": "s"}))),
+                )],
+            );
+            assert_eq!(d.principal.as_deref(), Some("b/s"), "{round}: {d:?}");
+        }
+        assert_eq!(cache.len(), 1);
+        let status = |iss: &str, key: &TestKey| {
+            let t = key.token(json!({"iss": iss, "sub": "s"}));
+            let d = decide(&e, "GET", "/", &[("authorization", &bearer(&t))]);
+            (d.status, d.body_text().to_string())
+        };
+        assert_eq!(status("a", &k).0, 200);
+        assert_eq!(
+            status("c", &k),
+            (403, "Audiences in Jwt are not allowed".into())
+        );
+        assert_eq!(
+            status("d", &k),
+            (401, "Jwt issuer is not configured".into())
+        );
+        assert_eq!(status("", &k), (401, "Jwt issuer is not configured".into()));
+        assert_eq!(
+            status("a", &other),
+            (
+                401,
+                "Jwks doesn't have key to match kid or alg from Jwt".into()
+            )
+        );
     }
 
     #[test]

@@ -40,6 +40,15 @@ impl TokenCache {
             .map(|e| e.claims.clone())
     }
 
+    /// The issuer of a token verified before, by whichever provider.
+    pub fn issuer(&self, token: &str) -> Option<String> {
+        if self.cap == 0 {
+            return None;
+        }
+        let map = self.map.lock().unwrap();
+        map.get(token).map(|e| e.claims.iss.clone())
+    }
+
     pub fn put(&self, token: &str, provider: u64, generation: u64, claims: &Claims, now: i64) {
         if self.cap == 0 || token.len() > super::MAX_TOKEN_BYTES {
             return;

@@ -64,6 +64,19 @@ pub struct WorkloadPolicies {
     pub sanitize: Vec<HeaderName>,
 }
 
+impl WorkloadPolicies {
+    /// The providers that may verify a token from `iss`, in order: those that accept any issuer,
+    /// then those of `iss`. Found by binary search in the issuer order, so a workload with a
+    /// thousand issuers costs a request what one with a single issuer does.
+    pub fn providers_for<'a>(&'a self, iss: &str) -> impl Iterator<Item = &'a Arc<Provider>> {
+        let ps = &self.providers;
+        let any = ps.partition_point(|p| p.issuer.is_empty());
+        let from = ps.partition_point(|p| p.issuer.as_str() < iss).max(any);
+        let to = ps.partition_point(|p| p.issuer.as_str() <= iss).max(from);
+        ps[..any].iter().chain(&ps[from..to])
+    }
+}
+
 struct RaEntry {
     namespace: String,
     selector: Option<BTreeMap<String, String>>,
