@@ -13,7 +13,7 @@ use crate::{
     extauthz::{self, HeaderOp},
     jwt::{
         self,
-        cache::TokenCache,
+        cache::{TokenCache, VerifiedBy},
         extract::{self, Location},
         remote::JwksStore,
         Claims, JwtError,
@@ -401,14 +401,22 @@ impl Engine {
                     // Only the providers of the token's issuer can verify it; every other one
                     // would say "issuer not configured", the weakest answer.
                     let (mut best, mut ok) = (None::<JwtError>, None::<(Claims, Arc<Provider>)>);
-                    let iss = match self.cache.issuer(&token) {
-                        Some(iss) => Ok(iss),
-                        None => jwt::parse(&token).map(|(c, _, _)| c.iss),
+                    let cached = self.cache.entry(&token);
+                    let parsed: String;
+                    let iss = match &cached {
+                        Some((_, claims)) => Ok(claims.iss.as_str()),
+                        None => match jwt::parse(&token) {
+                            Ok((claims, _, _)) => {
+                                parsed = claims.iss;
+                                Ok(parsed.as_str())
+                            }
+                            Err(e) => Err(e),
+                        },
                     };
-                    let candidates = match &iss {
+                    let candidates = match iss {
                         Ok(iss) => Some(pol.providers_for(iss)),
                         Err(e) => {
-                            best = Some(*e);
+                            best = Some(e);
                             None
                         }
                     };
@@ -417,7 +425,7 @@ impl Engine {
                         .flatten()
                         .filter(|p| p.locations.contains(loc))
                     {
-                        match self.verify(&token, p, now).await {
+                        match self.verify(&token, p, now, cached.as_ref()).await {
                             Ok(claims) => {
                                 ok = Some((claims, p.clone()));
                                 break;
@@ -566,8 +574,15 @@ impl Engine {
         }
     }
 
-    /// One token against one provider: issuer, time, audience, then the signature (cached).
-    async fn verify(&self, token: &str, p: &Provider, now: i64) -> Result<Claims, JwtError> {
+    /// One token against one provider: issuer, time, audience, then the signature, unless
+    /// `cached` says this provider verified it with the key set in force.
+    async fn verify(
+        &self,
+        token: &str,
+        p: &Provider,
+        now: i64,
+        cached: Option<&(VerifiedBy, Claims)>,
+    ) -> Result<Claims, JwtError> {
         let (jwks, generation, remote) = match &p.keys {
             Keys::Inline(j) => (Some(j.clone()), 0, None),
             Keys::Remote(r) => match r.current() {
@@ -583,9 +598,9 @@ impl Engine {
             jwt::check_time(claims, now)?;
             jwt::check_audience(claims, &p.audiences)
         };
-        if let Some(claims) = self.cache.get(token, p.uid, generation) {
-            checks(&claims)?;
-            return Ok(claims);
+        if let Some((_, claims)) = cached.filter(|(by, _)| *by == (p.uid, generation)) {
+            checks(claims)?;
+            return Ok(claims.clone());
         }
         let (claims, signed, sig) = jwt::parse(token)?;
         checks(&claims)?;

@@ -594,6 +594,15 @@ impl Agent {
         Agent::start_pinned(config, files, &fresh_bpffs())
     }
 
+    /// As `start_with_files`, running the agent binary `bin` (another build of the agent, as
+    /// the benchmark's comparison of two revisions does).
+    pub fn start_bin(bin: &Path, config: &str, files: &[(&str, &str)]) -> Result<Agent> {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let mut agent = Agent::spawn_program(bin, config, files, &fresh_bpffs(), admin, &[])?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
     /// As `start_with_files`, with the given pin directory: a second agent on the same one
     /// adopts the first's maps (hot restart).
     pub fn start_pinned(config: &str, files: &[(&str, &str)], bpffs: &Path) -> Result<Agent> {
@@ -628,6 +637,17 @@ impl Agent {
         admin: SocketAddr,
         env: &[(&str, &str)],
     ) -> Result<Agent> {
+        Agent::spawn_program(&agent_bin(), config, files, bpffs, admin, env)
+    }
+
+    fn spawn_program(
+        bin: &Path,
+        config: &str,
+        files: &[(&str, &str)],
+        bpffs: &Path,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
         let dir = std::env::temp_dir().join(format!(
             "authz-agent-{}-{}",
             std::process::id(),
@@ -644,7 +664,7 @@ impl Agent {
         let cfg = dir.join("agent.yaml");
         std::fs::write(&cfg, fill_config(config, admin, bpffs))?;
         let log = dir.join("agent.log");
-        let child = Command::new(agent_bin())
+        let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(&cfg)
             .env(

@@ -10,10 +10,12 @@ pub struct TokenCache {
     map: Mutex<HashMap<Box<str>, Entry>>,
 }
 
+/// (provider uid, key-set generation) that verified a token's signature.
+pub type VerifiedBy = (u64, u64);
+
 #[derive(Clone)]
 struct Entry {
-    /// (provider uid, key-set generation) that verified the signature.
-    verified_by: (u64, u64),
+    verified_by: VerifiedBy,
     claims: Claims,
 }
 
@@ -40,13 +42,13 @@ impl TokenCache {
             .map(|e| e.claims.clone())
     }
 
-    /// The issuer of a token verified before, by whichever provider.
-    pub fn issuer(&self, token: &str) -> Option<String> {
+    /// A token verified before: by which provider and key set, and its claims.
+    pub fn entry(&self, token: &str) -> Option<(VerifiedBy, Claims)> {
         if self.cap == 0 {
             return None;
         }
         let map = self.map.lock().unwrap();
-        map.get(token).map(|e| e.claims.iss.clone())
+        map.get(token).map(|e| (e.verified_by, e.claims.clone()))
     }
 
     pub fn put(&self, token: &str, provider: u64, generation: u64, claims: &Claims, now: i64) {
