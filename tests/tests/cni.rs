@@ -416,9 +416,11 @@ fn pods_started_by_the_runtime_are_enrolled_before_their_containers_run() {
         || code("/public") == 200,
     );
     assert_eq!(code("/private"), 403, "its policies apply once it is known");
-    until("the hammer sees the policy", Duration::from_secs(10), || {
-        hammer.seen().contains(&403)
-    });
+    until(
+        "the hammer sees the policy",
+        Duration::from_secs(10),
+        || hammer.seen().contains(&403),
+    );
     let seen = hammer.stop();
     assert!(
         !seen.contains(&200),
