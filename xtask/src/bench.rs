@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: installs the peers and load generators when missing, builds the agent
-//! and the benchmark in release mode, and runs every target in one run.
+//! and the benchmark in release mode, and runs every target in one run. With `--compare REV`,
+//! builds REV's agent too and runs the agent targets with both builds, alternating.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -84,7 +85,44 @@ fn which(name: &str) -> Result<PathBuf> {
     bail!("{name} not found after installing it")
 }
 
-pub fn run_bench(env: &BuildEnv, extra: &[String]) -> Result<()> {
+/// The agent of `rev`, built from `git archive` in target/compare/<commit>/ with its own target
+/// directory (kept: a second comparison against the same revision builds nothing).
+fn agent_of(env: &BuildEnv, rev: &str) -> Result<(String, PathBuf)> {
+    let out = Command::new("git")
+        .current_dir(root())
+        .args(["rev-parse", "--verify", &format!("{rev}^{{commit}}")])
+        .output()
+        .context("running git rev-parse")?;
+    if !out.status.success() {
+        bail!("{rev} is no commit of this repository");
+    }
+    let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let dir = root().join("target/compare").join(&sha[..12]);
+    let bin = dir.join("target/release/authz-agent");
+    if !dir.join("Cargo.toml").exists() {
+        std::fs::create_dir_all(&dir)?;
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "git -C '{}' archive --format=tar {sha} | tar -x -C '{}'",
+                root().display(),
+                dir.display()
+            ))
+            .status()?;
+        if !st.success() {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("extracting {sha} failed");
+        }
+    }
+    let mut c = cargo(env);
+    c.current_dir(&dir)
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .args(["build", "--release", "-p", "authz-user"]);
+    run(c).with_context(|| format!("building the agent of {rev}"))?;
+    Ok((sha, bin))
+}
+
+pub fn run_bench(env: &BuildEnv, compare: Option<&str>, extra: &[String]) -> Result<()> {
     setup::apt_packages(APT)?;
     let envoy = envoy()?;
     let oha = oha(env)?;
@@ -101,9 +139,21 @@ pub fn run_bench(env: &BuildEnv, extra: &[String]) -> Result<()> {
         "source_check_cost",
     ]);
     run(c)?;
+    let base = compare.map(|rev| agent_of(env, rev)).transpose()?;
     let date = crate::today_utc();
-    let out = root().join("tests/bench-results").join(&date);
+    let mut out = root().join("tests/bench-results").join(&date);
     let mut c = Command::new(root().join("target/release/authz-bench"));
+    if let Some((sha, bin)) = &base {
+        out = out.join(format!("compare-{}", &sha[..12]));
+        c.arg("--compare-agent")
+            .arg(bin)
+            .arg("--base-label")
+            .arg(format!(
+                "`{}` ({})",
+                compare.unwrap_or_default(),
+                &sha[..12]
+            ));
+    }
     c.arg("--out")
         .arg(&out)
         .args(extra)
@@ -114,6 +164,9 @@ pub fn run_bench(env: &BuildEnv, extra: &[String]) -> Result<()> {
         .env("AUTHZ_BENCH_NGINX", which("nginx")?)
         .env("AUTHZ_BENCH_ENVOY", envoy);
     run(c)?;
+    if base.is_some() {
+        return Ok(());
+    }
     // What the source check costs per packet, by the kernel's own clock.
     let cost = Command::new(root().join("target/release/examples/source_check_cost")).output()?;
     if !cost.status.success() {

@@ -43,6 +43,10 @@ enum Cmd {
     /// Benchmark the agent side by side with direct, HAProxy and Envoy (needs root); writes
     /// tests/bench-results/<date>/. Arguments go to authz-bench (e.g. --secs 5 --targets agent,haproxy).
     Bench {
+        /// Build the agent of this revision too and compare it with the working tree's, in one
+        /// run, alternating (the agent targets both ways; writes compare.md).
+        #[arg(long, value_name = "REV")]
+        compare: Option<String>,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -82,7 +86,9 @@ fn main() -> ExitCode {
             // The demo lives in the test crate (it uses the test pods); xtask only starts it.
             run(Command::new(root().join("target/release/authz-demo")))
         }),
-        Cmd::Bench { args } => setup::run().and_then(|env| bench::run_bench(&env, &args)),
+        Cmd::Bench { compare, args } => {
+            setup::run().and_then(|env| bench::run_bench(&env, compare.as_deref(), &args))
+        }
         Cmd::VmTest {
             kernel,
             prepare,

@@ -1,6 +1,7 @@
 //! `authz-bench`: the same scenario against each target in one run, figures side by side.
 //! Started by `cargo xtask bench`, which installs the tools and passes their paths.
 mod chart;
+mod compare;
 mod measure;
 mod pem;
 mod report;
@@ -18,16 +19,30 @@ use targets::{Running, Target, Tools, Topology};
 
 #[derive(Parser)]
 #[command(about = "Benchmark the agent side by side with direct, HAProxy and Envoy")]
-struct Args {
+pub struct Args {
     /// Folder for report.md, report.json and chart.png.
     #[arg(long)]
     out: PathBuf,
     /// Seconds per load run.
     #[arg(long, default_value_t = 10)]
-    secs: u32,
+    pub secs: u32,
     /// Only these targets (comma-separated names); `direct` is always run, as the baseline.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
+    /// Another build of the agent (e.g. the merge base's): the agent targets run with it and
+    /// with this one, alternating, and the ratio of CPU per request is reported (compare.md).
+    #[arg(long)]
+    compare_agent: Option<PathBuf>,
+    /// What to call the base build in compare.md (e.g. its revision); its path by default.
+    #[arg(long)]
+    base_label: Option<String>,
+    /// Rounds of the comparison; each runs both builds, in alternating order.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Keep the enforcer's CPU awake during the fixed-rate runs (a `nice -n 19` busy loop on
+    /// CPU 0), so added latency is the enforcer's work and not an idle core's wake-up.
+    #[arg(long)]
+    pub keep_awake: bool,
     /// Fixed rates (req/s) for the latency runs.
     #[arg(long, value_delimiter = ',', default_values_t = [1000u32, 5000])]
     rates: Vec<u32>,
@@ -118,7 +133,7 @@ fn expected(s: &Scenario, enforcing: bool) -> u16 {
 }
 
 /// Every target must give the Istio answer to each request kind before it is measured.
-fn check_answers(topo: &Topology, run: &Running, t: &Target, token: &str) -> Result<()> {
+pub fn check_answers(topo: &Topology, run: &Running, t: &Target, token: &str) -> Result<()> {
     let (name, enforcing) = (t.name, t.kind != targets::Kind::Direct);
     let bad = tampered(token);
     let mut cases: Vec<(String, Option<&str>, u16)> = SCENARIOS
@@ -154,18 +169,34 @@ fn check_answers(topo: &Topology, run: &Running, t: &Target, token: &str) -> Res
     Ok(())
 }
 
-fn measure_target(
+/// Each scenario under wrk's full load: throughput and the enforcer's CPU per request.
+/// A lowest-priority busy loop on CPU 0, killed on drop: the enforcer preempts it at once, and
+/// the core never goes idle between requests.
+fn keep_cpu0_awake() -> Result<targets::Proc> {
+    let child = std::process::Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            "nice",
+            "-n",
+            "19",
+            "sh",
+            "-c",
+            "while :; do :; done",
+        ])
+        .spawn()
+        .context("starting the busy loop")?;
+    Ok(targets::Proc(child))
+}
+
+pub fn measure_throughput(
     t: &Target,
     topo: &Topology,
     tools: &Tools,
     args: &Args,
     token: &str,
-) -> Result<TargetResult> {
-    eprintln!("authz-bench: {} ({})", t.name, t.about);
-    let run = targets::start(t, topo, tools)?;
-    check_answers(topo, &run, t, token)?;
-    std::thread::sleep(Duration::from_millis(500));
-    let rss_idle_kib = run.pid.map(measure::rss_kib).transpose()?;
+    run: &Running,
+) -> Result<Vec<Throughput>> {
     let auth = format!("Authorization: Bearer {token}");
     let mut throughput = vec![];
     for s in SCENARIOS {
@@ -185,7 +216,7 @@ fn measure_target(
             a.extend(["-H".into(), auth.clone()]);
         }
         a.push(format!("{}{}", run.base, s.path));
-        let w = measure::run_watching(client_cmd(topo, &run, &tools.wrk, &a), run.pid)?;
+        let w = measure::run_watching(client_cmd(topo, run, &tools.wrk, &a), run.pid)?;
         let wrk = measure::parse_wrk(&w.out)?;
         let wrong = if expected(&s, t.kind != targets::Kind::Direct) == 200 {
             wrk.non_2xx
@@ -218,9 +249,27 @@ fn measure_target(
             idle_before,
         });
     }
+    Ok(throughput)
+}
+
+fn measure_target(
+    t: &Target,
+    topo: &Topology,
+    tools: &Tools,
+    args: &Args,
+    token: &str,
+) -> Result<TargetResult> {
+    eprintln!("authz-bench: {} ({})", t.name, t.about);
+    let run = targets::start(t, topo, tools)?;
+    check_answers(topo, &run, t, token)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_idle_kib = run.pid.map(measure::rss_kib).transpose()?;
+    let throughput = measure_throughput(t, topo, tools, args, token, &run)?;
+    let auth = format!("Authorization: Bearer {token}");
     let mut latency = vec![];
     for &rate in &args.rates {
         measure::wait_idle(Duration::from_secs(30))?;
+        let _awake = args.keep_awake.then(keep_cpu0_awake).transpose()?;
         let mut a: Vec<String> = [
             "--no-tui",
             "--output-format",
@@ -269,25 +318,46 @@ fn main() -> Result<()> {
         bail!("the benchmark needs root: it builds pods from network namespaces and loads eBPF programs");
     }
     let tools = Tools {
+        agent: authz_tests::agent_bin(),
         wrk: args.wrk.clone(),
         oha: args.oha.clone(),
         haproxy: args.haproxy.clone(),
         envoy: args.envoy.clone(),
         nginx: args.nginx.clone(),
     };
+    // A comparison runs the agent in both directions unless told otherwise.
+    let wanted: Vec<String> = match (&args.compare_agent, args.targets.is_empty()) {
+        (Some(_), true) => vec!["agent".into(), "agent-inbound".into()],
+        _ => args.targets.clone(),
+    };
     let chosen: Vec<Target> = targets::all()
         .into_iter()
-        .filter(|t| {
-            t.name == "direct"
-                || args.targets.is_empty()
-                || args.targets.iter().any(|n| n == t.name)
-        })
+        .filter(|t| t.name == "direct" || wanted.is_empty() || wanted.iter().any(|n| n == t.name))
         .collect();
     std::fs::create_dir_all(&args.out)?;
     let work = std::env::temp_dir().join(format!("authz-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let topo = Topology::new(&tools, &work)?;
     let token = demo_jwt();
+    if let Some(base) = &args.compare_agent {
+        let chosen = compare::agent_targets(&chosen);
+        let samples = compare::run(&chosen, &topo, &tools, &args, &token, base)?;
+        drop(topo);
+        let _ = std::fs::remove_dir_all(&work);
+        let label = args
+            .base_label
+            .clone()
+            .unwrap_or_else(|| base.display().to_string());
+        let md = compare::markdown(&samples, &label);
+        std::fs::write(args.out.join("compare.md"), &md)?;
+        std::fs::write(
+            args.out.join("compare.json"),
+            serde_json::to_string_pretty(&samples)?,
+        )?;
+        println!("{md}");
+        eprintln!("authz-bench: wrote {}", args.out.display());
+        return Ok(());
+    }
     let mut results = vec![];
     for t in &chosen {
         results.push(

@@ -23,10 +23,14 @@ pub enum Kind {
         threads: usize,
         cache: bool,
         extra_policies: usize,
+        /// Issuers (`jwtRules`) on the backend's workload; the token is from the last in order.
+        issuers: usize,
     },
     Haproxy,
     Envoy {
         cache: bool,
+        /// JWT providers, as istiod writes one per `jwtRules` entry.
+        issuers: usize,
     },
     /// The backend is a protected pod; the client is outside every pod. `source_check`: the
     /// node checks the pods' source addresses (the default); off for the cost of that check.
@@ -60,6 +64,7 @@ pub fn all() -> Vec<Target> {
                 threads: 1,
                 cache: true,
                 extra_policies: 0,
+                issuers: 1,
             },
             about: "this agent, 1 worker, verified-token cache on",
         },
@@ -69,6 +74,7 @@ pub fn all() -> Vec<Target> {
                 threads: 1,
                 cache: false,
                 extra_policies: 0,
+                issuers: 1,
             },
             about: "this agent, 1 worker, verified-token cache off",
         },
@@ -78,6 +84,7 @@ pub fn all() -> Vec<Target> {
                 threads: 1,
                 cache: true,
                 extra_policies: 10_000,
+                issuers: 1,
             },
             about: "this agent, 1 worker, 10,000 more policies loaded",
         },
@@ -87,6 +94,7 @@ pub fn all() -> Vec<Target> {
                 threads: 2,
                 cache: true,
                 extra_policies: 0,
+                issuers: 1,
             },
             about: "this agent, 2 workers on CPUs 0-1 (scaling)",
         },
@@ -97,13 +105,73 @@ pub fn all() -> Vec<Target> {
         },
         Target {
             name: "envoy",
-            kind: Envoy { cache: false },
+            kind: Envoy {
+                cache: false,
+                issuers: 1,
+            },
             about: "Envoy, 1 worker, Istio's jwt_authn + rbac",
         },
         Target {
             name: "envoy-jwtcache",
-            kind: Envoy { cache: true },
+            kind: Envoy {
+                cache: true,
+                issuers: 1,
+            },
             about: "Envoy, 1 worker, with jwt_cache_config",
+        },
+        Target {
+            name: "agent-iss10",
+            kind: Agent {
+                threads: 1,
+                cache: true,
+                extra_policies: 0,
+                issuers: 10,
+            },
+            about: "this agent, 1 worker, 10 issuers on the workload",
+        },
+        Target {
+            name: "agent-iss100",
+            kind: Agent {
+                threads: 1,
+                cache: true,
+                extra_policies: 0,
+                issuers: 100,
+            },
+            about: "this agent, 1 worker, 100 issuers on the workload",
+        },
+        Target {
+            name: "agent-iss1000",
+            kind: Agent {
+                threads: 1,
+                cache: true,
+                extra_policies: 0,
+                issuers: 1000,
+            },
+            about: "this agent, 1 worker, 1,000 issuers on the workload",
+        },
+        Target {
+            name: "envoy-iss10",
+            kind: Envoy {
+                cache: false,
+                issuers: 10,
+            },
+            about: "Envoy, 1 worker, Istio's filters with 10 JWT providers",
+        },
+        Target {
+            name: "envoy-iss100",
+            kind: Envoy {
+                cache: false,
+                issuers: 100,
+            },
+            about: "Envoy, 1 worker, Istio's filters with 100 JWT providers",
+        },
+        Target {
+            name: "envoy-iss1000",
+            kind: Envoy {
+                cache: false,
+                issuers: 1000,
+            },
+            about: "Envoy, 1 worker, Istio's filters with 1,000 JWT providers",
         },
         Target {
             name: "agent-inbound",
@@ -135,6 +203,8 @@ pub fn all() -> Vec<Target> {
 /// Paths of the programs the benchmark drives.
 #[derive(Debug, Clone)]
 pub struct Tools {
+    /// The agent binary the agent targets run.
+    pub agent: PathBuf,
     pub wrk: PathBuf,
     pub oha: PathBuf,
     pub haproxy: PathBuf,
@@ -255,7 +325,12 @@ fn wait_port_in(host: &Host, port: u16, child: &mut Child, what: &str) -> Result
     }
 }
 
-fn policies(extra: usize) -> Result<Vec<(String, String)>> {
+/// The issuers before the demo token's in order (`iss-0000`, ...): what `n` issuers add to one.
+fn extra_issuers(n: usize) -> impl Iterator<Item = String> {
+    (0..n.saturating_sub(1)).map(|i| format!("iss-{i:04}"))
+}
+
+fn policies(extra: usize, issuers: usize) -> Result<Vec<(String, String)>> {
     let dir = data_dir().join("faq/skip-path");
     let mut files = vec![
         (
@@ -279,6 +354,18 @@ fn policies(extra: usize) -> Result<Vec<(String, String)>> {
         }
         files.push(("policies/extra.yaml".to_string(), text));
     }
+    if issuers > 1 {
+        // More jwtRules on the backend's workload, all with the demo key set, none the token's.
+        let jwks = std::fs::read_to_string(data_dir().join("istio-samples/jwks.json"))?;
+        let jwks = jwks.replace('\n', "");
+        let mut text = String::from(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: issuers, namespace: istio-system}\nspec:\n  selector: {matchLabels: {app: istio-ingressgateway}}\n  jwtRules:\n",
+        );
+        for iss in extra_issuers(issuers) {
+            text.push_str(&format!("  - issuer: {iss}\n    jwks: '{jwks}'\n"));
+        }
+        files.push(("policies/issuers.yaml".to_string(), text));
+    }
     Ok(files)
 }
 
@@ -296,6 +383,7 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
             threads,
             cache,
             extra_policies,
+            issuers,
         } => {
             let mut pods = pod_yaml(&topo.client, "foo", "{app: sleep}", "sleep");
             for h in &topo.idle {
@@ -311,12 +399,12 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 if cache { 10_000 } else { 0 },
                 workload_yaml(server, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
             );
-            let files = policies(extra_policies)?;
+            let files = policies(extra_policies, issuers)?;
             let refs: Vec<(&str, &str)> = files
                 .iter()
                 .map(|(a, b)| (a.as_str(), b.as_str()))
                 .collect();
-            let agent = Agent::start_with_files(&cfg, &refs)?;
+            let agent = Agent::start_bin(&tools.agent, &cfg, &refs)?;
             let pid = agent.child.id();
             // Pin every thread the agent has (its runtime's threads exist once it is healthy).
             let cpus = if threads > 1 { "0,1" } else { "0" };
@@ -345,16 +433,18 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                     "default",
                 ));
             }
+            // `sourceCheck` only when off (enforce is the default): builds from before the check
+            // existed run this target too (`--compare`).
             let cfg = format!(
-                "agent: {{admin: \"{{ADMIN}}\", workerThreads: 1, sourceCheck: {}}}\npods:\n{pods}policies: [policies]\n",
-                if source_check { "enforce" } else { "off" }
+                "agent: {{admin: \"{{ADMIN}}\", workerThreads: 1{}}}\npods:\n{pods}policies: [policies]\n",
+                if source_check { "" } else { ", sourceCheck: off" }
             );
-            let files = policies(0)?;
+            let files = policies(0, 1)?;
             let refs: Vec<(&str, &str)> = files
                 .iter()
                 .map(|(a, b)| (a.as_str(), b.as_str()))
                 .collect();
-            let agent = Agent::start_with_files(&cfg, &refs)?;
+            let agent = Agent::start_bin(&tools.agent, &cfg, &refs)?;
             let pid = agent.child.id();
             authz_tests::sh("taskset", &["-a", "-cp", "0", &pid.to_string()])?;
             Ok(Running {
@@ -380,7 +470,7 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 let jwks = topo.dir.join("jwks.json");
                 std::fs::copy(data_dir().join("istio-samples/jwks.json"), &jwks)?;
                 let cfg = topo.dir.join("envoy-inbound.yaml");
-                let text = envoy_cfg(&jwks, &server.ip, false).replace(
+                let text = envoy_cfg(&jwks, &server.ip, false, 1).replace(
                     "address: 127.0.0.1, port_value: 10002",
                     &format!("address: {}, port_value: 10002", server.ip),
                 );
@@ -448,11 +538,11 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 _proc: Some(Proc(child)),
             })
         }
-        Kind::Envoy { cache } => {
+        Kind::Envoy { cache, issuers } => {
             let jwks = topo.dir.join("jwks.json");
             std::fs::copy(data_dir().join("istio-samples/jwks.json"), &jwks)?;
             let cfg = topo.dir.join("envoy.yaml");
-            std::fs::write(&cfg, envoy_cfg(&jwks, &server.ip, cache))?;
+            std::fs::write(&cfg, envoy_cfg(&jwks, &server.ip, cache, issuers))?;
             let mut child = pinned(
                 &topo.client,
                 false,
@@ -534,12 +624,41 @@ backend app
 }
 
 /// The filter chain Istio generates for the same two objects (jwt_authn + rbac DENY).
-fn envoy_cfg(jwks: &Path, backend_ip: &str, cache: bool) -> String {
+/// With `issuers` > 1, one provider per issuer as istiod writes them: sorted by issuer
+/// (`origins-<i>`, the demo token's last) in istiod's requirement tree for several rules.
+fn envoy_cfg(jwks: &Path, backend_ip: &str, cache: bool, issuers: usize) -> String {
     let cache = if cache {
         "\n                  jwt_cache_config: {jwt_cache_size: 100}"
     } else {
         ""
     };
+    let issuers: Vec<String> = extra_issuers(issuers)
+        .chain(["testing@secure.istio.io".to_string()])
+        .collect();
+    let mut providers = String::new();
+    let mut requirements = String::new();
+    for (i, iss) in issuers.iter().enumerate() {
+        providers.push_str(&format!(
+            "                origins-{i}:\n                  issuer: {iss}\n                  local_jwks:\n                    filename: {jwks}\n                  payload_in_metadata: {iss}\n                  forward: false{cache}\n",
+            jwks = jwks.display()
+        ));
+        requirements.push_str(&format!(
+            "                    - provider_name: origins-{i}\n"
+        ));
+    }
+    // One rule: any(P0, allow_missing). N rules: any(P0, .., Pn, all(any(Pi, allow_missing)..)).
+    if issuers.len() == 1 {
+        requirements.push_str("                    - allow_missing: {}\n");
+    } else {
+        requirements.push_str(
+            "                    - requires_all:\n                        requirements:\n",
+        );
+        for i in 0..issuers.len() {
+            requirements.push_str(&format!(
+                "                        - requires_any:\n                            requirements:\n                            - provider_name: origins-{i}\n                            - allow_missing: {{}}\n"
+            ));
+        }
+    }
     format!(
         r#"admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}
@@ -568,19 +687,12 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
               providers:
-                origins-0:
-                  issuer: testing@secure.istio.io
-                  local_jwks:
-                    filename: {jwks}
-                  payload_in_metadata: testing@secure.istio.io
-                  forward: false{cache}
-              rules:
+{providers}              rules:
               - match: {{prefix: "/"}}
                 requires:
                   requires_any:
                     requirements:
-                    - provider_name: origins-0
-                    - allow_missing: {{}}
+{requirements}
           - name: envoy.filters.http.rbac
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
@@ -611,6 +723,5 @@ static_resources:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: {backend_ip}, port_value: {BACKEND_PORT}}}}}}}
 "#,
-        jwks = jwks.display()
     )
 }
