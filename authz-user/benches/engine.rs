@@ -15,7 +15,9 @@ use authz::{
     policy::{load_str, PolicyIndex, PolicySet},
     registry::Workload,
 };
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{
+    criterion_group, criterion_main, measurement::WallTime, BenchmarkGroup, Criterion,
+};
 use http::HeaderMap;
 use serde_json::json;
 
@@ -58,6 +60,64 @@ fn mesh(n: usize, with_ra: &TestKey) -> String {
     y
 }
 
+/// The group's timing, shared by the decision benchmarks.
+fn decision_group<'c>(c: &'c mut Criterion, name: &str) -> BenchmarkGroup<'c, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300))
+        .sample_size(20);
+    g
+}
+
+/// Loads `yaml`, checks that a GET of `target` with `headers` to httpbin (app=httpbin in foo) is
+/// allowed, then benchmarks that decision as `name`.
+fn bench_decision(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: String,
+    yaml: &str,
+    target: &str,
+    headers: &HeaderMap,
+) {
+    let w = Workload {
+        name: "httpbin".into(),
+        namespace: "foo".into(),
+        labels: BTreeMap::from([("app".into(), "httpbin".into())]).into(),
+        service_account: "httpbin".into(),
+    };
+    let mut set = PolicySet::default();
+    load_str(yaml, "bench.yaml", &mut set);
+    assert!(set.is_valid(), "{:?}", set.problems.first());
+    let engine = Engine::new(
+        PolicyIndex::build(&set, "istio-system", None),
+        Arc::new(TokenCache::new(10_000)),
+        None,
+        PathNormalization::Base,
+        "cluster.local",
+    );
+    let pol = engine.policies_for(&w);
+    let conn = Conn {
+        policies: &pol,
+        source: None,
+        destination: None,
+        source_ip: None,
+        dest_ip: None,
+        dest_port: 8000,
+    };
+    let req = Request {
+        method: "GET",
+        target,
+        host: "httpbin.foo",
+        headers,
+        http2: false,
+        body: None,
+    };
+    assert!(rt.block_on(engine.decide_http(&conn, &req)).allowed);
+    g.bench_function(name, |b| {
+        b.iter(|| rt.block_on(engine.decide_http(&conn, black_box(&req))))
+    });
+}
+
 fn decide(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -67,51 +127,19 @@ fn decide(c: &mut Criterion) {
         "Bearer {}",
         k.token(json!({"iss": "iss", "sub": "s", "exp": jwt::now_secs() + 3600}))
     );
-    let w = Workload {
-        name: "httpbin".into(),
-        namespace: "foo".into(),
-        labels: BTreeMap::from([("app".into(), "httpbin".into())]).into(),
-        service_account: "httpbin".into(),
-    };
     let mut headers = HeaderMap::new();
     headers.insert(http::header::AUTHORIZATION, token.parse().unwrap());
     headers.insert("x-tenant", "t0".parse().unwrap());
-    let mut g = c.benchmark_group("decide");
-    g.measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(300))
-        .sample_size(20);
+    let mut g = decision_group(c, "decide");
     for n in [10usize, 1_000, 10_000] {
-        let mut set = PolicySet::default();
-        load_str(&mesh(n, &k), "bench.yaml", &mut set);
-        assert!(set.is_valid(), "{:?}", set.problems.first());
-        let engine = Engine::new(
-            PolicyIndex::build(&set, "istio-system", None),
-            Arc::new(TokenCache::new(10_000)),
-            None,
-            PathNormalization::Base,
-            "cluster.local",
+        bench_decision(
+            &mut g,
+            &rt,
+            format!("cached_token_{n}_policies"),
+            &mesh(n, &k),
+            "/api/0/items?x=1",
+            &headers,
         );
-        let pol = engine.policies_for(&w);
-        let conn = Conn {
-            policies: &pol,
-            source: None,
-            destination: None,
-            source_ip: None,
-            dest_ip: None,
-            dest_port: 8000,
-        };
-        let req = Request {
-            method: "GET",
-            target: "/api/0/items?x=1",
-            host: "httpbin.foo",
-            headers: &headers,
-            http2: false,
-            body: None,
-        };
-        assert!(rt.block_on(engine.decide_http(&conn, &req)).allowed);
-        g.bench_function(format!("cached_token_{n}_policies"), |b| {
-            b.iter(|| rt.block_on(engine.decide_http(&conn, black_box(&req))))
-        });
     }
     g.finish();
 }
@@ -137,16 +165,7 @@ fn many_issuers(c: &mut Criterion) {
         .build()
         .unwrap();
     let k = TestKey::new("RS256", "k");
-    let w = Workload {
-        name: "httpbin".into(),
-        namespace: "foo".into(),
-        labels: BTreeMap::from([("app".into(), "httpbin".into())]).into(),
-        service_account: "httpbin".into(),
-    };
-    let mut g = c.benchmark_group("issuers");
-    g.measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(300))
-        .sample_size(20);
+    let mut g = decision_group(c, "issuers");
     for n in [1usize, 10, 100, 1_000] {
         let token = k.token(
             json!({"iss": format!("iss-{:04}", n - 1), "sub": "s", "exp": jwt::now_secs() + 3600}),
@@ -156,37 +175,14 @@ fn many_issuers(c: &mut Criterion) {
             http::header::AUTHORIZATION,
             format!("Bearer {token}").parse().unwrap(),
         );
-        let mut set = PolicySet::default();
-        load_str(&issuers(n, &k), "bench.yaml", &mut set);
-        assert!(set.is_valid(), "{:?}", set.problems.first());
-        let engine = Engine::new(
-            PolicyIndex::build(&set, "istio-system", None),
-            Arc::new(TokenCache::new(10_000)),
-            None,
-            PathNormalization::Base,
-            "cluster.local",
+        bench_decision(
+            &mut g,
+            &rt,
+            format!("cached_token_{n}_issuers"),
+            &issuers(n, &k),
+            "/",
+            &headers,
         );
-        let pol = engine.policies_for(&w);
-        let conn = Conn {
-            policies: &pol,
-            source: None,
-            destination: None,
-            source_ip: None,
-            dest_ip: None,
-            dest_port: 8000,
-        };
-        let req = Request {
-            method: "GET",
-            target: "/",
-            host: "httpbin.foo",
-            headers: &headers,
-            http2: false,
-            body: None,
-        };
-        assert!(rt.block_on(engine.decide_http(&conn, &req)).allowed);
-        g.bench_function(format!("cached_token_{n}_issuers"), |b| {
-            b.iter(|| rt.block_on(engine.decide_http(&conn, black_box(&req))))
-        });
     }
     g.finish();
 }

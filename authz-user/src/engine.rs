@@ -401,7 +401,7 @@ impl Engine {
                     // Only the providers of the token's issuer can verify it; every other one
                     // would say "issuer not configured", the weakest answer.
                     let (mut best, mut ok) = (None::<JwtError>, None::<(Claims, Arc<Provider>)>);
-                    let cached = self.cache.entry(&token);
+                    let mut cached = self.cache.entry(&token);
                     let parsed: String;
                     let iss = match &cached {
                         Some((_, claims)) => Ok(claims.iss.as_str()),
@@ -425,7 +425,7 @@ impl Engine {
                         .flatten()
                         .filter(|p| p.locations.contains(loc))
                     {
-                        match self.verify(&token, p, now, cached.as_ref()).await {
+                        match self.verify(&token, p, now, &mut cached).await {
                             Ok(claims) => {
                                 ok = Some((claims, p.clone()));
                                 break;
@@ -575,13 +575,14 @@ impl Engine {
     }
 
     /// One token against one provider: issuer, time, audience, then the signature, unless
-    /// `cached` says this provider verified it with the key set in force.
+    /// `cached` says this provider verified it with the key set in force (then its claims are
+    /// taken: no other provider can use them).
     async fn verify(
         &self,
         token: &str,
         p: &Provider,
         now: i64,
-        cached: Option<&(VerifiedBy, Claims)>,
+        cached: &mut Option<(VerifiedBy, Claims)>,
     ) -> Result<Claims, JwtError> {
         let (jwks, generation, remote) = match &p.keys {
             Keys::Inline(j) => (Some(j.clone()), 0, None),
@@ -598,9 +599,9 @@ impl Engine {
             jwt::check_time(claims, now)?;
             jwt::check_audience(claims, &p.audiences)
         };
-        if let Some((_, claims)) = cached.filter(|(by, _)| *by == (p.uid, generation)) {
-            checks(claims)?;
-            return Ok(claims.clone());
+        if let Some((_, claims)) = cached.take_if(|(by, _)| *by == (p.uid, generation)) {
+            checks(&claims)?;
+            return Ok(claims);
         }
         let (claims, signed, sig) = jwt::parse(token)?;
         checks(&claims)?;
