@@ -112,7 +112,7 @@ fn bench_decision(
         http2: false,
         body: None,
     };
-    assert!(rt.block_on(engine.decide_http(&conn, &req)).allowed);
+    assert!(rt.block_on(engine.decide_http(&conn, &req)).allowed());
     g.bench_function(name, |b| {
         b.iter(|| rt.block_on(engine.decide_http(&conn, black_box(&req))))
     });

@@ -108,19 +108,26 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
             body: None,
         };
         let d = eng.decide_http(&conn, &req).await;
+        // What the upstream request would lose (null) or get, when allowed.
         let mut hdrs = serde_json::Map::new();
-        for k in &d.remove_headers {
-            if headers.contains_key(k) {
-                hdrs.insert(k.to_string(), serde_json::Value::Null);
+        let reason = match &d.verdict {
+            engine::Verdict::Allow(fwd) => {
+                for k in &fwd.remove_headers {
+                    if headers.contains_key(k) {
+                        hdrs.insert(k.to_string(), serde_json::Value::Null);
+                    }
+                }
+                for (k, v) in &fwd.set_headers {
+                    hdrs.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into());
+                }
+                "allowed".to_string()
             }
-        }
-        for (k, v) in &d.set_headers {
-            hdrs.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into());
-        }
+            engine::Verdict::Deny(reply) => String::from_utf8_lossy(&reply.body).into_owned(),
+        };
         let out = serde_json::json!({
-            "allowed": d.allowed,
-            "status": d.status,
-            "reason": if d.allowed { "allowed".into() } else { String::from_utf8_lossy(&d.body).into_owned() },
+            "allowed": d.allowed(),
+            "status": d.status(),
+            "reason": reason,
             "policy": d.policy,
             "principal": d.principal,
             "headers": hdrs,
@@ -139,7 +146,7 @@ pub fn check(a: &CheckArgs) -> Result<(serde_json::Value, bool)> {
                 "policy": r.decided_by.as_ref().map(|m| m.policy.clone()),
             })),
         });
-        Ok((out, d.allowed))
+        Ok((out, d.allowed()))
     })
 }
 

@@ -96,27 +96,31 @@ fn path_tricks_cannot_reach_admin() {
                 "/%2e%2e/admin",
             ] {
                 let d = decide(&e, "GET", p, "app", &[]);
-                assert!(!d.allowed, "{mode:?} {p}: {d:?}");
+                assert!(!d.allowed(), "{mode:?} {p}: {d:?}");
             }
             // What the policy does not name is left alone, and forwarded in the form it matched.
             for (p, fwd) in [("/public/a", "/public/a"), ("/public/./b", "/public/b")] {
                 let d = decide(&e, "GET", p, "app", &[]);
-                assert!(d.allowed, "{mode:?} {p}");
-                assert_eq!(d.forward_target.as_deref(), Some(fwd));
+                assert!(d.allowed(), "{mode:?} {p}");
+                assert_eq!(
+                    d.forward().and_then(|f| f.target.clone()).as_deref(),
+                    Some(fwd)
+                );
             }
         }
     }
     // Encoded slashes and double slashes: with DECODE_AND_MERGE_SLASHES they are /admin too.
     let e = engine(DENY_ADMIN, PathNormalization::DecodeAndMergeSlashes);
     for p in ["//admin", "/%2Fadmin", "/%2fadmin", "/%5Cadmin"] {
-        assert!(!decide(&e, "GET", p, "app", &[]).allowed, "{p}");
+        assert!(!decide(&e, "GET", p, "app", &[]).allowed(), "{p}");
     }
     // With BASE they stay as they are and reach the upstream unchanged, so the upstream sees
     // exactly the path that did not match (Istio's documented behaviour for BASE).
     let e = engine(DENY_ADMIN, PathNormalization::Base);
     assert_eq!(
         decide(&e, "GET", "/%2Fadmin", "app", &[])
-            .forward_target
+            .forward()
+            .and_then(|f| f.target.clone())
             .as_deref(),
         Some("/%2Fadmin")
     );
@@ -131,9 +135,9 @@ fn path_tricks_cannot_reach_admin() {
         "/admin%zz",
         "/%%32%65%2e/admin",
     ] {
-        assert_eq!(decide(&e, "GET", p, "app", &[]).status, 400, "{p}");
+        assert_eq!(decide(&e, "GET", p, "app", &[]).status(), 400, "{p}");
     }
-    assert_eq!(decide(&e, "delete", "/x", "app", &[]).status, 400);
+    assert_eq!(decide(&e, "delete", "/x", "app", &[]).status(), 400);
 }
 
 #[test]
@@ -145,7 +149,7 @@ fn host_tricks() {
         "secret.example.com:80",
         "Secret.Example.Com:8080",
     ] {
-        assert!(!decide(&e, "GET", "/", h, &[]).allowed, "{h}");
+        assert!(!decide(&e, "GET", "/", h, &[]).allowed(), "{h}");
     }
 }
 
@@ -155,16 +159,14 @@ fn token_tricks() {
     let ra = format!("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: ra, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: iss\n    jwks: '{}'\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: need, namespace: foo}}\nspec:\n  rules: [{{from: [{{source: {{requestPrincipals: [\"iss/*\"]}}}}]}}]\n", TestKey::jwks(&[&k]));
     let e = engine(&ra, PathNormalization::Base);
     let good = k.token(json!({"iss": "iss", "sub": "s"}));
-    assert!(
-        decide(
-            &e,
-            "GET",
-            "/",
-            "app",
-            &[("authorization", &format!("Bearer {good}"))]
-        )
-        .allowed
-    );
+    assert!(decide(
+        &e,
+        "GET",
+        "/",
+        "app",
+        &[("authorization", &format!("Bearer {good}"))]
+    )
+    .allowed());
     let b = |s: &str| B64.encode(s.as_bytes());
     let payload = b(r#"{"iss":"iss","sub":"s"}"#);
     let hs_with_rsa_key = {
@@ -219,7 +221,7 @@ fn token_tricks() {
             "app",
             &[("authorization", &format!("Bearer {t}"))],
         );
-        assert_eq!(d.status, 401, "case {i}: {d:?}");
+        assert_eq!(d.status(), 401, "case {i}: {d:?}");
     }
     // Two Authorization headers (one valid): never treated as two separate tokens.
     let d = decide(
@@ -232,7 +234,7 @@ fn token_tricks() {
             ("authorization", "Bearer junk"),
         ],
     );
-    assert_eq!(d.status, 401);
+    assert_eq!(d.status(), 401);
     // A valid token next to a bad one in another location: every presented token must verify.
     let d = decide(
         &e,
@@ -241,23 +243,21 @@ fn token_tricks() {
         "app",
         &[("authorization", &format!("Bearer {good}"))],
     );
-    assert_eq!(d.status, 401);
+    assert_eq!(d.status(), 401);
 }
 
 #[test]
 fn header_conditions_see_every_value() {
     let e = engine("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: t, namespace: foo}\nspec:\n  rules: [{when: [{key: \"request.headers[x-tenant]\", values: [\"a*\"], notValues: [ab]}]}]\n", PathNormalization::Base);
-    assert!(decide(&e, "GET", "/", "app", &[("x-tenant", "abc")]).allowed);
-    assert!(
-        !decide(
-            &e,
-            "GET",
-            "/",
-            "app",
-            &[("x-tenant", "abc"), ("x-tenant", "ab")]
-        )
-        .allowed
-    );
+    assert!(decide(&e, "GET", "/", "app", &[("x-tenant", "abc")]).allowed());
+    assert!(!decide(
+        &e,
+        "GET",
+        "/",
+        "app",
+        &[("x-tenant", "abc"), ("x-tenant", "ab")]
+    )
+    .allowed());
 }
 
 /// A raw request head as the data path sees it: normalised by `head::normalize` (one authority,
@@ -313,7 +313,7 @@ fn data_path_classes_from_inside_a_pod() {
         "http://admin.internal/x",
         &[("host", "public")],
     );
-    assert_eq!(d.unwrap().status, 403);
+    assert_eq!(d.unwrap().status(), 403);
     assert_eq!(req.headers()["host"], "admin.internal");
     let (_, d, req) = decide_raw(
         &e,
@@ -322,7 +322,7 @@ fn data_path_classes_from_inside_a_pod() {
         "http://public/x",
         &[("host", "admin.internal")],
     );
-    assert!(d.unwrap().allowed);
+    assert!(d.unwrap().allowed());
     assert_eq!(req.uri().to_string(), "/x");
     assert_eq!(req.headers()["host"], "public");
     // HTTP/2: :authority and a disagreeing host header are refused.
@@ -355,7 +355,7 @@ fn data_path_classes_from_inside_a_pod() {
             ("http2-settings", "AAMAAABkAAQAAP__"),
         ],
     );
-    assert!(d.unwrap().allowed && !h.unwrap().upgrade);
+    assert!(d.unwrap().allowed() && !h.unwrap().upgrade);
     assert!(
         req.headers().get("upgrade").is_none() && req.headers().get("http2-settings").is_none()
     );
@@ -367,6 +367,6 @@ fn data_path_classes_from_inside_a_pod() {
         "admin.internal:443",
         &[("host", "admin.internal:443")],
     );
-    assert_eq!(d.unwrap().status, 403);
+    assert_eq!(d.unwrap().status(), 403);
     assert!(h.unwrap().connect);
 }

@@ -139,7 +139,7 @@ async fn fetch_rotate_rate_limit_and_outage() {
     let srv = jwks_server(TestKey::jwks(&[&k1]), Duration::ZERO).await;
     let st = store(Duration::from_secs(3600));
     let e = engine(&format!("http://{}/jwks", srv.addr), "5s", &st);
-    assert!(decide(&e, &tok(&k1)).await.allowed);
+    assert!(decide(&e, &tok(&k1)).await.allowed());
     assert!(srv.hits.load(Ordering::SeqCst) >= 1);
 
     // Rotation: the server now has k2; a k2 token triggers one refetch and passes (no 401 burst).
@@ -147,13 +147,13 @@ async fn fetch_rotate_rate_limit_and_outage() {
     let fetched = srv.hits.load(Ordering::SeqCst);
     *srv.body.lock().unwrap() = TestKey::jwks(&[&k2]);
     let d = decide(&e, &tok(&k2)).await;
-    assert!(d.allowed, "{d:?}");
+    assert!(d.allowed(), "{d:?}");
     let after_rotation = srv.hits.load(Ordering::SeqCst);
     assert_eq!(after_rotation, fetched + 1);
     // An unknown kid right after: no new fetch (rate limit), 401 with Envoy's message.
     let d = decide(&e, &tok(&k3)).await;
     assert_eq!(
-        (d.status, d.body_text()),
+        (d.status(), d.body_text()),
         (401, "Jwks doesn't have key to match kid or alg from Jwt")
     );
     assert_eq!(srv.hits.load(Ordering::SeqCst), after_rotation);
@@ -161,7 +161,7 @@ async fn fetch_rotate_rate_limit_and_outage() {
     // Outage: the server goes away, the last good keys stay.
     srv.task.abort();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(decide(&e, &tok(&k2)).await.allowed);
+    assert!(decide(&e, &tok(&k2)).await.allowed());
 }
 
 #[tokio::test]
@@ -176,7 +176,7 @@ async fn never_fetched_and_timeout_fail_closed() {
     let e = engine(&format!("http://{dead}/jwks"), "1s", &st);
     let d = decide(&e, &tok(&k)).await;
     assert_eq!(
-        (d.status, d.body_text()),
+        (d.status(), d.body_text()),
         (401, "Jwks remote fetch is failed")
     );
 
@@ -185,7 +185,7 @@ async fn never_fetched_and_timeout_fail_closed() {
     let e = engine(&format!("http://{}/jwks", slow.addr), "100ms", &st);
     let started = std::time::Instant::now();
     let d = decide(&e, &tok(&k)).await;
-    assert_eq!(d.body, "Jwks remote fetch is failed");
+    assert_eq!(d.body_text(), "Jwks remote fetch is failed");
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "the rule's timeout bounds the fetch"
@@ -199,7 +199,7 @@ async fn bad_documents_and_metadata_addresses_are_refused() {
     let st = store(Duration::from_secs(3600));
     let e = engine(&format!("http://{}/jwks", bad.addr), "1s", &st);
     assert_eq!(
-        decide(&e, &tok(&k)).await.body,
+        decide(&e, &tok(&k)).await.body_text(),
         "Jwks remote fetch is failed"
     );
 
@@ -286,7 +286,7 @@ async fn huge_redirecting_and_failing_servers_are_refused() {
         let e = engine(&uri, "2s", &st);
         let d = decide(&e, &tok(&k)).await;
         assert_eq!(
-            (d.status, d.body_text()),
+            (d.status(), d.body_text()),
             (401, "Jwks remote fetch is failed"),
             "{name}"
         );

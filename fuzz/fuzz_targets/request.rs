@@ -61,5 +61,5 @@ fuzz_target!(|data: &[u8]| {
     let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let r = Request { method: req.method().as_str(), target: &target, host: &h.authority, headers: req.headers(), http2: false, body: None };
     let d = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(engine.decide_http(&c, &r));
-    assert!(d.allowed || d.status >= 400);
+    assert!(d.allowed() || d.status() >= 400);
 });

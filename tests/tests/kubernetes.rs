@@ -846,6 +846,21 @@ fn custom_providers_come_from_the_mesh_config_map() {
         get("/headers", "allow").0 == 503
     });
     assert_eq!(get("/ip", "allow").0, 200);
+    // A ConfigMap whose providers have a problem says so on itself, as an Event.
+    api.apply(mesh(
+        hp,
+        "- name: sample-ext-authz-http\n  envoyExtAuthzHttp: {service: 127.0.0.1, port: \"1\"}\n",
+    ));
+    eventually("an Event on the mesh ConfigMap", &agent, || {
+        api.events().iter().any(|e| {
+            e["regarding"]["kind"] == "ConfigMap"
+                && e["regarding"]["name"] == "istio"
+                && e["reason"] == "InvalidExtensionProvider"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("found duplicate: sample-ext-authz-http"))
+        })
+    });
     rbac_held(&api);
     assert!(
         !api.unused_grants().iter().any(|g| g.contains("configmaps")),

@@ -429,10 +429,13 @@ mod engine {
         );
         let d = decide(&s, "/headers", true);
         assert_eq!(
-            (d.allowed, d.status, d.reason),
+            (d.allowed(), d.status(), d.reason),
             (false, 403, Reason::Custom(CustomWhy::Unusable))
         );
-        assert!(decide(&s, "/ip", true).allowed, "not matched: not checked");
+        assert!(
+            decide(&s, "/ip", true).allowed(),
+            "not matched: not checked"
+        );
     }
 
     #[test]
@@ -457,13 +460,13 @@ mod engine {
         // Nothing listens: asked, it fails, statusOnError.
         let d = decide(&s, "/headers", true);
         assert_eq!(
-            (d.allowed, d.status, d.reason),
+            (d.allowed(), d.status(), d.reason),
             (false, 503, Reason::Custom(CustomWhy::Unavailable))
         );
         assert!(d.custom.as_ref().unwrap().asked);
         // `check` does not ask: it names the provider and decides the rest.
         let d = decide(&s, "/headers", false);
-        assert!(d.allowed);
+        assert!(d.allowed());
         let c = d.custom.unwrap();
         assert_eq!(
             (c.provider.as_str(), c.policy.policy.as_str(), c.asked),

@@ -62,6 +62,31 @@ impl Events {
         self.post(&reference, type_, reason, note).await;
     }
 
+    /// Warning `InvalidExtensionProvider` on the mesh ConfigMap when its `extensionProviders`
+    /// have problems (the CUSTOM policies naming a provider it cannot use deny what they match).
+    pub async fn mesh_config(&self, r: &Report) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("ConfigMap".into()),
+            name: Some(r.name.clone()),
+            namespace: Some(r.namespace.clone()),
+            uid: Some(r.uid.clone()).filter(|u| !u.is_empty()),
+            ..Default::default()
+        };
+        let problems: Vec<&str> = r.problems.iter().map(|p| p.message.as_str()).collect();
+        let note = format!(
+            "{}; CUSTOM policies naming a provider that cannot be used deny the requests they match",
+            problems.join("; ")
+        );
+        self.post(
+            &reference,
+            EventType::Warning,
+            "InvalidExtensionProvider",
+            note,
+        )
+        .await;
+    }
+
     /// Warning `NotEnrolled` on a pod of this node the agent cannot enroll.
     pub async fn pod_not_enrolled(&self, p: &super::snapshot::NotEnrolled) {
         let reference = ObjectReference {

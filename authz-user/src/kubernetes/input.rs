@@ -260,6 +260,7 @@ impl KubeInput {
         let origin = format!("ConfigMap {ns}/{name} (mesh)");
         let before = set.problems.len();
         crate::policy::load::add_mesh_providers(set, &text, &origin);
+        let of_mesh = set.problems.len();
         set.check_custom();
         if version != self.mesh_version {
             self.mesh_version = version;
@@ -283,6 +284,22 @@ impl KubeInput {
                 }
             }
             self.mesh_problems = problems;
+            // The ConfigMap's own problems go back to it as an Event (the CUSTOM policies'
+            // are in the log, and in `validate`).
+            let own = set.problems[before..of_mesh].to_vec();
+            if let (Some(ev), Some(cm), false) = (&self.events, &cm, own.is_empty()) {
+                let r = crate::kubernetes::snapshot::Report {
+                    kind: "ConfigMap".into(),
+                    api_version: "v1".into(),
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    uid: cm.metadata.uid.clone().unwrap_or_default(),
+                    problems: own,
+                    kept_previous: false,
+                };
+                let ev = ev.clone();
+                tokio::spawn(async move { ev.mesh_config(&r).await });
+            }
         }
     }
 

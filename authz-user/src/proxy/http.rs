@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use super::{ConnCtx, Proxy};
+use crate::engine::Verdict;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 /// What goes upstream: the client's body as it streams in, or one buffered for a CUSTOM check.
@@ -186,41 +187,43 @@ async fn forward(
                 target: Some(&target),
             },
         );
-        if !d.allowed {
-            tracing::info!(
-                target: "authz::deny",
-                workload = %key,
-                source = %conn.source_label(),
-                method = %req.method(),
-                path = %target.split('?').next().unwrap_or(""),
-                status = d.status,
-                policy = d.policy.as_deref().unwrap_or("-"),
-                reason = %d.reason,
-                "request denied"
-            );
-            let status = StatusCode::from_u16(d.status)
-                .ok()
-                .filter(|s| !s.is_informational())
-                .unwrap_or(StatusCode::FORBIDDEN);
-            let mut r = local_reply(status, d.body);
-            for (k, v) in d.reply_headers {
-                r.headers_mut().insert(k, v);
-            }
-            *response_ops = d.response_ops;
-            return r;
-        }
         *response_ops = d.response_ops;
+        let fwd = match d.verdict {
+            Verdict::Allow(fwd) => fwd,
+            Verdict::Deny(reply) => {
+                tracing::info!(
+                    target: "authz::deny",
+                    workload = %key,
+                    source = %conn.source_label(),
+                    method = %req.method(),
+                    path = %target.split('?').next().unwrap_or(""),
+                    status = reply.status,
+                    policy = d.policy.as_deref().unwrap_or("-"),
+                    reason = %d.reason,
+                    "request denied"
+                );
+                let status = StatusCode::from_u16(reply.status)
+                    .ok()
+                    .filter(|s| !s.is_informational())
+                    .unwrap_or(StatusCode::FORBIDDEN);
+                let mut r = local_reply(status, reply.body);
+                for (k, v) in reply.headers {
+                    r.headers_mut().insert(k, v);
+                }
+                return r;
+            }
+        };
         let h = req.headers_mut();
-        for op in &d.upstream_ops {
+        for op in &fwd.upstream_ops {
             op.apply(h);
         }
-        for k in &d.remove_headers {
+        for k in &fwd.remove_headers {
             h.remove(k);
         }
-        for (k, v) in d.set_headers {
+        for (k, v) in fwd.set_headers {
             h.insert(k, v);
         }
-        if let Some(t) = d.forward_target {
+        if let Some(t) = fwd.target {
             if t != target {
                 let mut parts = req.uri().clone().into_parts();
                 parts.path_and_query = t.parse().ok();

@@ -17,7 +17,10 @@ pub struct Subject<'a> {
 
 /// Counts a decision (`authz_requests_total`) and writes its records, if any.
 pub fn count(metrics: &Metrics, d: &Decision, s: &Subject) {
-    metrics.request(if d.allowed { "allow" } else { "deny" }, d.reason.as_str());
+    metrics.request(
+        if d.allowed() { "allow" } else { "deny" },
+        d.reason.as_str(),
+    );
     emit(metrics, d, s);
 }
 
@@ -39,7 +42,7 @@ fn emit(metrics: &Metrics, d: &Decision, s: &Subject) {
         r["type"] = "audit".into();
         r["policy"] = m.policy.clone().into();
         r["rule"] = m.rule.into();
-        r["decision"] = decision(d.allowed).into();
+        r["decision"] = decision(d.allowed()).into();
         tracing::info!(target: "authz::record", "{r}");
         metrics.audit(&m.policy);
     }

@@ -37,7 +37,7 @@ where
                 target: None,
             },
         );
-        if !d.allowed {
+        if !d.allowed() {
             tracing::info!(target: "authz::deny", workload = %key, source = %conn.source_label(), policy = d.policy.as_deref().unwrap_or("-"), reason = %d.reason, "tcp connection denied");
             return;
         }
@@ -77,7 +77,7 @@ where
                     let state = px.state();
                     let allowed = state.target(key).map(|dest| state.engine.decide_tcp(&conn.engine_conn(dest)));
                     let (policy, reason) = match &allowed {
-                        Some(d) if d.allowed => continue,
+                        Some(d) if d.allowed() => continue,
                         Some(d) => (d.policy.clone(), d.reason.to_string()),
                         None => (None, "destination gone".to_string()),
                     };
