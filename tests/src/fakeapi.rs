@@ -156,9 +156,7 @@ impl FakeApi {
             .build()?;
         let (changes, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
-            rbac: Rbac::from_manifest(
-                &Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/rbac.yaml"),
-            )?,
+            rbac: Rbac::from_manifest(&crate::tests_dir().join("../deploy/kubernetes/rbac.yaml"))?,
             state: Mutex::new(State {
                 rv: 100,
                 ..Default::default()

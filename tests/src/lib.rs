@@ -1139,7 +1139,15 @@ impl Drop for Echo {
 
 /// The repository's test data folder.
 pub fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
+    tests_dir().join("data")
+}
+
+/// This crate's directory: `$AUTHZ_TESTS_DIR` where the tests run from a copy of the tree
+/// elsewhere (a VM's synced folder), else where they were built.
+pub fn tests_dir() -> PathBuf {
+    std::env::var_os("AUTHZ_TESTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The Istio sample token (RS256, iss = sub = testing@secure.istio.io).
@@ -1259,7 +1267,7 @@ pub fn helm() -> Option<PathBuf> {
 
 /// The chart in deploy/helm rendered with `--set` values, as installed in authz-system.
 pub fn helm_template(helm: &Path, set: &[&str]) -> String {
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/authz-agent");
+    let chart = tests_dir().join("../deploy/helm/authz-agent");
     let mut c = Command::new(helm);
     c.args(["template", "authz-agent"])
         .arg(&chart)

@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod image;
 mod setup;
+mod vagrant;
 mod vm;
 
 #[derive(Parser)]
@@ -64,6 +65,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         filter: Vec<String>,
     },
+    /// Build a Debian 12 box for Vagrant's libvirt provider from Debian's packages (cached
+    /// under target/vagrant) and add it as `authz-debian12`. Needs root.
+    VagrantBox,
+    /// Run the kernel-path lane in a Vagrant VM (libvirt, the box above), or with `--nodes 2`
+    /// a request between pods of two VMs, each with its agent; destroys the VMs after. Needs root.
+    VagrantTest {
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        nodes: u8,
+    },
     /// Build the agent's OCI image (static musl agent + CA bundle on scratch, buildah; no registry,
     /// no base image) into target/image/authz-agent.tar. Needs root.
     Image,
@@ -102,6 +112,8 @@ fn main() -> ExitCode {
             }
             vm::run(&env, &kernel, &filter)
         }),
+        Cmd::VagrantBox => vagrant::build_box().map(|_| ()),
+        Cmd::VagrantTest { nodes } => setup::run().and_then(|env| vagrant::test(&env, nodes)),
         Cmd::Image => setup::run().and_then(|env| image::build(&env).map(|_| ())),
         Cmd::Fuzz { secs } => setup::run().and_then(|env| fuzz(&env, FuzzBudget::Secs(secs))),
     };

@@ -90,21 +90,29 @@ pub fn run(env: &BuildEnv, kernel: &Kernel, filter: &[String]) -> Result<()> {
 }
 
 /// Builds the lane's test binaries and writes `target/vm-lane.sh`, which runs them from the
-/// repository's root with paths relative to it (so a VM with the tree synced elsewhere, as
-/// Vagrant does, runs it too). Returns the script's path relative to the root.
+/// repository's root with paths relative to it. The binaries it runs (the agent, the test
+/// server, the tests) are linked into `target/vm-lane/`, so a VM that gets the tree synced
+/// elsewhere needs only the sources and that folder (as the Vagrantfile does). Returns the
+/// script's path relative to the root.
 pub fn prepare(env: &BuildEnv, filter: &[String]) -> Result<PathBuf> {
     let binaries = test_binaries(env, LANE)?;
+    let dir = root().join("target/vm-lane");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let release = root().join("target/release");
+    for name in ["authz-agent", "authz-testsrv"] {
+        link_or_copy(&release.join(name), &dir.join(name))?;
+    }
     let filter: Vec<String> = filter.iter().map(|f| shell_quote(f)).collect();
     let mut script = format!(
         "#!/bin/sh\n# Written by `cargo xtask vm-test`: the kernel-path lane, run from the repository root.\n\
-         export AUTHZ_AGENT_BIN=\"$PWD/target/release/authz-agent\" AUTHZ_TESTSRV_BIN=\"$PWD/target/release/authz-testsrv\"\n\
+         export AUTHZ_AGENT_BIN=\"$PWD/target/vm-lane/authz-agent\" AUTHZ_TESTSRV_BIN=\"$PWD/target/vm-lane/authz-testsrv\" AUTHZ_TESTS_DIR=\"$PWD/tests\"\n\
          echo \"kernel: $(uname -r)\"\n{MINIMUM_CHECK}fail=0\ncd tests\n",
     );
     for (name, bin) in &binaries {
-        let rel = bin.strip_prefix(root()).unwrap_or(bin);
+        link_or_copy(bin, &dir.join(name))?;
         script.push_str(&format!(
-            "echo \"== {name}\"\n../{} --test-threads=1 {} || fail=1\n",
-            rel.display(),
+            "echo \"== {name}\"\n../target/vm-lane/{name} --test-threads=1 {} || fail=1\n",
             filter.join(" ")
         ));
     }
@@ -112,6 +120,13 @@ pub fn prepare(env: &BuildEnv, filter: &[String]) -> Result<PathBuf> {
     let rel = PathBuf::from("target/vm-lane.sh");
     std::fs::write(root().join(&rel), script)?;
     Ok(rel)
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+    }
+    Ok(())
 }
 
 /// Builds the test binaries (on the host) and returns (name, path) of those in `names`.
@@ -286,7 +301,7 @@ fn virtme_ng() -> Result<PathBuf> {
 
 /// KVM only when the CPU offers virtualization to this machine (a nested or paravirtual
 /// /dev/kvm without it does not run stock kernels); `AUTHZ_VM_ACCEL=kvm|tcg` decides otherwise.
-fn kvm_usable() -> bool {
+pub fn kvm_usable() -> bool {
     match std::env::var("AUTHZ_VM_ACCEL").as_deref() {
         Ok("kvm") => return true,
         Ok("tcg") => return false,
