@@ -39,6 +39,9 @@ pub struct Enrolled {
 pub struct PendingPod {
     pub spec: NodePod,
     pub cgroup_id: Option<u64>,
+    /// The netns cookie of an inbound capture kept from before (a renewal that failed): its
+    /// connections are refused until the pod is enrolled again, and it goes when forgotten.
+    pub captured: Option<u64>,
     pub waiting: Waiting,
 }
 
@@ -209,8 +212,16 @@ pub fn execute(px: &Arc<Proxy>, applied: &mut Applied, ops: Vec<Op>, state: &Sta
                 renew_one(px, applied, k, pod, spec, old);
             }
             Op::Forget(k) => {
-                if let Some(id) = applied.pending.remove(&k).and_then(|p| p.cgroup_id) {
+                let Some(p) = applied.pending.remove(&k) else {
+                    continue;
+                };
+                if let Some(id) = p.cgroup_id {
                     let _ = kernel.release(id);
+                }
+                if let Some(cookie) = p.captured {
+                    if let Err(e) = kernel.unprotect(cookie) {
+                        tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "inbound capture not removed: {e:#}");
+                    }
                 }
             }
             Op::Enroll(k) => {
@@ -330,6 +341,7 @@ fn renew_one(
                 PendingPod {
                     spec: spec.clone(),
                     cgroup_id: Some(old.cgroup_id),
+                    captured: old.protected,
                     waiting,
                 },
             );
@@ -345,13 +357,19 @@ fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod
     };
     match enroll(px, pod, start) {
         Ok(done) => {
-            applied.pending.remove(&key);
+            let kept = applied.pending.remove(&key).and_then(|p| p.captured);
+            // A capture kept from before that this enrollment did not take over (its inbound
+            // capture is now off) goes.
+            if let Some(cookie) = kept.filter(|c| Some(*c) != done.protected) {
+                let _ = px.kernel.unprotect(cookie);
+            }
             tracing::info!(pod = %name, cgroup_id = done.cgroup_id, port = done.port, inbound = done.protected.is_some(), "pod enrolled");
             applied.pods.insert(key, done.into_enrolled(spec));
         }
         Err((cgroup_id, e)) => {
-            let prev = applied.pending.remove(&key).map(|p| p.waiting);
-            let (waiting, news) = Waiting::renew(prev, format!("{e:#}"));
+            let prev = applied.pending.remove(&key);
+            let captured = prev.as_ref().and_then(|p| p.captured);
+            let (waiting, news) = Waiting::renew(prev.map(|p| p.waiting), format!("{e:#}"));
             if news {
                 tracing::error!(pod = %name, pending = cgroup_id.is_some(), "pod not enrolled, retrying: {}", waiting.reason());
             }
@@ -360,6 +378,7 @@ fn enroll_one(px: &Arc<Proxy>, applied: &mut Applied, key: PodKey, pod: &Arc<Pod
                 PendingPod {
                     spec: spec.clone(),
                     cgroup_id,
+                    captured,
                     waiting,
                 },
             );
