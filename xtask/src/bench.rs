@@ -134,6 +134,9 @@ pub fn run_bench(env: &BuildEnv, compare: Option<&str>, extra: &[String]) -> Res
         "authz-user",
         "-p",
         "authz-bench",
+        // authz-extauthz, the CUSTOM targets' provider.
+        "-p",
+        "authz-tests",
         "--bins",
         "--example",
         "source_check_cost",

@@ -158,6 +158,9 @@ pub fn check_answers(topo: &Topology, run: &Running, t: &Target, token: &str) ->
         if let Some(h) = &auth {
             args.extend(["-H", h.as_str()]);
         }
+        for h in &run.headers {
+            args.extend(["-H", h.as_str()]);
+        }
         let (code, _) = curl(&topo.client, run.client_in_pod, &args)?;
         if code != want {
             bail!(
@@ -214,6 +217,9 @@ pub fn measure_throughput(
         .to_vec();
         if s.token {
             a.extend(["-H".into(), auth.clone()]);
+        }
+        for h in &run.headers {
+            a.extend(["-H".into(), h.clone()]);
         }
         a.push(format!("{}{}", run.base, s.path));
         let w = measure::run_watching(client_cmd(topo, run, &tools.wrk, &a), run.pid)?;
@@ -287,6 +293,9 @@ fn measure_target(
         .map(String::from)
         .to_vec();
         a.extend(["-H".into(), auth.clone()]);
+        for h in &run.headers {
+            a.extend(["-H".into(), h.clone()]);
+        }
         a.push(format!("{}{}", run.base, SCENARIOS[0].path));
         let w = measure::run_watching(client_cmd(topo, &run, &tools.oha, &a), run.pid)?;
         let r = measure::parse_oha(&w.out, rate, 200)?;
@@ -324,6 +333,7 @@ fn main() -> Result<()> {
         haproxy: args.haproxy.clone(),
         envoy: args.envoy.clone(),
         nginx: args.nginx.clone(),
+        extauthz: authz_tests::extauthz_bin(),
     };
     // A comparison runs the agent in both directions unless told otherwise.
     let wanted: Vec<String> = match (&args.compare_agent, args.targets.is_empty()) {

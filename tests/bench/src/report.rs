@@ -249,6 +249,19 @@ impl Report {
                 );
             }
         }
+        // CUSTOM: the enforcer's CPU per request (the provider's is on another CPU, not counted).
+        for p in ["http", "grpc"] {
+            ratio(
+                format!("CPU per request agent-custom-{p} / envoy-custom-{p}"),
+                self.cpu(&format!("agent-custom-{p}")),
+                self.cpu(&format!("envoy-custom-{p}")),
+            );
+            ratio(
+                format!("throughput agent-custom-{p} / envoy-custom-{p}"),
+                self.rps(&format!("agent-custom-{p}")),
+                self.rps(&format!("envoy-custom-{p}")),
+            );
+        }
         let find = |what: &str| ratios.iter().find(|r| r.what == what).map(|r| r.value);
         for (dir, agent, suffix, min_direct) in [
             ("Outbound", "agent", "", 0.8),
@@ -281,6 +294,16 @@ impl Report {
                 &format!("{dir} added p99 at 1000 req/s over direct, ms ({awake})"),
                 added(agent),
                 0.1,
+                true,
+            );
+        }
+        for (p, name) in [("http", "HTTP"), ("grpc", "gRPC")] {
+            check(
+                &format!("CUSTOM ({name} provider) CPU per request: agent / Envoy"),
+                find(&format!(
+                    "CPU per request agent-custom-{p} / envoy-custom-{p}"
+                )),
+                0.5,
                 true,
             );
         }

@@ -41,6 +41,34 @@ pub enum Kind {
     HaproxyInbound,
     /// Envoy in the backend's netns, on its address, as Istio's sidecar takes inbound traffic.
     EnvoyInbound,
+    /// `agent` with a CUSTOM policy on every path of the backend, asking `authz-extauthz`.
+    AgentCustom(Provider),
+    /// `envoy` with the same CUSTOM policy as istiod configures it (shadow rbac + ext_authz).
+    EnvoyCustom(Provider),
+}
+
+/// A CUSTOM provider's protocol, as MeshConfig's `extensionProviders` has them. The provider
+/// (`authz-extauthz`, Istio's sample's logic) runs on the enforcer's loopback on CPU 1, outside
+/// the enforcer's CPU figure, and allows requests carrying `x-ext-authz: allow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Http,
+    Grpc,
+}
+
+pub const PROVIDER_HTTP_PORT: u16 = 15980;
+pub const PROVIDER_GRPC_PORT: u16 = 15981;
+/// What every request to a CUSTOM target carries, so the provider allows it and the target's
+/// own policies decide as in the other targets.
+const CUSTOM_HEADER: &str = "x-ext-authz: allow";
+
+impl Provider {
+    fn name(self) -> &'static str {
+        match self {
+            Provider::Http => "bench-ext-authz-http",
+            Provider::Grpc => "bench-ext-authz-grpc",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +202,26 @@ pub fn all() -> Vec<Target> {
             about: "Envoy, 1 worker, Istio's filters with 1,000 JWT providers",
         },
         Target {
+            name: "agent-custom-http",
+            kind: AgentCustom(Provider::Http),
+            about: "this agent, 1 worker, a CUSTOM policy on every path: HTTP ext_authz provider",
+        },
+        Target {
+            name: "agent-custom-grpc",
+            kind: AgentCustom(Provider::Grpc),
+            about: "this agent, 1 worker, a CUSTOM policy on every path: gRPC ext_authz provider",
+        },
+        Target {
+            name: "envoy-custom-http",
+            kind: EnvoyCustom(Provider::Http),
+            about: "Envoy, 1 worker, Istio's filters with the CUSTOM policy: HTTP ext_authz",
+        },
+        Target {
+            name: "envoy-custom-grpc",
+            kind: EnvoyCustom(Provider::Grpc),
+            about: "Envoy, 1 worker, Istio's filters with the CUSTOM policy: gRPC ext_authz",
+        },
+        Target {
             name: "agent-inbound",
             kind: AgentInbound { source_check: true },
             about:
@@ -210,6 +258,8 @@ pub struct Tools {
     pub haproxy: PathBuf,
     pub envoy: PathBuf,
     pub nginx: PathBuf,
+    /// The CUSTOM targets' provider.
+    pub extauthz: PathBuf,
 }
 
 /// The pods: `client` (enrolled in the agent runs), `server` (the backend) and nine idle pods,
@@ -306,8 +356,11 @@ pub struct Running {
     /// Whether the client runs in the enrolled pod's cgroup (the agent's interception).
     pub client_in_pod: bool,
     pub pid: Option<u32>,
+    /// Headers every request carries (`-H` for curl, wrk and oha).
+    pub headers: Vec<String>,
     _agent: Option<Agent>,
     _proc: Option<Proc>,
+    _provider: Option<Proc>,
 }
 
 fn wait_port_in(host: &Host, port: u16, child: &mut Child, what: &str) -> Result<()> {
@@ -376,47 +429,19 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
             base: format!("http://{}:{BACKEND_PORT}", server.ip),
             client_in_pod: false,
             pid: None,
+            headers: vec![],
             _agent: None,
             _proc: None,
+            _provider: None,
         }),
         Kind::Agent {
             threads,
             cache,
             extra_policies,
             issuers,
-        } => {
-            let mut pods = pod_yaml(&topo.client, "foo", "{app: sleep}", "sleep");
-            for h in &topo.idle {
-                pods.push_str(&pod_yaml(
-                    h,
-                    "foo",
-                    &format!("{{app: {}}}", h.name),
-                    "default",
-                ));
-            }
-            let cfg = format!(
-                "agent: {{admin: \"{{ADMIN}}\", workerThreads: {threads}, tokenCacheSize: {}}}\npods:\n{pods}workloads:\n{}policies: [policies]\n",
-                if cache { 10_000 } else { 0 },
-                workload_yaml(server, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
-            );
-            let files = policies(extra_policies, issuers)?;
-            let refs: Vec<(&str, &str)> = files
-                .iter()
-                .map(|(a, b)| (a.as_str(), b.as_str()))
-                .collect();
-            let agent = Agent::start_bin(&tools.agent, &cfg, &refs)?;
-            let pid = agent.child.id();
-            // Pin every thread the agent has (its runtime's threads exist once it is healthy).
-            let cpus = if threads > 1 { "0,1" } else { "0" };
-            authz_tests::sh("taskset", &["-a", "-cp", cpus, &pid.to_string()])?;
-            Ok(Running {
-                base: format!("http://{}:{BACKEND_PORT}", server.ip),
-                client_in_pod: true,
-                pid: Some(pid),
-                _agent: Some(agent),
-                _proc: None,
-            })
-        }
+        } => start_agent(topo, tools, threads, cache, extra_policies, issuers, None),
+        Kind::AgentCustom(provider) => start_agent(topo, tools, 1, true, 0, 1, Some(provider)),
+        Kind::EnvoyCustom(provider) => start_envoy(topo, tools, false, 1, Some(provider)),
         Kind::AgentInbound { source_check } => {
             // The backend pod and the idle pods are protected; the client is no pod.
             let mut pods = pod_yaml(
@@ -451,8 +476,10 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 base: format!("http://{}:{BACKEND_PORT}", server.ip),
                 client_in_pod: false,
                 pid: Some(pid),
+                headers: vec![],
                 _agent: Some(agent),
                 _proc: None,
+                _provider: None,
             })
         }
         Kind::HaproxyInbound | Kind::EnvoyInbound => {
@@ -470,7 +497,7 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 let jwks = topo.dir.join("jwks.json");
                 std::fs::copy(data_dir().join("istio-samples/jwks.json"), &jwks)?;
                 let cfg = topo.dir.join("envoy-inbound.yaml");
-                let text = envoy_cfg(&jwks, &server.ip, false, 1).replace(
+                let text = envoy_cfg(&jwks, &server.ip, false, 1, None).replace(
                     "address: 127.0.0.1, port_value: 10002",
                     &format!("address: {}, port_value: 10002", server.ip),
                 );
@@ -507,8 +534,10 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 base: format!("http://{}:{port}", server.ip),
                 client_in_pod: false,
                 pid: Some(pid),
+                headers: vec![],
                 _agent: None,
                 _proc: Some(Proc(child)),
+                _provider: None,
             })
         }
         Kind::Haproxy => {
@@ -534,45 +563,192 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
                 base: "http://127.0.0.1:10001".into(),
                 client_in_pod: false,
                 pid: Some(pid),
+                headers: vec![],
                 _agent: None,
                 _proc: Some(Proc(child)),
+                _provider: None,
             })
         }
-        Kind::Envoy { cache, issuers } => {
-            let jwks = topo.dir.join("jwks.json");
-            std::fs::copy(data_dir().join("istio-samples/jwks.json"), &jwks)?;
-            let cfg = topo.dir.join("envoy.yaml");
-            std::fs::write(&cfg, envoy_cfg(&jwks, &server.ip, cache, issuers))?;
-            let mut child = pinned(
-                &topo.client,
-                false,
-                "0",
-                &tools.envoy,
-                &[
-                    "-c",
-                    &cfg.to_string_lossy(),
-                    "--concurrency",
-                    "1",
-                    "--log-level",
-                    "warn",
-                    "--disable-hot-restart",
-                ],
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting envoy")?;
-            wait_port_in(&topo.client, 10002, &mut child, "envoy")?;
-            let pid = child.id();
-            Ok(Running {
-                base: "http://127.0.0.1:10002".into(),
-                client_in_pod: false,
-                pid: Some(pid),
-                _agent: None,
-                _proc: Some(Proc(child)),
-            })
+        Kind::Envoy { cache, issuers } => start_envoy(topo, tools, cache, issuers, None),
+    }
+}
+
+/// The provider of a CUSTOM target, on the loopback of the enforcer's network namespace (the
+/// node's for the agent, the client pod's for Envoy as a sidecar), on CPU 1 with the client and
+/// the backend: its CPU is not the enforcer's.
+fn start_provider(tools: &Tools, netns: Option<&Host>) -> Result<Proc> {
+    let addrs = [
+        format!("127.0.0.1:{PROVIDER_HTTP_PORT}"),
+        format!("127.0.0.1:{PROVIDER_GRPC_PORT}"),
+    ];
+    let mut cmd = match netns {
+        Some(h) => pinned(h, false, "1", &tools.extauthz, &[&addrs[0], &addrs[1]]),
+        None => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1"]).arg(&tools.extauthz).args(&addrs);
+            c
+        }
+    };
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting authz-extauthz")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for port in [PROVIDER_HTTP_PORT, PROVIDER_GRPC_PORT] {
+        loop {
+            let listening = match netns {
+                Some(h) => wait_listening(h, port).is_ok(),
+                None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            };
+            if listening {
+                break;
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!("authz-extauthz exited with {st}");
+            }
+            if Instant::now() > deadline {
+                bail!("authz-extauthz not listening on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
+    Ok(Proc(child))
+}
+
+/// MeshConfig's entry for the provider (Istio's sample's settings: the HTTP check carries
+/// `x-ext-authz`, the gRPC one every header).
+fn provider_yaml(provider: Provider) -> String {
+    let ip = "127.0.0.1";
+    match provider {
+        Provider::Http => format!(
+            "  - name: {}\n    envoyExtAuthzHttp:\n      service: {ip}\n      port: \"{PROVIDER_HTTP_PORT}\"\n      includeRequestHeadersInCheck: [x-ext-authz]\n",
+            provider.name()
+        ),
+        Provider::Grpc => format!(
+            "  - name: {}\n    envoyExtAuthzGrpc:\n      service: {ip}\n      port: {PROVIDER_GRPC_PORT}\n",
+            provider.name()
+        ),
+    }
+}
+
+/// A CUSTOM policy on every path of the backend's workload.
+fn custom_policy(provider: Provider) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext-authz, namespace: istio-system}}\n\
+         spec:\n  selector: {{matchLabels: {{app: istio-ingressgateway}}}}\n  action: CUSTOM\n  provider: {{name: {}}}\n\
+         \x20 rules:\n  - to: [{{operation: {{paths: [\"/*\"]}}}}]\n",
+        provider.name()
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_agent(
+    topo: &Topology,
+    tools: &Tools,
+    threads: usize,
+    cache: bool,
+    extra_policies: usize,
+    issuers: usize,
+    custom: Option<Provider>,
+) -> Result<Running> {
+    let server = &topo.server;
+    let mut pods = pod_yaml(&topo.client, "foo", "{app: sleep}", "sleep");
+    for h in &topo.idle {
+        pods.push_str(&pod_yaml(
+            h,
+            "foo",
+            &format!("{{app: {}}}", h.name),
+            "default",
+        ));
+    }
+    let providers = custom
+        .map(|p| format!("extensionProviders:\n{}", provider_yaml(p)))
+        .unwrap_or_default();
+    let cfg = format!(
+        "agent: {{admin: \"{{ADMIN}}\", workerThreads: {threads}, tokenCacheSize: {}}}\npods:\n{pods}workloads:\n{}{providers}policies: [policies]\n",
+        if cache { 10_000 } else { 0 },
+        workload_yaml(server, "istio-system", "{app: istio-ingressgateway}", "istio-ingressgateway"),
+    );
+    let mut files = policies(extra_policies, issuers)?;
+    let provider = match custom {
+        Some(p) => {
+            files.push(("policies/custom.yaml".into(), custom_policy(p)));
+            Some(start_provider(tools, None)?)
+        }
+        None => None,
+    };
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let agent = Agent::start_bin(&tools.agent, &cfg, &refs)?;
+    let pid = agent.child.id();
+    // Pin every thread the agent has (its runtime's threads exist once it is healthy).
+    let cpus = if threads > 1 { "0,1" } else { "0" };
+    authz_tests::sh("taskset", &["-a", "-cp", cpus, &pid.to_string()])?;
+    Ok(Running {
+        base: format!("http://{}:{BACKEND_PORT}", server.ip),
+        client_in_pod: true,
+        pid: Some(pid),
+        headers: custom
+            .map(|_| CUSTOM_HEADER.to_string())
+            .into_iter()
+            .collect(),
+        _agent: Some(agent),
+        _proc: None,
+        _provider: provider,
+    })
+}
+
+fn start_envoy(
+    topo: &Topology,
+    tools: &Tools,
+    cache: bool,
+    issuers: usize,
+    custom: Option<Provider>,
+) -> Result<Running> {
+    let server = &topo.server;
+    let jwks = topo.dir.join("jwks.json");
+    std::fs::copy(data_dir().join("istio-samples/jwks.json"), &jwks)?;
+    let cfg = topo.dir.join("envoy.yaml");
+    std::fs::write(&cfg, envoy_cfg(&jwks, &server.ip, cache, issuers, custom))?;
+    let provider = custom
+        .map(|_| start_provider(tools, Some(&topo.client)))
+        .transpose()?;
+    let mut child = pinned(
+        &topo.client,
+        false,
+        "0",
+        &tools.envoy,
+        &[
+            "-c",
+            &cfg.to_string_lossy(),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+            "--disable-hot-restart",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .context("starting envoy")?;
+    wait_port_in(&topo.client, 10002, &mut child, "envoy")?;
+    let pid = child.id();
+    Ok(Running {
+        base: "http://127.0.0.1:10002".into(),
+        client_in_pod: false,
+        pid: Some(pid),
+        headers: custom
+            .map(|_| CUSTOM_HEADER.to_string())
+            .into_iter()
+            .collect(),
+        _agent: None,
+        _proc: Some(Proc(child)),
+        _provider: provider,
+    })
 }
 
 /// HAProxy emulating RequestAuthentication + the DENY policy, as far as HAProxy can: one PEM
@@ -626,7 +802,16 @@ backend app
 /// The filter chain Istio generates for the same two objects (jwt_authn + rbac DENY).
 /// With `issuers` > 1, one provider per issuer as istiod writes them: sorted by issuer
 /// (`origins-<i>`, the demo token's last) in istiod's requirement tree for several rules.
-fn envoy_cfg(jwks: &Path, backend_ip: &str, cache: bool, issuers: usize) -> String {
+/// With `custom`, Istio's CUSTOM filters first (before jwt_authn): an rbac shadow policy marking the
+/// requests the policy matches, and ext_authz enabled by that mark (istiod's defaults: timeout
+/// 600 s, status on error 403, fail closed).
+fn envoy_cfg(
+    jwks: &Path,
+    backend_ip: &str,
+    cache: bool,
+    issuers: usize,
+    custom: Option<Provider>,
+) -> String {
     let cache = if cache {
         "\n                  jwt_cache_config: {jwt_cache_size: 100}"
     } else {
@@ -659,6 +844,9 @@ fn envoy_cfg(jwks: &Path, backend_ip: &str, cache: bool, issuers: usize) -> Stri
             ));
         }
     }
+    let (custom_filters, custom_cluster) = custom
+        .map(|p| envoy_custom(p, "127.0.0.1"))
+        .unwrap_or_default();
     format!(
         r#"admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: 9901}}}}
@@ -683,7 +871,7 @@ static_resources:
               - match: {{prefix: "/"}}
                 route: {{cluster: app}}
           http_filters:
-          - name: envoy.filters.http.jwt_authn
+{custom_filters}          - name: envoy.filters.http.jwt_authn
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
               providers:
@@ -722,6 +910,76 @@ static_resources:
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: {backend_ip}, port_value: {BACKEND_PORT}}}}}}}
-"#,
+{custom_cluster}"#,
     )
+}
+
+/// Istio's CUSTOM filters and the provider's cluster, for `envoy_cfg`.
+fn envoy_custom(provider: Provider, ip: &str) -> (String, String) {
+    let service = match provider {
+        Provider::Http => format!(
+            "              http_service:
+                server_uri: {{uri: \"http://{ip}:{PROVIDER_HTTP_PORT}\", cluster: extauthz, timeout: 600s}}
+              allowed_headers:
+                patterns: [{{exact: x-ext-authz, ignore_case: true}}]
+"
+        ),
+        Provider::Grpc => format!(
+            "              grpc_service:
+                envoy_grpc: {{cluster_name: extauthz, authority: \"{ip}\"}}
+                timeout: 600s
+"
+        ),
+    };
+    let filters = format!(
+        "          - name: envoy.filters.http.rbac
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              shadow_rules:
+                action: DENY
+                policies:
+                  istio-ext-authz-ns[istio-system]-policy[ext-authz]-rule[0]:
+                    permissions:
+                    - and_rules:
+                        rules:
+                        - or_rules:
+                            rules:
+                            - url_path: {{path: {{prefix: /}}}}
+                    principals:
+                    - and_ids: {{ids: [{{any: true}}]}}
+              shadow_rules_stat_prefix: istio_ext_authz_
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              status_on_error: {{code: 403}}
+              filter_enabled_metadata:
+                filter: envoy.filters.http.rbac
+                path: [{{key: istio_ext_authz_shadow_effective_policy_id}}]
+                value: {{string_match: {{prefix: istio-ext-authz}}}}
+{service}"
+    );
+    let (port, h2) = match provider {
+        Provider::Http => (PROVIDER_HTTP_PORT, ""),
+        Provider::Grpc => (
+            PROVIDER_GRPC_PORT,
+            "    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+",
+        ),
+    };
+    let cluster = format!(
+        "  - name: extauthz
+    connect_timeout: 1s
+    type: STATIC
+{h2}    load_assignment:
+      cluster_name: extauthz
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
+"
+    );
+    (filters, cluster)
 }
