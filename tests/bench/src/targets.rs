@@ -546,28 +546,8 @@ pub fn start(t: &Target, topo: &Topology, tools: &Tools) -> Result<Running> {
             std::fs::write(&pem_path, pem::rsa_pem_from_jwks(&jwks)?)?;
             let cfg = topo.dir.join("haproxy.cfg");
             std::fs::write(&cfg, haproxy_cfg(&pem_path, &server.ip))?;
-            let mut child = pinned(
-                &topo.client,
-                false,
-                "0",
-                &tools.haproxy,
-                &["-db", "-f", &cfg.to_string_lossy()],
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting haproxy")?;
-            wait_port_in(&topo.client, 10001, &mut child, "haproxy")?;
-            let pid = child.id();
-            Ok(Running {
-                base: "http://127.0.0.1:10001".into(),
-                client_in_pod: false,
-                pid: Some(pid),
-                headers: vec![],
-                _agent: None,
-                _proc: Some(Proc(child)),
-                _provider: None,
-            })
+            let cfg = cfg.to_string_lossy();
+            sidecar(topo, &tools.haproxy, &["-db", "-f", &cfg], 10001, "haproxy")
         }
         Kind::Envoy { cache, issuers } => start_envoy(topo, tools, cache, issuers, None),
     }
@@ -716,38 +696,47 @@ fn start_envoy(
     let provider = custom
         .map(|_| start_provider(tools, Some(&topo.client)))
         .transpose()?;
-    let mut child = pinned(
-        &topo.client,
-        false,
-        "0",
-        &tools.envoy,
-        &[
-            "-c",
-            &cfg.to_string_lossy(),
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warn",
-            "--disable-hot-restart",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit())
-    .spawn()
-    .context("starting envoy")?;
-    wait_port_in(&topo.client, 10002, &mut child, "envoy")?;
-    let pid = child.id();
+    let cfg = cfg.to_string_lossy();
+    let args = [
+        "-c",
+        &cfg,
+        "--concurrency",
+        "1",
+        "--log-level",
+        "warn",
+        "--disable-hot-restart",
+    ];
+    let mut run = sidecar(topo, &tools.envoy, &args, 10002, "envoy")?;
+    if custom.is_some() {
+        run.headers.push(CUSTOM_HEADER.to_string());
+    }
+    run._provider = provider;
+    Ok(run)
+}
+
+/// An enforcer as a sidecar: in the client pod's namespace on CPU 0, listening on `port` of its
+/// loopback, where the client sends its requests.
+fn sidecar(
+    topo: &Topology,
+    program: &Path,
+    args: &[&str],
+    port: u16,
+    what: &str,
+) -> Result<Running> {
+    let mut child = pinned(&topo.client, false, "0", program, args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    wait_port_in(&topo.client, port, &mut child, what)?;
     Ok(Running {
-        base: "http://127.0.0.1:10002".into(),
+        base: format!("http://127.0.0.1:{port}"),
         client_in_pod: false,
-        pid: Some(pid),
-        headers: custom
-            .map(|_| CUSTOM_HEADER.to_string())
-            .into_iter()
-            .collect(),
+        pid: Some(child.id()),
+        headers: vec![],
         _agent: None,
         _proc: Some(Proc(child)),
-        _provider: provider,
+        _provider: None,
     })
 }
 
