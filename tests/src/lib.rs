@@ -989,14 +989,16 @@ pub fn attempt(host: &Host, url: &str) -> (Attempt, Duration) {
     (a, took)
 }
 
-/// Names of loaded BPF programs (bpftool), to prove nothing is left behind.
-pub fn loaded_bpf_programs() -> Result<Vec<String>> {
+/// Ids and names of the loaded BPF programs (bpftool), to prove nothing is left behind. Ids only
+/// grow, so a test tells its own programs from an earlier test's, which the kernel releases
+/// asynchronously once that test's cgroup and network namespaces are gone.
+pub fn loaded_bpf_programs() -> Result<Vec<(u64, String)>> {
     let out = sh("bpftool", &["-j", "prog", "show"])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     Ok(v.as_array()
         .map(|a| {
             a.iter()
-                .filter_map(|p| p["name"].as_str().map(String::from))
+                .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
                 .collect()
         })
         .unwrap_or_default())

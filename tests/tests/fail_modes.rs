@@ -1,17 +1,26 @@
 //! Fail modes: the programs and maps are pinned, so a dead agent's pods get the configured fail
 //! mode within a second (refused at once, or direct), a new agent adopts the pins and serves, and
 //! `authz-agent cleanup` leaves nothing loaded or attached. Its own test binary, so no other
-//! agent's programs are loaded meanwhile (cargo runs test binaries one after another).
+//! agent runs meanwhile (cargo runs test binaries one after another); an earlier binary's
+//! programs may still be on their way out, so it counts only those loaded since it began.
 use std::time::{Duration, Instant};
 
 use authz_tests::*;
 
-fn ours() -> Vec<String> {
+/// Our programs loaded after `since` (the newest program id when the test began): an earlier
+/// test's may still be on their way out.
+fn ours(since: u64) -> Vec<String> {
     loaded_bpf_programs()
         .unwrap()
         .into_iter()
-        .filter(|n| n.starts_with("authz_"))
+        .filter(|(id, n)| *id > since && n.starts_with("authz_"))
+        .map(|(_, n)| n)
         .collect()
+}
+
+fn newest_program_id() -> u64 {
+    let ids = loaded_bpf_programs().unwrap().into_iter().map(|(id, _)| id);
+    ids.max().unwrap_or(0)
 }
 
 fn attached_to_root() -> String {
@@ -69,6 +78,7 @@ fn fail_modes_adoption_and_cleanup() {
     if !require_root() {
         return;
     }
+    let since = newest_program_id();
     let mut net = Net::new().unwrap();
     let pod = net.host("p", 2).unwrap();
     let w = net.host("w", 3).unwrap();
@@ -95,10 +105,10 @@ fn fail_modes_adoption_and_cleanup() {
     a.cleanup_on_drop = false;
     through_agent(&a);
     assert_eq!(
-        ours().len(),
+        ours(since).len(),
         6,
         "connect4, connect6, sock_ops, sk_msg, the source check, the pod's sk_lookup: {:?}",
-        ours()
+        ours(since)
     );
     // Killed during a load run: from 1 s after the kill every attempt is refused, and no attempt
     // ever hangs (those in flight at the kill end at once with an error).
@@ -130,7 +140,12 @@ fn fail_modes_adoption_and_cleanup() {
         Attempt::Refused,
         "stays closed once the heartbeat is stale"
     );
-    assert_eq!(ours().len(), 6, "still loaded after SIGKILL: {:?}", ours());
+    assert_eq!(
+        ours(since).len(),
+        6,
+        "still loaded after SIGKILL: {:?}",
+        ours(since)
+    );
     assert!(attached_to_root().contains("authz_connect4"));
 
     // A new agent adopts the pins: it serves, and the dead agent's programs are gone.
@@ -142,10 +157,10 @@ fn fail_modes_adoption_and_cleanup() {
         "the pinned counters kept the refusals made while no agent ran"
     );
     assert_eq!(
-        ours().len(),
+        ours(since).len(),
         6,
         "the old programs were replaced, not added to (the pod's sk_lookup adopted): {:?}",
-        ours()
+        ours(since)
     );
 
     // A clean stop keeps failing closed, at once.
@@ -160,7 +175,11 @@ fn fail_modes_adoption_and_cleanup() {
     // Cleanup: nothing loaded, nothing attached, pods go direct.
     b.cleanup().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(ours().is_empty(), "left loaded after cleanup: {:?}", ours());
+    assert!(
+        ours(since).is_empty(),
+        "left loaded after cleanup: {:?}",
+        ours(since)
+    );
     assert!(
         !attached_to_root().contains("authz_"),
         "{}",
@@ -191,5 +210,5 @@ fn fail_modes_adoption_and_cleanup() {
     );
     drop(c); // cleanup
     std::thread::sleep(Duration::from_millis(300));
-    assert!(ours().is_empty(), "left loaded: {:?}", ours());
+    assert!(ours(since).is_empty(), "left loaded: {:?}", ours(since));
 }
