@@ -192,7 +192,7 @@ fn cached_check(c: &mut Criterion) {
     let t = k.token(json!({"iss": "iss", "sub": "s", "exp": jwt::now_secs() + 3600}));
     let (claims, _, _) = jwt::parse(&t).unwrap();
     let cache = TokenCache::new(10_000);
-    cache.put(&t, 1, 0, &claims, jwt::now_secs());
+    cache.put(&t, 1, 0, &std::sync::Arc::new(claims), jwt::now_secs());
     let now = jwt::now_secs();
     c.bench_function("cached_token_check", |b| {
         b.iter(|| {

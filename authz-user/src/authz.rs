@@ -101,20 +101,34 @@ pub fn claim_at<'a>(payload: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter().try_fold(payload, |v, part| v.get(part))
 }
 
-/// The source of a connection (an enrolled pod).
+/// The source of a connection (an enrolled pod), borrowed from the workload for one decision.
 #[derive(Debug, Clone, Default)]
-pub struct Peer {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+pub struct Peer<'a> {
+    pub trust_domain: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    /// Made the first time a rule asks for it, then shared by every rule of the decision.
+    principal: std::sync::OnceLock<String>,
 }
 
-impl Peer {
-    pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+impl<'a> Peer<'a> {
+    pub fn new(trust_domain: &'a str, namespace: &'a str, service_account: &'a str) -> Self {
+        Peer {
+            trust_domain,
+            namespace,
+            service_account,
+            principal: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `<trust domain>/ns/<namespace>/sa/<service account>`, as `principals` match it.
+    pub fn principal(&self) -> &str {
+        self.principal.get_or_init(|| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                self.trust_domain, self.namespace, self.service_account
+            )
+        })
     }
 }
 
@@ -135,7 +149,7 @@ pub struct HttpAttrs<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Attrs<'a> {
     pub http: Option<HttpAttrs<'a>>,
-    pub peer: Option<&'a Peer>,
+    pub peer: Option<&'a Peer<'a>>,
     pub source_ip: Option<IpAddr>,
     pub remote_ip: Option<IpAddr>,
     pub dest_ip: Option<IpAddr>,
@@ -367,20 +381,17 @@ impl CSource {
 
     fn matches(&self, a: &Attrs) -> bool {
         let peer = a.peer;
-        let principal = peer.map(Peer::principal);
         self.principals
-            .eval(|m| principal.as_deref().is_some_and(|p| m.matches(p)))
+            .eval(|m| peer.is_some_and(|p| m.matches(p.principal())))
             && self
                 .namespaces
-                .eval(|m| peer.is_some_and(|p| glob(m, &p.namespace)))
+                .eval(|m| peer.is_some_and(|p| glob(m, p.namespace)))
             && self.service_accounts.eval(|(ns, sa)| {
-                peer.is_some_and(|p| {
-                    ns.as_deref() == Some(p.namespace.as_str()) && *sa == p.service_account
-                })
+                peer.is_some_and(|p| ns.as_deref() == Some(p.namespace) && *sa == p.service_account)
             })
             && self
                 .trust_domains
-                .eval(|m| peer.is_some_and(|p| m.matches(&p.trust_domain)))
+                .eval(|m| peer.is_some_and(|p| m.matches(p.trust_domain)))
             && self
                 .ip_blocks
                 .eval(|n| a.source_ip.is_some_and(|ip| n.contains(&ip)))
@@ -507,15 +518,13 @@ impl CCond {
             CCond::RemoteIp(f) => f.eval(|n| a.remote_ip.is_some_and(|ip| n.contains(&ip))),
             CCond::DestinationIp(f) => f.eval(|n| a.dest_ip.is_some_and(|ip| n.contains(&ip))),
             CCond::DestinationPort(f) => f.eval(|p| *p == a.dest_port),
-            CCond::SourceNamespace(f) => f.eval(|m| peer.is_some_and(|p| glob(m, &p.namespace))),
-            CCond::SourcePrincipal(f) => {
-                f.eval(|m| peer.is_some_and(|p| m.matches(&p.principal())))
-            }
+            CCond::SourceNamespace(f) => f.eval(|m| peer.is_some_and(|p| glob(m, p.namespace))),
+            CCond::SourcePrincipal(f) => f.eval(|m| peer.is_some_and(|p| m.matches(p.principal()))),
             CCond::SourceServiceAccount(f) => f.eval(|m| {
                 peer.is_some_and(|p| m.matches(&format!("{}/{}", p.namespace, p.service_account)))
             }),
             CCond::SourceTrustDomain(f) => {
-                f.eval(|m| peer.is_some_and(|p| m.matches(&p.trust_domain)))
+                f.eval(|m| peer.is_some_and(|p| m.matches(p.trust_domain)))
             }
             CCond::Sni(f) => f.eval(|m| a.sni.is_some_and(|s| m.matches(s))),
             CCond::Experimental(f) => f.eval(|_| false),

@@ -294,12 +294,8 @@ impl Engine {
         })
     }
 
-    fn peer(&self, w: Option<&Workload>) -> Option<Peer> {
-        w.map(|w| Peer {
-            trust_domain: self.trust_domain.clone(),
-            namespace: w.namespace.clone(),
-            service_account: w.service_account.clone(),
-        })
+    fn peer<'a>(&'a self, w: Option<&'a Workload>) -> Option<Peer<'a>> {
+        w.map(|w| Peer::new(&self.trust_domain, &w.namespace, &w.service_account))
     }
 
     /// A non-HTTP connection: only the L4 parts of the policies (HTTP-only fields drop ALLOW
@@ -378,7 +374,7 @@ impl Engine {
         target: &'a str,
         headers: &'a HeaderMap,
         identity: Option<&'a Identity>,
-        peer: Option<&'a Peer>,
+        peer: Option<&'a Peer<'a>>,
     ) -> Attrs<'a> {
         Attrs {
             http: Some(HttpAttrs {
@@ -435,7 +431,9 @@ impl Engine {
                     provider: p.provider.clone().unwrap_or_default(),
                     asked: false,
                 };
-                match self.custom(c, r, &target, check).await {
+                // Boxed, as every rare path here: the request's future stays small, and hyper
+                // moves it on every request.
+                match Box::pin(self.custom(c, r, &target, check)).await {
                     Err(deny) => return *deny,
                     Ok((check, allowed)) => {
                         custom = Some(check);
@@ -466,7 +464,8 @@ impl Engine {
                 for token in extract::extract(loc, headers, &query) {
                     // Only the providers of the token's issuer can verify it; every other one
                     // would say "issuer not configured", the weakest answer.
-                    let (mut best, mut ok) = (None::<JwtError>, None::<(Claims, Arc<Provider>)>);
+                    let (mut best, mut ok) =
+                        (None::<JwtError>, None::<(Arc<Claims>, Arc<Provider>)>);
                     let mut cached = self.cache.entry(&token);
                     let parsed: String;
                     let iss = match &cached {
@@ -644,8 +643,8 @@ impl Engine {
         token: &str,
         p: &Provider,
         now: i64,
-        cached: &mut Option<(VerifiedBy, Claims)>,
-    ) -> Result<Claims, JwtError> {
+        cached: &mut Option<(VerifiedBy, Arc<Claims>)>,
+    ) -> Result<Arc<Claims>, JwtError> {
         let (jwks, generation, remote) = match &p.keys {
             Keys::Inline(j) => (Some(j.clone()), 0, None),
             Keys::Remote(r) => match r.current() {
@@ -672,22 +671,24 @@ impl Engine {
             (Some(j), _, _) => (j, generation),
             (None, Some(r), Some(s)) => {
                 // Never fetched (or every fetch failed): one rate-limited attempt, then fail.
-                r.refetch_if_allowed(&s.fetcher).await;
+                Box::pin(r.refetch_if_allowed(&s.fetcher)).await;
                 r.current().ok_or(JwtError::FetchFail)?
             }
             _ => return Err(JwtError::FetchFail),
         };
         match jwt::verify_signature(&claims, signed, sig, &jwks) {
             Ok(()) => {
+                let claims = Arc::new(claims);
                 self.cache.put(token, p.uid, generation, &claims, now);
                 Ok(claims)
             }
             Err(JwtError::KidAlgMismatch) if remote.is_some() && store.is_some() => {
                 // Key rotation: fetch again (rate-limited) before answering 401.
                 let (r, s) = (remote.unwrap(), store.unwrap());
-                if r.refetch_if_allowed(&s.fetcher).await {
+                if Box::pin(r.refetch_if_allowed(&s.fetcher)).await {
                     if let Some((j, g)) = r.current() {
                         jwt::verify_signature(&claims, signed, sig, &j)?;
+                        let claims = Arc::new(claims);
                         self.cache.put(token, p.uid, g, &claims, now);
                         return Ok(claims);
                     }

@@ -1,7 +1,7 @@
 //! One view of a request head for the decision and the upstream: a single authority, and the
 //! hop-by-hop headers handled as Envoy does. Runs before the decision, so what is decided is
 //! exactly what is forwarded.
-use http::{header, HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 
 /// What the head says once normalised.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,13 +29,19 @@ pub enum BadHead {
 
 /// Headers that belong to one hop and never reach the upstream (RFC 9110 7.6.1; Envoy removes
 /// the same set). `upgrade` is put back for an upgrade that is allowed through.
-const HOP_BY_HOP: [&str; 5] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "http2-settings",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("http2-settings"),
+    header::UPGRADE,
 ];
+
+/// Whether any hop-by-hop header is present: most requests have none, and one pass over their
+/// few names costs less than looking each of the five up.
+fn has_hop_by_hop(h: &HeaderMap) -> bool {
+    h.keys().any(|k| HOP_BY_HOP.contains(k))
+}
 
 /// Normalises `req` in place: the URI is origin-form for HTTP/1 with `Host` set to the one
 /// authority; in HTTP/2 `:authority` wins and a `host` header is dropped (refused if it names
@@ -89,8 +95,8 @@ pub fn normalize<B>(req: &mut Request<B>) -> Result<Head, BadHead> {
     let connect = *req.method() == Method::CONNECT;
     let upgrade =
         req.version() == Version::HTTP_11 && !connect && strip_hop_by_hop(req.headers_mut());
-    if req.version() != Version::HTTP_11 || connect {
-        for h in HOP_BY_HOP {
+    if (req.version() != Version::HTTP_11 || connect) && has_hop_by_hop(req.headers()) {
+        for h in &HOP_BY_HOP {
             req.headers_mut().remove(h);
         }
     }
@@ -109,12 +115,15 @@ pub fn normalize<B>(req: &mut Request<B>) -> Result<Head, BadHead> {
 /// Removes the hop-by-hop headers of an HTTP/1.1 request; keeps `Upgrade` (without h2c) and
 /// `Connection: upgrade` when another protocol is asked for. Returns whether one is.
 fn strip_hop_by_hop(h: &mut HeaderMap) -> bool {
+    if !has_hop_by_hop(h) {
+        return false;
+    }
     let asks_upgrade = tokens(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
     let protocols: Vec<String> = tokens(h, header::UPGRADE)
         .filter(|t| !t.eq_ignore_ascii_case("h2c"))
         .map(str::to_string)
         .collect();
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         h.remove(name);
     }
     if !asks_upgrade || protocols.is_empty() {

@@ -1,13 +1,19 @@
 //! Verified-token cache: a token that passed the signature check with a given key set is not
 //! checked again; issuer, time and audience still are on every hit. Bounded; entries go when
 //! the token expires or the keys change.
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use super::Claims;
 
 pub struct TokenCache {
     cap: usize,
-    map: Mutex<HashMap<Box<str>, Entry>>,
+    /// foldhash, seeded per process: a token is hashed on every request, and SipHash over a
+    /// whole token cost more than the lookup. Only tokens whose signature verified are ever
+    /// inserted, so a client cannot fill the table with colliding keys.
+    map: Mutex<HashMap<Box<str>, Entry, foldhash::fast::RandomState>>,
 }
 
 /// (provider uid, key-set generation) that verified a token's signature.
@@ -16,14 +22,18 @@ pub type VerifiedBy = (u64, u64);
 #[derive(Clone)]
 struct Entry {
     verified_by: VerifiedBy,
-    claims: Claims,
+    /// Shared with every request that carries the token: a hit copies nothing.
+    claims: Arc<Claims>,
 }
 
 impl TokenCache {
     pub fn new(cap: usize) -> TokenCache {
         TokenCache {
             cap,
-            map: Mutex::new(HashMap::with_capacity(cap.min(4096))),
+            map: Mutex::new(HashMap::with_capacity_and_hasher(
+                cap.min(4096),
+                foldhash::fast::RandomState::default(),
+            )),
         }
     }
 
@@ -32,7 +42,7 @@ impl TokenCache {
     }
 
     /// Claims of a token already verified by `provider` with key-set `generation`.
-    pub fn get(&self, token: &str, provider: u64, generation: u64) -> Option<Claims> {
+    pub fn get(&self, token: &str, provider: u64, generation: u64) -> Option<Arc<Claims>> {
         if self.cap == 0 {
             return None;
         }
@@ -43,7 +53,7 @@ impl TokenCache {
     }
 
     /// A token verified before: by which provider and key set, and its claims.
-    pub fn entry(&self, token: &str) -> Option<(VerifiedBy, Claims)> {
+    pub fn entry(&self, token: &str) -> Option<(VerifiedBy, Arc<Claims>)> {
         if self.cap == 0 {
             return None;
         }
@@ -51,7 +61,7 @@ impl TokenCache {
         map.get(token).map(|e| (e.verified_by, e.claims.clone()))
     }
 
-    pub fn put(&self, token: &str, provider: u64, generation: u64, claims: &Claims, now: i64) {
+    pub fn put(&self, token: &str, provider: u64, generation: u64, claims: &Arc<Claims>, now: i64) {
         if self.cap == 0 || token.len() > super::MAX_TOKEN_BYTES {
             return;
         }

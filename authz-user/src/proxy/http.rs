@@ -159,7 +159,7 @@ async fn forward(
             let Either::Left(incoming) = body else {
                 unreachable!("the body is the client's until here")
             };
-            match buffer(incoming, b).await {
+            match Box::pin(buffer(incoming, b)).await {
                 Ok((for_check, upstream)) => {
                     check_body = Some(for_check);
                     req = Request::from_parts(parts, Either::Right(upstream));
@@ -379,15 +379,28 @@ impl Upstream {
         r
     }
 
+    // Connecting is boxed: the future of every request would otherwise carry its state.
+    async fn connect_h1(&self) -> anyhow::Result<http1::SendRequest<UpBody>> {
+        let io = TokioIo::new(self.connect().await?);
+        let (s, c) = http1::handshake(io).await?;
+        tokio::spawn(c.with_upgrades());
+        Ok(s)
+    }
+
+    async fn connect_h2(&self) -> anyhow::Result<http2::SendRequest<UpBody>> {
+        let io = TokioIo::new(self.connect().await?);
+        let (s, c) = http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(c);
+        Ok(s)
+    }
+
     async fn send(&self, req: Request<UpBody>) -> anyhow::Result<Response<Incoming>> {
         if req.version() == Version::HTTP_2 {
             let mut slot = self.h2.lock().await;
             let sender = match slot.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let io = TokioIo::new(self.connect().await?);
-                    let (s, c) = http2::handshake(TokioExecutor::new(), io).await?;
-                    tokio::spawn(c);
+                    let s = Box::pin(self.connect_h2()).await?;
                     *slot = Some(s.clone());
                     s
                 }
@@ -404,10 +417,7 @@ impl Upstream {
             None => false,
         };
         if !reuse {
-            let io = TokioIo::new(self.connect().await?);
-            let (s, c) = http1::handshake(io).await?;
-            tokio::spawn(c.with_upgrades());
-            *slot = Some(s);
+            *slot = Some(Box::pin(self.connect_h1()).await?);
         }
         let sender = slot.as_mut().expect("connected above");
         Ok(sender.send_request(req).await?)
