@@ -102,7 +102,7 @@ pub fn claim_at<'a>(payload: &'a Value, path: &[String]) -> Option<&'a Value> {
 }
 
 /// The source of a connection (an enrolled pod), borrowed from the workload for one decision.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Peer<'a> {
     pub trust_domain: &'a str,
     pub namespace: &'a str,
